@@ -1,0 +1,29 @@
+# The two commands of the README. Each sets up .venv from scratch when it is missing.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch/torchvision pinned to the releases that lie on this machine's disk (see DEVELOPERS.md).
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: serve test bench venv clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+serve: venv
+	$(PY) -m service
+
+test: venv
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) bench/methods.py
+
+clean:
+	rm -rf $(VENV)
