@@ -1,0 +1,108 @@
+"""Model cards: one TOML file per model in the models directory.
+
+A card says what to build, where its weights come from, how to preprocess, which labels to show and which
+layer Grad-CAM uses by default. Cards are data: nothing in them is executed.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class CardError(ValueError):
+    """A card that cannot be read or a model that cannot be built from it; the message names the card."""
+
+    def __init__(self, card: str, problem: str):
+        super().__init__(f"model card {card!r}: {problem}")
+        self.card = card
+        self.problem = problem
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WeightsSpec(_Strict):
+    # Exactly one source: files under the models directory (first existing wins), or a file an installed
+    # package ships (found without importing the package).
+    path: list[str] = Field(default_factory=list)
+    package: str | None = None
+    file: str | None = None
+    # "strict": keys must match; "ordered": map source keys onto the model's keys in order, shapes checked
+    # (for weights saved by another implementation of the same architecture).
+    key_map: Literal["strict", "ordered"] = "strict"
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
+class PreprocessSpec(_Strict):
+    input_size: tuple[int, int] = (224, 224)  # (height, width)
+    resize: Literal["whole"] = "whole"  # the whole image, no crop: the map must cover all of it
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+class LabelsSpec(_Strict):
+    source: Literal["imagenet-1k", "file"] = "imagenet-1k"
+    file: str | None = None  # one label per line, relative to the models directory
+
+
+class CamSpec(_Strict):
+    target_layer: str
+    reshape: Literal["none", "vit", "swin"] = "none"
+
+
+class ModelCard(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+    architecture: str = Field(pattern=r"^(timm|torchvision|builtin):[A-Za-z0-9_.]+$")
+    description: str = ""
+    num_classes: int = Field(default=1000, ge=1)
+    weights: WeightsSpec
+    preprocess: PreprocessSpec = PreprocessSpec()
+    labels: LabelsSpec = LabelsSpec()
+    cam: CamSpec
+    source_file: str = ""
+
+    @property
+    def family(self) -> str:
+        return self.architecture.split(":", 1)[0]
+
+    @property
+    def arch_name(self) -> str:
+        return self.architecture.split(":", 1)[1]
+
+
+def read_card(path: Path) -> ModelCard:
+    """Parse and validate one card; errors name the card file and the problem."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise CardError(path.stem, f"cannot read {path.name}: {exc}") from exc
+    try:
+        card = ModelCard.model_validate({**data, "source_file": path.name})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise CardError(data.get("name", path.stem), f"invalid card {path.name}: {problems}") from exc
+    w = card.weights
+    if bool(w.path) == bool(w.package):
+        raise CardError(card.name, "weights need exactly one of 'path' or 'package' (with 'file')")
+    if w.package and not w.file:
+        raise CardError(card.name, "weights.package needs weights.file (a path inside the package)")
+    if card.labels.source == "file" and not card.labels.file:
+        raise CardError(card.name, "labels.source = 'file' needs labels.file")
+    return card
+
+
+def discover_cards(models_dir: Path) -> list[Path]:
+    """Card files directly in the models directory, in a stable order."""
+    return sorted(p for p in models_dir.glob("*.toml") if p.is_file())

@@ -1,0 +1,138 @@
+"""Build models from cards, load weights safely, and keep them in a registry by name."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .cards import CardError, ModelCard, discover_cards, read_card
+from .labels import load_labels
+from .preprocess import Preprocessor
+from .reshape import RESHAPES, ReshapeTransform
+from .tiny import BUILTIN
+from .weights import WeightsMissing, apply_state_dict, read_state_dict, resolve_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    card: ModelCard
+    module: nn.Module
+    device: torch.device
+    labels: tuple[str, ...]
+    preprocess: Preprocessor
+    reshape: ReshapeTransform
+    cam_layers: dict[str, tuple[int, ...]]  # module path -> activation shape (C, h, w) after the reshape
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+    @property
+    def num_classes(self) -> int:
+        return self.card.num_classes
+
+
+@dataclass(frozen=True)
+class UnavailableModel:
+    card_name: str
+    architecture: str
+    reason: str
+
+
+def resolve_device(setting: str = "auto") -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def build_architecture(card: ModelCard) -> nn.Module:
+    """An untrained module of the card's architecture (weights come only from the card's file)."""
+    try:
+        if card.family == "timm":
+            import timm
+
+            return timm.create_model(card.arch_name, pretrained=False, num_classes=card.num_classes)
+        if card.family == "torchvision":
+            import torchvision
+
+            return torchvision.models.get_model(card.arch_name, weights=None, num_classes=card.num_classes)
+        return BUILTIN[card.arch_name](num_classes=card.num_classes)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CardError(card.name, f"unknown architecture {card.architecture!r}: {exc}") from exc
+
+
+def find_cam_layers(module: nn.Module, input_size: tuple[int, int], reshape: ReshapeTransform,
+                    device: torch.device) -> dict[str, tuple[int, ...]]:
+    """Layers whose output (after the reshape transform) is a (C, h, w) map: the ones Grad-CAM can use."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str):
+        def hook(_module, _inputs, output):
+            if isinstance(output, torch.Tensor) and name:
+                try:
+                    mapped = reshape(output)
+                except ValueError:
+                    return
+                if mapped.dim() == 4:
+                    shapes[name] = tuple(mapped.shape[1:])
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in module.named_modules()]
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, 3, *input_size, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def load_model(card: ModelCard, models_dir: Path, device: torch.device) -> LoadedModel:
+    module = build_architecture(card)
+    weights = resolve_weights(card.weights, models_dir, card.name)
+    apply_state_dict(module, read_state_dict(weights, card.name), card)
+    module.eval().requires_grad_(False).to(device)
+    reshape = RESHAPES[card.cam.reshape]
+    layers = find_cam_layers(module, card.preprocess.input_size, reshape, device)
+    if card.cam.target_layer not in layers:
+        raise CardError(card.name, f"cam.target_layer {card.cam.target_layer!r} is not a layer with a "
+                                   f"(C, h, w) output in {card.architecture}")
+    return LoadedModel(card=card, module=module, device=device, labels=load_labels(card, models_dir),
+                       preprocess=Preprocessor(card.preprocess), reshape=reshape, cam_layers=layers)
+
+
+@dataclass
+class ModelRegistry:
+    models: dict[str, LoadedModel] = field(default_factory=dict)
+    unavailable: dict[str, UnavailableModel] = field(default_factory=dict)
+
+    @classmethod
+    def from_dir(cls, models_dir: Path, device: torch.device, only: set[str] | None = None) -> ModelRegistry:
+        """Load every card; a card that fails is listed as unavailable with its reason, never served random."""
+        registry = cls()
+        for path in discover_cards(models_dir):
+            card: ModelCard | None = None
+            try:
+                card = read_card(path)
+                if only is not None and card.name not in only:
+                    continue
+                registry.models[card.name] = load_model(card, models_dir, device)
+                log.info("loaded model %s on %s", card.name, device)
+            except CardError as exc:
+                if not isinstance(exc, WeightsMissing):
+                    log.error("%s", exc)
+                arch = card.architecture if card else "?"
+                registry.unavailable[exc.card] = UnavailableModel(exc.card, arch, str(exc))
+        return registry
+
+    def get(self, name: str) -> LoadedModel:
+        if name in self.models:
+            return self.models[name]
+        if name in self.unavailable:
+            raise LookupError(f"model {name!r} is unavailable: {self.unavailable[name].reason}")
+        raise LookupError(f"unknown model {name!r}; available: {sorted(self.models)}")
