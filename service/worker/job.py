@@ -1,0 +1,49 @@
+"""One unit of queued work and the errors a queued item can end with."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(eq=False)  # identity equality: two requests with equal fields are still two requests
+class WorkItem:
+    """One image to explain, as the queue sees it.
+
+    The queue knows nothing of models: `key` decides which items may share a batch,
+    `cost` how much of the batch budget the item uses, and `payload` is opaque to it.
+    """
+
+    key: Hashable  # only items with equal keys share a batch (same model, method, params)
+    cost: int  # forward+backward passes this item needs (e.g. IG with n_steps=50 -> 50), >= 1
+    payload: Any  # what the runner needs (a preprocessed tensor, a target, ...)
+    deadline: float  # time.monotonic() by which work must start, else DeadlineExceeded
+    enqueued_at: float = field(default_factory=time.monotonic)
+    future: Future = field(default_factory=Future)  # the runner's result for this item, or an exception
+    progress: ProgressCallback | None = None  # forwarded to the runner, which reports (done, total)
+    started_at: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.cost < 1:
+            raise ValueError(f"cost must be >= 1, got {self.cost}")
+
+
+class QueueFull(Exception):
+    """The queue holds its maximum number of items; the caller should retry later."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"queue full; retry after {retry_after:.1f}s")
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(Exception):
+    """The item waited past its deadline, so it was dropped rather than computed late."""
+
+
+class WorkerStopped(Exception):
+    """The worker stopped before the item could run."""
