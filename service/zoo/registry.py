@@ -36,6 +36,12 @@ class LoadedModel:
     def num_classes(self) -> int:
         return self.card.num_classes
 
+    def explainee(self, max_batch: int = 64):
+        from ..methods.base import Explainee
+
+        return Explainee(module=self.module, normalize=self.preprocess.normalize, cam_layer=self.card.cam.target_layer,
+                         reshape=self.reshape, max_batch=max_batch)
+
 
 @dataclass(frozen=True)
 class UnavailableModel:

@@ -1,0 +1,99 @@
+"""What every method shares: its parameters model, the result type, the target model handle, one verb."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from ..zoo.reshape import ReshapeTransform, identity
+
+Progress = Callable[[int, int], None]  # (done, total) steps; may raise to cancel the work
+
+
+class MethodParams(BaseModel):
+    """Base of every method's parameters: these models validate requests and describe /v1/methods."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HeatmapParams(MethodParams):
+    """How a per-pixel, per-channel attribution becomes a 2-D map in [0, 1]."""
+
+    aggregation: Literal["abs_sum", "sum", "max_abs"] = Field(
+        "abs_sum", description="channel aggregation: sum of |a| (default), signed sum, or max of |a|")
+    normalization: Literal["percentile", "minmax"] = Field(
+        "percentile", description="clip at the 99th percentile then scale (SmoothGrad/MoreauGrad code), or min-max")
+
+
+class SeededParams(MethodParams):
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the method's noise; each image gets its own "
+                                                          "generator so results do not depend on batching")
+
+
+@dataclass(frozen=True)
+class Explainee:
+    """The model as the methods see it. Built from a LoadedModel, or by hand in tests."""
+
+    module: nn.Module
+    normalize: Callable[[torch.Tensor], torch.Tensor] = identity  # pixel [0,1] -> model-input space
+    cam_layer: str | None = None  # default Grad-CAM layer (dotted module path)
+    reshape: ReshapeTransform = identity
+    max_batch: int = 64  # memory budget: most images in one forward pass
+
+
+@dataclass
+class Attribution:
+    """A batch of explanations; row b belongs to image b."""
+
+    attribution: torch.Tensor  # signed, (B, C, H, W) at input resolution (Grad-CAM: (B, 1, h, w) at the layer's)
+    heatmap: torch.Tensor  # (B, H, W) in [0, 1] at model-input resolution
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)
+
+    @staticmethod
+    def concat(parts: list[Attribution]) -> Attribution:
+        if len(parts) == 1:
+            return parts[0]
+        return Attribution(torch.cat([p.attribution for p in parts]), torch.cat([p.heatmap for p in parts]),
+                           [d for p in parts for d in p.diagnostics])
+
+
+class Method(ABC):
+    """One saliency method. `attribute` is the one verb; it holds no per-call state on `self`."""
+
+    name: ClassVar[str]
+    title: ClassVar[str]
+    Params: ClassVar[type[MethodParams]]
+
+    def cost(self, params: MethodParams) -> int:
+        """Forward+backward passes per image: what the worker queue budgets a batch with."""
+        return 1
+
+    @abstractmethod
+    def attribute(self, model: Explainee, x: torch.Tensor, targets: torch.Tensor, params: MethodParams,
+                  progress: Progress | None = None) -> Attribution:
+        """x: (B, 3, H, W) in model-input space; targets: (B,) class indices."""
+
+
+class SinglePassMethod(Method):
+    """Methods that cost one pass per image: split the batch by the memory budget, nothing else to share."""
+
+    def attribute(self, model, x, targets, params, progress=None):
+        parts = [self.attribute_chunk(model, xc, tc, params)
+                 for xc, tc in zip(x.split(model.max_batch), targets.split(model.max_batch))]
+        if progress:
+            progress(1, 1)
+        return Attribution.concat(parts)
+
+    @abstractmethod
+    def attribute_chunk(self, model: Explainee, x: torch.Tensor, targets: torch.Tensor,
+                        params: MethodParams) -> Attribution: ...
+
+
+def check_inputs(x: torch.Tensor, targets: torch.Tensor) -> None:
+    if x.dim() != 4 or targets.shape != (x.shape[0],):
+        raise ValueError(f"expected x (B,C,H,W) and targets (B,), got {tuple(x.shape)} and {tuple(targets.shape)}")

@@ -1,0 +1,25 @@
+"""The one gradient helper every gradient method uses: d logit[b, target_b] / d input, chunked."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def class_scores(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits[b, targets[b]]: in eval mode the gradient of their sum is every image's own gradient."""
+    return logits.gather(1, targets.view(-1, 1)).squeeze(1)
+
+
+def input_gradients(module: nn.Module, x: torch.Tensor, targets: torch.Tensor,
+                    max_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gradients like x, target scores (B,)). Only the input's gradient is computed (no parameter grads)."""
+    grads, scores = [], []
+    step = max_batch or x.shape[0]
+    for xc, tc in zip(x.split(step), targets.split(step)):
+        with torch.enable_grad():
+            xc = xc.detach().requires_grad_(True)
+            score = class_scores(module(xc), tc)
+            (grad,) = torch.autograd.grad(score.sum(), xc)
+        grads.append(grad)
+        scores.append(score.detach())
+    return torch.cat(grads), torch.cat(scores)

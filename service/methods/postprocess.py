@@ -1,0 +1,52 @@
+"""Shared heat-map post-processing: channel aggregation, then normalisation to [0, 1] per image."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_EPS = 1e-12
+
+
+def aggregate_channels(attribution: torch.Tensor, how: str = "abs_sum") -> torch.Tensor:
+    """(B, C, H, W) -> (B, H, W)."""
+    if how == "abs_sum":
+        return attribution.abs().sum(1)
+    if how == "sum":
+        return attribution.sum(1)
+    if how == "max_abs":
+        return attribution.abs().amax(1)
+    raise ValueError(f"unknown aggregation {how!r}")
+
+
+def minmax(maps: torch.Tensor) -> torch.Tensor:
+    """Per-image min-max over all but the first dimension; a constant map becomes all zeros."""
+    flat = maps.flatten(1)
+    low = flat.min(1).values.view(-1, *[1] * (maps.dim() - 1))
+    high = flat.max(1).values.view(-1, *[1] * (maps.dim() - 1))
+    return (maps - low) / (high - low).clamp_min(_EPS)
+
+
+def clip_percentile(maps: torch.Tensor, q: float = 0.99) -> torch.Tensor:
+    """Clip each map at its q-quantile, then min-max (PAIR's and MoreauGrad's visualisation)."""
+    flat = maps.flatten(1)
+    top = torch.quantile(flat.float(), q, dim=1).to(maps.dtype).view(-1, *[1] * (maps.dim() - 1))
+    return minmax(torch.minimum(maps, top))
+
+
+def normalize(maps: torch.Tensor, how: str = "percentile") -> torch.Tensor:
+    if how == "minmax":
+        return minmax(maps)
+    if how == "percentile":
+        return clip_percentile(maps)
+    raise ValueError(f"unknown normalization {how!r}")
+
+
+def heatmap(attribution: torch.Tensor, aggregation: str, normalization: str) -> torch.Tensor:
+    return normalize(aggregate_channels(attribution, aggregation), normalization)
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, int], align_corners: bool = False) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, H, W), bilinear."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=size, mode="bilinear", align_corners=align_corners)
