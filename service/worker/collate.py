@@ -1,4 +1,4 @@
-"""Choosing the next batch from the pending items: a pure function, so it is tested without threads or clocks."""
+"""Choosing the next batch from the pending items: a pure function, tested without threads or clocks."""
 
 from __future__ import annotations
 

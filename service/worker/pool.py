@@ -34,7 +34,7 @@ def default_is_oom(exc: BaseException) -> bool:
     """True for out-of-memory errors: MemoryError, or torch's CUDA OOM when torch is loaded."""
     if isinstance(exc, MemoryError):
         return True
-    # Look torch up instead of importing it: if it was never imported, the runner cannot have raised its error.
+    # Look torch up instead of importing it: if it was never imported, the runner cannot have raised this.
     torch = sys.modules.get("torch")
     oom_type = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
     return isinstance(oom_type, type) and isinstance(exc, oom_type)
@@ -104,7 +104,7 @@ class WorkerPool:
         self._watchdog.start()
 
     def stop(self, grace: float = 10.0) -> None:
-        """Stop accepting work, let the started batch finish within `grace`, fail the rest with WorkerStopped."""
+        """Refuse new work, let the started batch finish within `grace`, fail the rest with WorkerStopped."""
         with self._cond:
             self._stopping = True
             leftover, self._pending = self._pending, []
@@ -115,7 +115,7 @@ class WorkerPool:
             self._fail(item, WorkerStopped(f"{self.name} stopped before the item ran"))
         if thread is not None and thread is not threading.current_thread():
             thread.join(grace)
-        # Work still running after the grace period is abandoned: its thread is a daemon, its callers are told.
+        # Work still running after the grace period is abandoned (its thread is a daemon); callers are told.
         with self._cond:
             stuck = list(self._in_flight) if thread is not None and thread.is_alive() else []
         for item in stuck:
@@ -166,7 +166,8 @@ class WorkerPool:
 
     def _spawn_locked(self) -> None:
         self._generation += 1
-        self._thread = threading.Thread(target=self._serve, name=f"{self.name}-{self._generation}", daemon=True)
+        thread_name = f"{self.name}-{self._generation}"
+        self._thread = threading.Thread(target=self._serve, name=thread_name, daemon=True)
         self._thread.start()
 
     def _thread_alive_locked(self) -> bool:

@@ -1,0 +1,197 @@
+"""Decoding and validating uploaded images; encoding saliency maps as .npy, PNG and overlays.
+
+Pillow and numpy only: this module must not pull in torch.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Formats whose decoders are built into Pillow. Anything else (EPS runs Ghostscript, for one) is refused
+# rather than handed to a decoder we did not mean to expose. JPEG also admits MPO (many phone photos).
+ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
+
+_WHITE = (255, 255, 255)
+# What Pillow raises on malformed data besides OSError: PNG chunk errors are SyntaxError, some
+# header parsers raise struct.error or ValueError, and compressed streams zlib.error.
+_CORRUPT_DATA_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
+# Pillow's own bomb guard: the Warning is an Exception subclass, raised only when a warnings filter
+# escalates it; we catch it rather than change the process-wide filters (not thread-safe).
+_BOMB_ERRORS = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+class ImageError(ValueError):
+    """An uploaded image was refused; the message names the image and the problem."""
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, index: int = 0) -> Image.Image:
+    """Decode uploaded bytes into a new RGB image, refusing anything unsafe or broken.
+
+    The pixel count is checked from the header before any pixel is decoded, so a small file that
+    declares a huge canvas (a decompression bomb) costs nothing. `index` only labels error messages.
+    """
+    label = f"image {index}"
+    if not data:
+        raise ImageError(f"{label}: empty upload")
+    if len(data) > max_bytes:
+        raise ImageError(f"{label}: {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    try:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as opened:
+            width, height = opened.size
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"{label}: {width}x{height} pixels exceeds the limit of {max_pixels} pixels"
+                )
+            image_format = opened.format or "image"
+            try:
+                opened.seek(0)  # animated images: explain the first frame
+                opened.load()
+            except _BOMB_ERRORS as error:
+                raise _bomb_error(label, max_pixels, error) from error
+            except _CORRUPT_DATA_ERRORS as error:
+                raise ImageError(f"{label}: truncated or corrupt {image_format}") from error
+            return _to_rgb(_upright(opened), label)
+    except UnidentifiedImageError as error:
+        raise ImageError(f"{label}: not a recognised image format") from error
+    except _BOMB_ERRORS as error:
+        raise _bomb_error(label, max_pixels, error) from error
+    except ImageError:
+        raise
+    except _CORRUPT_DATA_ERRORS as error:  # a header Pillow recognised but could not parse
+        raise ImageError(f"{label}: corrupt image header") from error
+
+
+def _bomb_error(label: str, max_pixels: int, error: Exception) -> ImageError:
+    """Pillow refused the declared size before we could read it; name the limit that was certainly passed."""
+    pillow_limit = Image.MAX_IMAGE_PIXELS or max_pixels
+    if isinstance(error, Image.DecompressionBombError):
+        pillow_limit *= 2  # Pillow warns above its limit and refuses above twice it
+    return ImageError(f"{label}: declared size exceeds the limit of {min(max_pixels, pillow_limit)} pixels")
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation, so that maps line up with the image as people see it."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except _CORRUPT_DATA_ERRORS:
+        return image  # broken EXIF should not cost the user the image; keep the stored orientation
+
+
+def _to_rgb(image: Image.Image, label: str) -> Image.Image:
+    """A new 8-bit RGB image: alpha composited onto white, 16-bit and float data rescaled."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # Pillow's own conversion clips 16-bit values at 255 instead of scaling them.
+        values = np.asarray(image, dtype=np.float64)
+        return _gray_to_rgb(np.clip(values, 0, 65535) / 65535.0)
+    if image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        low, high = float(values.min()), float(values.max())
+        if low < 0.0 or high > 1.0:  # not a [0, 1] image: stretch its range
+            values = (values - low) / (high - low) if high > low else np.zeros_like(values)
+        return _gray_to_rgb(values)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    try:
+        return image.convert("RGB")
+    except ValueError as error:
+        raise ImageError(f"{label}: unsupported colour mode {image.mode}") from error
+
+
+def _gray_to_rgb(unit: np.ndarray) -> Image.Image:
+    gray = np.round(unit * 255.0).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")
+
+
+# --- saliency maps ---------------------------------------------------------------------------------
+
+
+def encode_npy(arr: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, arr, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    # allow_pickle=False: a .npy from elsewhere must never be able to run code.
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def encode_png_gray(heat: np.ndarray) -> bytes:
+    """An HxW map in [0, 1] as an 8-bit grayscale PNG (values outside are clipped, NaN becomes 0)."""
+    if heat.ndim != 2:
+        raise ValueError(f"expected an HxW map, got shape {heat.shape}")
+    gray = np.round(_unit(heat) * 255.0).astype(np.uint8)
+    return encode_png(Image.fromarray(gray))
+
+
+def resize_map(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of an HxW map to `size` = (width, height); float32 in [0, 1]."""
+    if heat.ndim != 2:
+        raise ValueError(f"expected an HxW map, got shape {heat.shape}")
+    resized = Image.fromarray(_unit(heat).astype(np.float32)).resize(size, Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+
+
+def _unit(heat: np.ndarray) -> np.ndarray:
+    return np.clip(np.nan_to_num(heat.astype(np.float64), nan=0.0), 0.0, 1.0)
+
+
+# --- colour overlays -------------------------------------------------------------------------------
+
+# A few anchor colours per map, interpolated into 256-entry lookup tables. Built here rather than taken
+# from matplotlib so the service does not carry a plotting library for three gradients.
+_ANCHORS: dict[str, list[tuple[float, str]]] = {
+    "jet": [
+        (0.0, "#000080"), (0.125, "#0000ff"), (0.375, "#00ffff"),
+        (0.625, "#ffff00"), (0.875, "#ff0000"), (1.0, "#800000"),
+    ],
+    "viridis": [
+        (i / 8, colour) for i, colour in enumerate(
+            ["#440154", "#472d7b", "#3b528b", "#2c728e", "#21908c",
+             "#27ad81", "#5dc863", "#aadc32", "#fde725"]
+        )
+    ],
+    "inferno": [
+        (i / 9, colour) for i, colour in enumerate(
+            ["#000004", "#1b0c42", "#4b0c6b", "#781c6d", "#a52c60",
+             "#cf4446", "#ed6925", "#fb9a06", "#f7d03c", "#fcffa4"]
+        )
+    ],
+}
+
+
+def _lookup_table(anchors: list[tuple[float, str]]) -> np.ndarray:
+    positions = np.array([position for position, _ in anchors])
+    colours = np.array([[int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)] for _, hex_colour in anchors])
+    levels = np.linspace(0.0, 1.0, 256)
+    table = np.stack([np.interp(levels, positions, colours[:, channel]) for channel in range(3)], axis=1)
+    return np.round(table).astype(np.uint8)
+
+
+COLORMAPS: dict[str, np.ndarray] = {name: _lookup_table(anchors) for name, anchors in _ANCHORS.items()}
+
+
+def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.5, colormap: str = "jet") -> Image.Image:
+    """Colour `heat` (HxW in [0, 1], any size) with `colormap` and blend it over `image` at its size."""
+    if colormap not in COLORMAPS:
+        raise ValueError(f"unknown colormap {colormap!r}; choose one of {', '.join(COLORMAPS)}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    fitted = resize_map(heat, image.size) if heat.shape != base.shape[:2] else _unit(heat)
+    colours = COLORMAPS[colormap][np.round(fitted * 255.0).astype(np.intp)].astype(np.float32)
+    blended = (1.0 - alpha) * base + alpha * colours
+    return Image.fromarray(np.round(blended).astype(np.uint8))
+
+
+def encode_png(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
