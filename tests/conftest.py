@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def registry():
+    from service.zoo import ModelRegistry
+
+    return ModelRegistry.from_dir(MODELS, torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def default_model(registry):
+    return registry.models["efficientnet_lite0"]
+
+
+@pytest.fixture(scope="session")
+def chelsea() -> Image.Image:
+    from skimage import data
+
+    return Image.fromarray(data.chelsea())
+
+
+@pytest.fixture(scope="session")
+def chelsea_batch(default_model, chelsea) -> torch.Tensor:
+    return default_model.preprocess(chelsea).unsqueeze(0)
