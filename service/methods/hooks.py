@@ -23,7 +23,7 @@ def get_layer(module: nn.Module, path: str) -> nn.Module:
 @dataclass(eq=False)
 class Record:
     name: str
-    output: torch.Tensor
+    output: torch.Tensor | None = None
     grad: torch.Tensor | None = None
 
 
@@ -93,7 +93,9 @@ class GradientCapture(_Capture):
     def _track(self, name: str, tensor) -> None:
         if not (self._mine() and isinstance(tensor, torch.Tensor) and tensor.requires_grad):
             return
-        record = Record(name, tensor)
+        # The record must not hold the tensor: tensor -> hook -> record -> tensor would be a cycle through
+        # autograd's C++ side that Python's garbage collector cannot free (a leak per call).
+        record = Record(name)
         self.records.append(record)
 
         def keep(grad: torch.Tensor) -> None:
