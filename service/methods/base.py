@@ -73,6 +73,15 @@ class Method(ABC):
         """Forward+backward passes per image: what the worker queue budgets a batch with."""
         return 1
 
+    def steps(self, params: MethodParams) -> int:
+        """Progress steps reported per image (iterations for iterative methods)."""
+        return 1
+
+    def batch_cost(self, params: MethodParams) -> int:
+        """Images this item adds to each forward pass: what bounds a batch's memory. Equal to `cost` except
+        for iterative methods, whose passes run one after another whatever the batch size."""
+        return self.cost(params)
+
     @abstractmethod
     def attribute(self, model: Explainee, x: torch.Tensor, targets: torch.Tensor, params: MethodParams,
                   progress: Progress | None = None) -> Attribution:

@@ -60,6 +60,12 @@ class MoreauGrad(Method):
     def cost(self, params):
         return params.iterations * params.n_samples
 
+    def steps(self, params):
+        return params.iterations
+
+    def batch_cost(self, params):
+        return params.n_samples
+
     def attribute(self, model, x, targets, params, progress=None):
         g = params.group_size
         if params.sparsity == "group" and (x.shape[-2] % g or x.shape[-1] % g):

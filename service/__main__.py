@@ -1,0 +1,30 @@
+"""python -m service: serve the API with uvicorn (flags override SALIENCY_* environment settings)."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+import uvicorn
+
+from .app import create_app
+from .settings import Settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    parser.add_argument("--host", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--models-dir", help="directory of model cards")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--max-batch-cost", type=int)
+    parser.add_argument("--max-wait-ms", type=float)
+    parser.add_argument("--max-queue", type=int)
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    settings = Settings(**overrides)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""The two request forms of POST /v1/explain/{method} and /v1/jobs/{method}, parsed into one shape."""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from ..settings import Settings
+from .errors import ApiError, describe_validation
+from .schemas import ExplainRequest
+
+RESERVED_FIELDS = {"image", "model", "target", "targets", "outputs", "size"}
+OUTPUTS = {"npy", "png", "overlay", "raw"}
+
+
+@dataclass
+class ParsedBody:
+    model: str | None
+    blobs: list[bytes]
+    targets: list[int | None] | None
+    params: dict[str, Any]
+    outputs: list[str]
+    size: str
+
+
+def _split(values: list[str]) -> list[str]:
+    return [v.strip() for value in values for v in value.split(",") if v.strip()]
+
+
+def _targets(values: list[str]) -> list[int | None] | None:
+    items = _split(values)
+    if not items:
+        return None
+    out: list[int | None] = []
+    for v in items:
+        if v.lower() in ("null", "none", "top1", "top-1"):
+            out.append(None)
+            continue
+        try:
+            out.append(int(v))
+        except ValueError:
+            raise ApiError(422, "invalid_targets", f"target {v!r} is not an integer class index") from None
+    return out
+
+
+def _check_outputs(outputs: list[str], size: str) -> None:
+    unknown = [o for o in outputs if o not in OUTPUTS]
+    if unknown:
+        raise ApiError(422, "invalid_outputs", f"unknown outputs {unknown}; choose from {sorted(OUTPUTS)}")
+    if size not in ("original", "input"):
+        raise ApiError(422, "invalid_size", f"size {size!r} must be 'original' or 'input'")
+
+
+async def parse_multipart(request: Request, settings: Settings) -> ParsedBody:
+    try:
+        form = await request.form(max_files=settings.max_images, max_fields=64,
+                                  max_part_size=settings.max_image_bytes)
+    except Exception as exc:  # Starlette raises MultiPartException / HTTPException for malformed or oversize
+        raise ApiError(400, "bad_multipart", f"malformed multipart body: {getattr(exc, 'detail', exc)}") from None
+    try:
+        files = form.getlist("image")
+        if any(not isinstance(f, UploadFile) for f in files):
+            raise ApiError(422, "bad_image", "the 'image' field must be a file upload")
+        blobs = [await f.read() for f in files]
+        params = {k: v for k, v in form.multi_items() if k not in RESERVED_FIELDS}
+        if any(isinstance(v, UploadFile) for v in params.values()):
+            raise ApiError(422, "invalid_params", "only 'image' fields may be files")
+        outputs = _split([str(v) for v in form.getlist("outputs")]) or ["npy"]
+        size = str(form.get("size") or "original")
+        _check_outputs(outputs, size)
+        model = form.get("model")
+        return ParsedBody(str(model) if model else None, blobs,
+                          _targets([str(v) for v in form.getlist("target") + form.getlist("targets")]),
+                          params, outputs, size)
+    finally:
+        await form.close()
+
+
+def parse_json(raw: bytes) -> ParsedBody:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "bad_json", f"malformed JSON body: {exc}") from None
+    try:
+        req = ExplainRequest.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid", describe_validation(exc.errors())) from None
+    blobs = []
+    for i, text in enumerate(req.images):
+        try:
+            blobs.append(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "bad_base64", f"images[{i}] is not valid base64") from None
+    _check_outputs(list(req.outputs), req.size)
+    return ParsedBody(req.model, blobs, req.targets, req.params, list(req.outputs), req.size)
+
+
+async def parse_body(request: Request, settings: Settings) -> ParsedBody:
+    content_type = request.headers.get("content-type", "")
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > settings.max_body_bytes:
+        raise ApiError(413, "too_large", f"body of {length} bytes exceeds the limit of {settings.max_body_bytes}")
+    if content_type.startswith("multipart/form-data"):
+        return await parse_multipart(request, settings)
+    if content_type.startswith("application/json"):
+        body = bytearray()
+        async for chunk in request.stream():  # counted as it arrives: never more than the limit in memory
+            body += chunk
+            if len(body) > settings.max_body_bytes:
+                raise ApiError(413, "too_large", f"body exceeds the limit of {settings.max_body_bytes} bytes")
+        return parse_json(bytes(body))
+    raise ApiError(415, "unsupported_media_type",
+                   f"content type {content_type or '(none)'!r}: send multipart/form-data or application/json")

@@ -1,0 +1,32 @@
+"""GET /v1/models and /v1/methods: what can be asked, from the same models that validate requests."""
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from ..methods import METHODS
+from .deps import RuntimeDep
+from .schemas import MethodOut, ModelOut
+
+router = APIRouter(prefix="/v1", tags=["catalog"])
+
+COST = {"gradcam": "1 pass", "gradient": "1 pass", "fullgrad": "1 pass", "integrated-gradients": "n_steps passes",
+        "smoothgrad": "n_samples passes", "moreaugrad": "iterations x n_samples passes"}
+
+
+@router.get("/models", operation_id="list_models", response_model=list[ModelOut])
+async def list_models(runtime: RuntimeDep) -> list[ModelOut]:
+    registry = runtime.require_ready()
+    out = [ModelOut(name=m.name, architecture=m.card.architecture, description=m.card.description,
+                    available=True, device=str(m.device), input_size=list(m.preprocess.size),
+                    num_classes=m.num_classes, default_layer=m.card.cam.target_layer, layers=list(m.cam_layers),
+                    default=m.name == runtime.settings.default_model)
+           for m in registry.models.values()]
+    out += [ModelOut(name=u.card_name, architecture=u.architecture, available=False, reason=u.reason)
+            for u in registry.unavailable.values()]
+    return out
+
+
+@router.get("/methods", operation_id="list_methods", response_model=list[MethodOut])
+async def list_methods() -> list[MethodOut]:
+    return [MethodOut(name=m.name, title=m.title, cost=COST.get(m.name, "1 pass"),
+                      parameters=m.Params.model_json_schema()) for m in METHODS.values()]

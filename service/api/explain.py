@@ -1,0 +1,96 @@
+"""POST /v1/explain/{method} (synchronous) and the /v1/jobs routes (asynchronous), over one call path."""
+from __future__ import annotations
+
+import asyncio
+import base64
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from ..jobs import Job
+from ..pipeline import prepare, resolve
+from ..runtime import Runtime, as_api_error
+from .body import parse_body
+from .deps import RuntimeDep
+from .schemas import ErrorOut, ExplainRequest, ExplainResponse, JobOut
+
+router = APIRouter(prefix="/v1", tags=["explain"])
+
+_REQUEST_BODY = {
+    "requestBody": {"required": True, "content": {
+        "application/json": {"schema": ExplainRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["image"],
+            "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                           "model": {"type": "string"}, "target": {"type": "string"},
+                           "outputs": {"type": "string", "description": "comma list: npy,png,overlay,raw"},
+                           "size": {"type": "string", "enum": ["original", "input"]}},
+            "additionalProperties": {"type": "string", "description": "the method's parameters"}}}}}}
+_ERRORS = {code: {"model": ErrorOut} for code in (400, 404, 413, 415, 422, 429, 503, 504)}
+
+
+async def start_call(request: Request, runtime: Runtime, method_name: str, *, png: bool = False,
+                     deadline_s: float | None = None) -> Job:
+    """Parse, validate, decode, enqueue; the job's task awaits and encodes the results."""
+    registry = runtime.require_ready()
+    body = await parse_body(request, runtime.settings)
+    model, method, params = resolve(registry, runtime.settings, body.model, method_name, body.params)
+    outputs = ["overlay"] if png else body.outputs
+    call = await run_in_threadpool(prepare, runtime.settings, model, method, params, body.blobs, body.targets,
+                                   outputs, body.size)
+    job = Job(method=method.name, model=model.name, total=[method.steps(params)] * len(call.images))
+    items = runtime.submit(call, job, deadline_s or runtime.settings.queue_deadline_s)
+    job.task = asyncio.create_task(runtime.complete(call, job, items))
+    job.task.add_done_callback(lambda t: t.cancelled() or t.exception())  # outcome lives on the job
+    return job
+
+
+def _wants_png(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return "image/png" in accept and "application/json" not in accept
+
+
+@router.post("/explain/{method}", operation_id="explain", response_model=ExplainResponse, openapi_extra=_REQUEST_BODY,
+             responses={202: {"model": JobOut, "description": "still running after the sync wait: a job"},
+                        200: {"content": {"image/png": {}}}, **_ERRORS})
+async def explain(method: str, request: Request, runtime: RuntimeDep):
+    """Explain one or more images; `method` is one of GET /v1/methods. multipart or JSON body."""
+    png = _wants_png(request)
+    job = await start_call(request, runtime, method, png=png)
+    try:
+        body = await asyncio.wait_for(asyncio.shield(job.task), runtime.settings.sync_wait_s)
+    except TimeoutError:
+        runtime.jobs.add(job)  # too long to wait for: the caller polls it as a job
+        return JSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+    except Exception as exc:  # noqa: BLE001 - mapped onto the API's errors
+        raise as_api_error(exc) from None
+    if png and len(body["results"]) == 1:
+        return Response(base64.b64decode(body["results"][0]["map"]["overlay"]), media_type="image/png")
+    return JSONResponse(body)
+
+
+@router.post("/jobs/{method}", operation_id="submit_job", status_code=202, response_model=JobOut,
+             openapi_extra=_REQUEST_BODY, responses=_ERRORS)
+async def submit_job(method: str, request: Request, runtime: RuntimeDep):
+    """Start an explanation as a job (for long work such as MoreauGrad); poll GET /v1/jobs/{id}."""
+    job = await start_call(request, runtime, method, deadline_s=runtime.settings.job_deadline_s)
+    runtime.jobs.add(job)
+    return JSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+@router.get("/jobs/{job_id}", operation_id="get_job", response_model=JobOut, responses={404: {"model": ErrorOut}})
+async def get_job(job_id: str, runtime: RuntimeDep):
+    """Status, progress (done/total steps) and, when done, the result."""
+    return JSONResponse(runtime.jobs.get(job_id).view())
+
+
+@router.delete("/jobs/{job_id}", operation_id="cancel_job", response_model=JobOut,
+               responses={404: {"model": ErrorOut}})
+async def cancel_job(job_id: str, runtime: RuntimeDep):
+    """Cancel a job: queued work is dropped, running work stops at its next step."""
+    job = runtime.jobs.get(job_id)
+    if job.finished_at is None:
+        runtime.cancel(job)
+        await asyncio.sleep(0)  # let the task record the cancellation
+    return JSONResponse(job.view())

@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .deps import RuntimeDep
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get("/metrics", operation_id="metrics", response_class=Response)
+async def metrics(runtime: RuntimeDep) -> Response:
+    """Prometheus metrics: queue, batches, latency, compute, requests, jobs, device memory."""
+    m = runtime.metrics
+    m.queue_depth.set(runtime.pool.depth)
+    m.worker_restarts.set(runtime.pool.stats.restarts)
+    counts = runtime.jobs.counts()
+    for status in ("queued", "running", "succeeded", "failed", "cancelled"):
+        m.jobs.labels(status).set(counts.get(status, 0))
+    m.sample_device(runtime.device)
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

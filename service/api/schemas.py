@@ -1,0 +1,105 @@
+"""Wire models of the pinned HTTP API (the Python client reuses these field names)."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Output = Literal["npy", "png", "overlay", "raw"]
+MapSize = Literal["original", "input"]
+
+
+class ExplainRequest(BaseModel):
+    """The JSON request form: images are base64-encoded image files."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="model name (default: the server's default model)")
+    images: list[str] = Field(..., min_length=1, description="base64 image files (PNG, JPEG, ...)")
+    targets: list[int | None] | None = Field(None, description="class index per image; null = top-1 class")
+    params: dict[str, Any] = Field(default_factory=dict, description="the method's parameters")
+    outputs: list[Output] = Field(default_factory=lambda: ["npy"])
+    size: MapSize = Field("original", description="map at the original image size or the model input size")
+
+
+class ClassScore(BaseModel):
+    index: int
+    label: str
+    probability: float
+
+
+class MapOut(BaseModel):
+    height: int
+    width: int
+    npy: str | None = Field(None, description="base64 .npy, float32 HxW in [0, 1]")
+    png: str | None = Field(None, description="base64 8-bit grayscale PNG")
+    overlay: str | None = Field(None, description="base64 PNG: colour heat map blended on the image")
+
+
+class Timing(BaseModel):
+    queue: float
+    compute: float
+
+
+class ImageResult(BaseModel):
+    target: int
+    label: str
+    probability: float
+    top_k: list[ClassScore]
+    map: MapOut
+    raw: str | None = Field(None, description="base64 .npy of the signed attribution (when asked)")
+    diagnostics: dict[str, Any] = Field(default_factory=dict)
+    timing_ms: Timing
+
+
+class ExplainResponse(BaseModel):
+    model: str
+    method: str
+    params: dict[str, Any]
+    results: list[ImageResult]
+
+
+class JobProgress(BaseModel):
+    done: int
+    total: int
+
+
+class JobOut(BaseModel):
+    id: str
+    method: str
+    model: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: JobProgress
+    created: float
+    result: ExplainResponse | None = None
+    error: dict[str, Any] | None = None
+
+
+class ModelOut(BaseModel):
+    name: str
+    architecture: str
+    description: str = ""
+    available: bool
+    reason: str | None = None
+    device: str | None = None
+    input_size: list[int] | None = None
+    num_classes: int | None = None
+    default_layer: str | None = None
+    layers: list[str] = Field(default_factory=list, description="layers usable by Grad-CAM")
+    default: bool = False
+
+
+class MethodOut(BaseModel):
+    name: str
+    title: str
+    cost: str
+    parameters: dict[str, Any] = Field(description="JSON schema of the parameters (types, defaults, bounds)")
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,41 @@
+"""create_app(settings): the FastAPI app, its routers and its lifespan (models, worker)."""
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+
+from .api import catalog, errors, explain, health, metrics
+from .runtime import Runtime
+from .settings import Settings
+from .zoo import ModelRegistry
+
+
+def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None) -> FastAPI:
+    settings = settings or Settings()
+    runtime = Runtime(settings, registry)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        runtime.start()
+        try:
+            yield
+        finally:
+            runtime.stop(grace=10.0)
+
+    app = FastAPI(title="Saliency service", version="0.1.0", lifespan=lifespan,
+                  description="Explains what vision models look at: Grad-CAM, Integrated Gradients, SmoothGrad, "
+                              "FullGrad, MoreauGrad and the plain gradient, batched on one device.")
+    app.state.runtime = runtime
+    errors.install(app)
+    for module in (health, catalog, explain, metrics):
+        app.include_router(module.router)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        runtime.metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        return response
+
+    return app

@@ -1,0 +1,41 @@
+"""Prometheus metrics, on a registry of the app's own (several apps may live in one process: tests)."""
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+def _rss_bytes() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return float(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return float("nan")
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("saliency_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.queue_depth = Gauge("saliency_queue_depth", "images waiting in the worker queue", registry=r)
+        self.batch_size = Histogram("saliency_batch_size", "images per batch run on the device", ["method"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.compute = Histogram("saliency_compute_seconds", "device time per batch", ["method"], registry=r,
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300))
+        self.latency = Histogram("saliency_request_seconds", "explain latency, arrival to response", ["method"],
+                                 registry=r, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300))
+        self.jobs = Gauge("saliency_jobs", "jobs held, by status", ["status"], registry=r)
+        self.device_memory = Gauge("saliency_device_memory_bytes", "allocated device memory (CUDA), or the "
+                                   "process RSS on the CPU", ["device"], registry=r)
+        self.worker_restarts = Gauge("saliency_worker_restarts", "worker threads restarted", registry=r)
+
+    def sample_device(self, device) -> None:
+        import torch
+
+        if device.type == "cuda":
+            self.device_memory.labels(str(device)).set(torch.cuda.memory_allocated(device))
+        else:
+            self.device_memory.labels("cpu").set(_rss_bytes())

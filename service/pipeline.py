@@ -1,0 +1,140 @@
+"""decode -> validate -> (batch on the worker) -> encode, for one explain call.
+
+Decoding and encoding run in the caller's thread pool, never on the worker thread that owns the device.
+"""
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import ValidationError
+
+from . import imaging
+from .api.errors import ApiError, describe_validation
+from .engine import ImageExplanation
+from .methods import Method, MethodParams, get_method
+from .settings import Settings
+from .zoo import LoadedModel, ModelRegistry
+
+
+@dataclass
+class ExplainCall:
+    """A validated request: everything the worker and the encoder need."""
+
+    model: LoadedModel
+    method: Method
+    params: MethodParams
+    images: list[Image.Image]
+    pixels: torch.Tensor  # (B, 3, H, W) in model-input space, on the CPU
+    targets: list[int | None]
+    outputs: set[str]
+    size: str
+    cost: int = field(init=False)
+
+    def __post_init__(self):
+        self.cost = self.method.cost(self.params) * len(self.images)
+
+
+def resolve(registry: ModelRegistry, settings: Settings, model_name: str | None, method_name: str,
+            raw_params: dict[str, Any]) -> tuple[LoadedModel, Method, MethodParams]:
+    try:
+        method = get_method(method_name)
+    except LookupError as exc:
+        raise ApiError(404, "unknown_method", str(exc)) from None
+    try:
+        model = registry.get(model_name or settings.default_model)
+    except LookupError as exc:
+        raise ApiError(404, "unknown_model", str(exc)) from None
+    try:
+        params = method.Params.model_validate(raw_params)
+    except ValidationError as exc:
+        raise ApiError(422, "invalid_params", f"{method.name}: {describe_validation(exc.errors())}") from None
+    layer = getattr(params, "layer", None)
+    if layer is not None and layer not in model.cam_layers:
+        raise ApiError(422, "unknown_layer", f"layer {layer!r} is not a layer of {model.name} usable by "
+                                             f"Grad-CAM (see GET /v1/models)")
+    return model, method, params
+
+
+def check_counts(settings: Settings, n_images: int, targets: list[int | None] | None) -> list[int | None]:
+    if n_images == 0:
+        raise ApiError(422, "no_images", "no images in the request (multipart field 'image' or JSON 'images')")
+    if n_images > settings.max_images:
+        raise ApiError(413, "too_many_images", f"{n_images} images; the limit is {settings.max_images} per request")
+    if targets is None:
+        return [None] * n_images
+    if len(targets) == 1 and n_images > 1:
+        return targets * n_images
+    if len(targets) != n_images:
+        raise ApiError(422, "invalid_targets", f"{len(targets)} targets for {n_images} images")
+    return targets
+
+
+def prepare(settings: Settings, model: LoadedModel, method: Method, params: MethodParams, blobs: list[bytes],
+            targets: list[int | None] | None, outputs: list[str], size: str) -> ExplainCall:
+    """Validate counts, targets and cost, decode and preprocess (CPU work: run it in a thread)."""
+    targets = check_counts(settings, len(blobs), targets)
+    for i, t in enumerate(targets):
+        if t is not None and not 0 <= t < model.num_classes:
+            raise ApiError(422, "invalid_target", f"target {t} for image {i} is out of range: {model.name} has "
+                                                  f"classes 0..{model.num_classes - 1}")
+    cost = method.cost(params) * len(blobs)
+    if cost > settings.max_request_cost:
+        raise ApiError(422, "too_costly", f"this request costs {cost} forward+backward passes; the limit is "
+                                          f"{settings.max_request_cost} per request")
+    images = []
+    for i, blob in enumerate(blobs):
+        try:
+            images.append(imaging.decode_image(blob, max_bytes=settings.max_image_bytes,
+                                               max_pixels=settings.max_image_pixels, index=i))
+        except imaging.ImageError as exc:
+            status = 413 if "exceeds" in str(exc) else 400
+            raise ApiError(status, "bad_image", str(exc)) from None
+    pixels = torch.stack([model.preprocess(image) for image in images])
+    return ExplainCall(model, method, params, images, pixels, targets, set(outputs or ["npy"]), size)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def encode_result(call: ExplainCall, index: int, result: ImageExplanation, queue_ms: float,
+                  compute_ms: float) -> dict[str, Any]:
+    """One image's entry of the response (JSON-ready)."""
+    image = call.images[index]
+    heat = result.heatmap.numpy().astype(np.float32)
+    if call.size == "original" and heat.shape != (image.height, image.width):
+        heat = imaging.resize_map(heat, (image.width, image.height))
+    out_map: dict[str, Any] = {"height": heat.shape[0], "width": heat.shape[1]}
+    if "npy" in call.outputs:
+        out_map["npy"] = _b64(imaging.encode_npy(heat))
+    if "png" in call.outputs:
+        out_map["png"] = _b64(imaging.encode_png_gray(heat))
+    if "overlay" in call.outputs:
+        base = image if call.size == "original" else image.resize((heat.shape[1], heat.shape[0]))
+        out_map["overlay"] = _b64(imaging.encode_png(imaging.overlay(base, heat)))
+    entry = {
+        "target": result.target, "label": result.label, "probability": result.probability,
+        "top_k": [{"index": c.index, "label": c.label, "probability": c.probability} for c in result.top_k],
+        "map": out_map, "diagnostics": result.diagnostics,
+        "timing_ms": {"queue": round(queue_ms, 3), "compute": round(compute_ms, 3)},
+    }
+    if "raw" in call.outputs:
+        entry["raw"] = _b64(imaging.encode_npy(result.attribution.numpy().astype(np.float32)))
+    return entry
+
+
+def overlay_png(call: ExplainCall, result: ImageExplanation) -> bytes:
+    image = call.images[0]
+    heat = result.heatmap.numpy().astype(np.float32)
+    return imaging.encode_png(imaging.overlay(image, heat))
+
+
+def response_body(call: ExplainCall, results: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"model": call.model.name, "method": call.method.name, "params": call.params.model_dump(),
+            "results": results}
+

@@ -1,0 +1,188 @@
+"""What the app holds while it runs: models, the worker pool, jobs and metrics, and the call lifecycle."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+import torch
+from starlette.concurrency import run_in_threadpool
+
+from .api.errors import ApiError
+from .engine import explain
+from .jobs import Job, JobStore
+from .metrics import Metrics
+from .pipeline import ExplainCall, encode_result, response_body
+from .settings import Settings
+from .worker import DeadlineExceeded, QueueFull, WorkerPool, WorkerStopped, WorkItem
+from .zoo import ModelRegistry, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+class Cancelled(Exception):
+    """Every item of the running batch was cancelled."""
+
+
+class Payload:
+    __slots__ = ("call", "index", "job", "compute_s")
+
+    def __init__(self, call: ExplainCall, index: int, job: Job):
+        self.call, self.index, self.job = call, index, job
+        self.compute_s = 0.0  # duration of the batch this image ran in
+
+
+class Runtime:
+    def __init__(self, settings: Settings, registry: ModelRegistry | None = None):
+        self.settings = settings
+        self.registry = registry
+        self.device = resolve_device(settings.device)
+        self.metrics = Metrics()
+        self.jobs = JobStore(settings.max_jobs, settings.job_ttl_s)
+        self.pool = WorkerPool(self._run_batch, max_queue=settings.max_queue, max_cost=settings.max_batch_cost,
+                               max_items=settings.max_batch_items, max_wait=settings.max_wait_ms / 1000,
+                               name=f"worker-{self.device}", on_batch=self._on_batch)
+        self.load_error: str | None = None
+        self._loaded = threading.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Load models in the background (so /healthz answers and /readyz says 503 meanwhile)."""
+        self.pool.start()
+        if self.registry is not None:
+            self._loaded.set()
+            return
+        threading.Thread(target=self._load, name="model-loader", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            only = set(self.settings.models) if self.settings.models else None
+            self.registry = ModelRegistry.from_dir(self.settings.models_dir, self.device, only)
+            log.info("models ready: %s; unavailable: %s", sorted(self.registry.models),
+                     sorted(self.registry.unavailable))
+        except Exception as exc:  # noqa: BLE001 - reported by /readyz
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("model loading failed")
+        finally:
+            self._loaded.set()
+
+    def stop(self, grace: float = 10.0) -> None:
+        for job in self.jobs.all():
+            job.cancel_event.set()
+        self.pool.stop(grace)
+
+    @property
+    def ready(self) -> bool:
+        return self._loaded.is_set() and self.registry is not None and bool(self.registry.models) and self.pool.alive
+
+    def readiness(self) -> dict[str, Any]:
+        return {"ready": self.ready, "models_loaded": self._loaded.is_set(), "worker_alive": self.pool.alive,
+                "models": sorted(self.registry.models) if self.registry else [], "error": self.load_error}
+
+    def require_ready(self) -> ModelRegistry:
+        if not self.ready:
+            raise ApiError(503, "not_ready", "the service is starting (models loading) or its worker is down",
+                           {"Retry-After": "5"})
+        return self.registry
+
+    # ------------------------------------------------------------------ worker side
+    def _run_batch(self, items: list[WorkItem]) -> list[Any]:
+        """Runs on the worker thread: items share model, method and params (their key says so)."""
+        call = items[0].payload.call
+        jobs = [item.payload.job for item in items]
+
+        def progress(done: int, total: int) -> None:
+            for item in items:
+                item.payload.job.progress_for(item.payload.index)(done, total)
+            if all(job.cancelled for job in jobs):
+                raise Cancelled("cancelled")
+
+        x = torch.stack([item.payload.call.pixels[item.payload.index] for item in items])
+        targets = [item.payload.call.targets[item.payload.index] for item in items]
+        try:
+            return explain(call.model, call.method, x, targets, call.params, progress=progress,
+                           top_k=self.settings.top_k, max_batch=self.settings.max_pass_batch)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()  # the pool splits the batch and retries
+            raise
+
+    def _on_batch(self, items: list[WorkItem], duration: float) -> None:
+        method = items[0].payload.call.method.name
+        self.metrics.batch_size.labels(method).observe(len(items))
+        self.metrics.compute.labels(method).observe(duration)
+        for item in items:
+            item.payload.compute_s = duration
+
+    # ------------------------------------------------------------------ call side
+    def submit(self, call: ExplainCall, job: Job, deadline_s: float) -> list[WorkItem]:
+        key = (call.model.name, call.method.name, call.params.model_dump_json())
+        cost = call.method.batch_cost(call.params)
+        deadline = time.monotonic() + deadline_s
+        items = [WorkItem(key=key, cost=cost, payload=Payload(call, i, job), deadline=deadline,
+                          progress=job.progress_for(i)) for i in range(len(call.images))]
+        submitted: list[WorkItem] = []
+        try:
+            for item in items:
+                self.pool.submit(item)
+                submitted.append(item)
+        except QueueFull as exc:
+            for item in submitted:
+                item.future.cancel()
+            raise ApiError(429, "queue_full", f"the queue is full; retry after {exc.retry_after:.0f}s",
+                           {"Retry-After": str(max(1, round(exc.retry_after)))}) from None
+        except WorkerStopped:
+            for item in submitted:
+                item.future.cancel()
+            raise ApiError(503, "shutting_down", "the service is shutting down") from None
+        return items
+
+    async def complete(self, call: ExplainCall, job: Job, items: list[WorkItem]) -> dict[str, Any]:
+        """Await every image's result, then encode them off the event loop; the job records the outcome."""
+        started = time.monotonic()
+        job.status = "queued"
+        try:
+            results = await asyncio.gather(*(asyncio.wrap_future(item.future) for item in items))
+            encoded = await run_in_threadpool(self._encode, call, items, results)
+            body = response_body(call, encoded)
+            job.status, job.result = "succeeded", body
+            return body
+        except BaseException as exc:
+            if job.cancelled or isinstance(exc, (asyncio.CancelledError, Cancelled)):
+                job.status, job.error = "cancelled", {"code": "cancelled", "message": "the job was cancelled"}
+            else:
+                error = as_api_error(exc)
+                job.status, job.error = "failed", {"code": error.code, "message": error.message}
+            raise
+        finally:
+            job.finished_at = time.time()
+            self.metrics.latency.labels(call.method.name).observe(time.monotonic() - started)
+
+    def _encode(self, call: ExplainCall, items: list[WorkItem], results: list) -> list[dict[str, Any]]:
+        out = []
+        for i, (item, result) in enumerate(zip(items, results)):
+            started = item.started_at or item.enqueued_at
+            out.append(encode_result(call, i, result, (started - item.enqueued_at) * 1000,
+                                     item.payload.compute_s * 1000))
+        return out
+
+    def cancel(self, job: Job) -> None:
+        job.cancel_event.set()
+        if job.task is not None:
+            job.task.cancel()
+
+
+def as_api_error(exc: BaseException) -> ApiError:
+    """Map what the worker or the engine raised onto the API's errors."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, DeadlineExceeded):
+        return ApiError(504, "deadline_exceeded", "the work could not start before its deadline; the service "
+                                                  "is overloaded, retry later")
+    if isinstance(exc, WorkerStopped):
+        return ApiError(503, "shutting_down", "the service is shutting down")
+    if isinstance(exc, (ValueError, LookupError)):
+        return ApiError(422, "invalid", str(exc))
+    log.error("explain failed: %s: %s", type(exc).__name__, exc)
+    return ApiError(500, "internal", f"{type(exc).__name__} while explaining; see the server log")

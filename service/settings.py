@@ -1,0 +1,46 @@
+"""All settings, from the environment (prefix SALIENCY_) or flags of `python -m service`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SALIENCY_", env_file=None)
+
+    host: str = Field("127.0.0.1", description="address to bind (loopback by default)")
+    port: int = Field(8000, ge=0, le=65535)
+    models_dir: Path = Field(ROOT / "models", description="directory of model cards (*.toml)")
+    models: list[str] | None = Field(None, description="load only these cards (default: all)")
+    default_model: str = "efficientnet_lite0"
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:1 ...")
+
+    # Batching
+    max_batch_cost: int = Field(256, ge=1, description="most images per forward pass in one batch (an IG image "
+                                                       "at n_steps=50 costs 50; MoreauGrad costs n_samples)")
+    max_batch_items: int = Field(32, ge=1, description="most requests' images in one batch")
+    max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for company after its first item")
+    max_pass_batch: int = Field(64, ge=1, description="memory budget: most images in one forward pass")
+    max_queue: int = Field(256, ge=1, description="pending images before requests get 429")
+
+    # Deadlines
+    queue_deadline_s: float = Field(30.0, gt=0, description="work not started by then is dropped with 504")
+    sync_wait_s: float = Field(30.0, gt=0, description="a synchronous request still running after this "
+                                                       "becomes a job (202 with its id)")
+    job_deadline_s: float = Field(3600.0, gt=0, description="start deadline of job work")
+    job_ttl_s: float = Field(3600.0, gt=0, description="finished jobs are forgotten after this")
+    max_jobs: int = Field(1000, ge=1, description="jobs kept in memory (finished ones are evicted first)")
+
+    # Limits on what a request may ask for
+    max_images: int = Field(16, ge=1, description="images per request")
+    max_image_bytes: int = Field(20 * 2**20, ge=1, description="bytes per image file")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="pixels per image (decompression bombs)")
+    max_body_bytes: int = Field(100 * 2**20, ge=1, description="request body size")
+    max_request_cost: int = Field(200_000, ge=1, description="forward+backward passes per request")
+    top_k: int = Field(5, ge=1, le=100)
+
+    log_level: str = "info"
