@@ -27,11 +27,12 @@ class Cancelled(Exception):
 
 
 class Payload:
-    __slots__ = ("call", "index", "job", "compute_s")
+    __slots__ = ("call", "index", "job", "compute_s", "expired")
 
     def __init__(self, call: ExplainCall, index: int, job: Job):
         self.call, self.index, self.job = call, index, job
         self.compute_s = 0.0  # duration of the batch this image ran in
+        self.expired = False
 
 
 class Runtime:
@@ -142,13 +143,18 @@ class Runtime:
         """Await every image's result, then encode them off the event loop; the job records the outcome."""
         started = time.monotonic()
         job.status = "queued"
+        loop = asyncio.get_running_loop()
+        # The worker only looks at the queue between batches; a timer enforces the start deadline meanwhile.
+        timers = [loop.call_later(max(0.0, item.deadline - time.monotonic()), _expire, item) for item in items]
         try:
-            results = await asyncio.gather(*(asyncio.wrap_future(item.future) for item in items))
+            results = await asyncio.gather(*(_outcome(item) for item in items))
             encoded = await run_in_threadpool(self._encode, call, items, results)
             body = response_body(call, encoded)
             job.status, job.result = "succeeded", body
             return body
         except BaseException as exc:
+            for item in items:  # one image failed: the call has failed, drop the rest of its queued work
+                item.future.cancel()
             if job.cancelled or isinstance(exc, (asyncio.CancelledError, Cancelled)):
                 job.status, job.error = "cancelled", {"code": "cancelled", "message": "the job was cancelled"}
             else:
@@ -156,6 +162,8 @@ class Runtime:
                 job.status, job.error = "failed", {"code": error.code, "message": error.message}
             raise
         finally:
+            for timer in timers:
+                timer.cancel()
             job.finished_at = time.time()
             self.metrics.latency.labels(call.method.name).observe(time.monotonic() - started)
 
@@ -171,6 +179,21 @@ class Runtime:
         job.cancel_event.set()
         if job.task is not None:
             job.task.cancel()
+
+
+def _expire(item: WorkItem) -> None:
+    """Fails a still-queued item at its deadline (cancel() is refused once the worker has started it)."""
+    if item.future.cancel():
+        item.payload.expired = True
+
+
+async def _outcome(item: WorkItem):
+    try:
+        return await asyncio.wrap_future(item.future)
+    except asyncio.CancelledError:
+        if item.payload.expired:
+            raise DeadlineExceeded() from None
+        raise
 
 
 def as_api_error(exc: BaseException) -> ApiError:
