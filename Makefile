@@ -22,6 +22,7 @@ test: venv
 	$(PY) -m pytest -q
 
 bench: venv
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) bench/methods.py
 
 clean:
