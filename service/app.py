@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 
 from .api import catalog, errors, explain, health, metrics
+from .api.security import BodyLimit, require_api_key
 from .runtime import Runtime
 from .settings import Settings
 from .zoo import ModelRegistry
@@ -28,8 +29,10 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
                               "FullGrad, MoreauGrad and the plain gradient, batched on one device.")
     app.state.runtime = runtime
     errors.install(app)
-    for module in (health, catalog, explain, metrics):
-        app.include_router(module.router)
+    app.include_router(health.router)
+    app.include_router(metrics.router)
+    for module in (catalog, explain):  # every /v1 route needs the API key when one is set
+        app.include_router(module.router, dependencies=[Depends(require_api_key)])
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
@@ -38,4 +41,5 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         runtime.metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
         return response
 
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app

@@ -57,6 +57,10 @@ def resolve(registry: ModelRegistry, settings: Settings, model_name: str | None,
     if layer is not None and layer not in model.cam_layers:
         raise ApiError(422, "unknown_layer", f"layer {layer!r} is not a layer of {model.name} usable by "
                                              f"Grad-CAM (see GET /v1/models)")
+    group = getattr(params, "group_size", None)
+    if getattr(params, "sparsity", None) == "group" and any(side % group for side in model.preprocess.size):
+        raise ApiError(422, "invalid_params", f"{method.name}: group_size {group} does not divide {model.name}'s "
+                                              f"input size {list(model.preprocess.size)}")
     return model, method, params
 
 

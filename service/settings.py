@@ -43,4 +43,20 @@ class Settings(BaseSettings):
     max_request_cost: int = Field(200_000, ge=1, description="forward+backward passes per request")
     top_k: int = Field(5, ge=1, le=100)
 
+    # Security
+    api_key: str | None = Field(None, min_length=16, description="when set, every /v1 route needs it "
+                                "(Authorization: Bearer <key> or X-API-Key: <key>)")
+    allow_insecure_bind: bool = Field(False, description="allow a non-loopback host without an API key")
+
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM: time for in-flight work to finish")
     log_level: str = "info"
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "::1", "localhost") or self.host.startswith("127.")
+
+    def check_bind(self) -> None:
+        """Refuse to expose an unauthenticated service beyond this machine unless told to."""
+        if not self.loopback and not self.api_key and not self.allow_insecure_bind:
+            raise SystemExit(f"refusing to bind {self.host} without an API key: set SALIENCY_API_KEY, or "
+                             "SALIENCY_ALLOW_INSECURE_BIND=true if something else authenticates callers")

@@ -61,8 +61,14 @@ async def parse_multipart(request: Request, settings: Settings) -> ParsedBody:
     try:
         form = await request.form(max_files=settings.max_images, max_fields=64,
                                   max_part_size=settings.max_image_bytes)
+    except ApiError:
+        raise
     except Exception as exc:  # Starlette raises MultiPartException / HTTPException for malformed or oversize
-        raise ApiError(400, "bad_multipart", f"malformed multipart body: {getattr(exc, 'detail', exc)}") from None
+        detail = str(getattr(exc, "detail", exc))
+        if "Too many files" in detail:
+            raise ApiError(413, "too_many_images", f"more than {settings.max_images} images; the limit is "
+                                                   f"{settings.max_images} per request") from None
+        raise ApiError(400, "bad_multipart", f"malformed multipart body: {detail}") from None
     try:
         files = form.getlist("image")
         if any(not isinstance(f, UploadFile) for f in files):
@@ -103,17 +109,9 @@ def parse_json(raw: bytes) -> ParsedBody:
 
 async def parse_body(request: Request, settings: Settings) -> ParsedBody:
     content_type = request.headers.get("content-type", "")
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > settings.max_body_bytes:
-        raise ApiError(413, "too_large", f"body of {length} bytes exceeds the limit of {settings.max_body_bytes}")
     if content_type.startswith("multipart/form-data"):
         return await parse_multipart(request, settings)
     if content_type.startswith("application/json"):
-        body = bytearray()
-        async for chunk in request.stream():  # counted as it arrives: never more than the limit in memory
-            body += chunk
-            if len(body) > settings.max_body_bytes:
-                raise ApiError(413, "too_large", f"body exceeds the limit of {settings.max_body_bytes} bytes")
-        return parse_json(bytes(body))
+        return parse_json(await request.body())  # BodyLimit has bounded its size as it arrived
     raise ApiError(415, "unsupported_media_type",
                    f"content type {content_type or '(none)'!r}: send multipart/form-data or application/json")

@@ -187,7 +187,7 @@ class WorkerPool:
                     return
                 if batch:
                     self._run_batch(batch)
-        except Exception as exc:
+        except BaseException as exc:  # noqa: BLE001 - whatever killed the thread, its callers must hear of it
             # The thread ends here and the supervisor starts another; the batch it held cannot be trusted
             # (it may have caused the crash), so its callers get the error rather than a silent rerun.
             logger.exception("%s: worker thread crashed", self.name)
