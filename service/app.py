@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI
 
 from .api import catalog, errors, explain, health, metrics
 from .api.security import BodyLimit, require_api_key
+from .metrics import RequestCounter
+from .api.viewer import router as viewer_router
 from .runtime import Runtime
 from .settings import Settings
 from .zoo import ModelRegistry
@@ -31,15 +33,10 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     errors.install(app)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    app.include_router(viewer_router)  # the web viewer at / (public page; its /v1 calls send the key)
     for module in (catalog, explain):  # every /v1 route needs the API key when one is set
         app.include_router(module.router, dependencies=[Depends(require_api_key)])
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        runtime.metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
-
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestCounter, counter=runtime.metrics.requests)
     return app

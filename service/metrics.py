@@ -39,3 +39,27 @@ class Metrics:
             self.device_memory.labels(str(device)).set(torch.cuda.memory_allocated(device))
         else:
             self.device_memory.labels("cpu").set(_rss_bytes())
+
+
+class RequestCounter:
+    """ASGI middleware counting responses by route template and status (plain ASGI: no body buffering)."""
+
+    def __init__(self, app, counter: Counter):
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = "500"
+
+        async def observe(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = str(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observe)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.counter.labels(route, status).inc()

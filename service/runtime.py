@@ -5,6 +5,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,6 +48,8 @@ class Runtime:
                                name=f"worker-{self.device}", on_batch=self._on_batch)
         self.load_error: str | None = None
         self._loaded = threading.Event()
+        # Fault injection for tests: called with each batch before it runs (may raise, e.g. a fake CUDA OOM).
+        self.fault_hook: Callable[[list[WorkItem]], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -100,6 +103,8 @@ class Runtime:
             if all(job.cancelled for job in jobs):
                 raise Cancelled("cancelled")
 
+        if self.fault_hook is not None:
+            self.fault_hook(items)
         x = torch.stack([item.payload.call.pixels[item.payload.index] for item in items])
         targets = [item.payload.call.targets[item.payload.index] for item in items]
         try:

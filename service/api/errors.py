@@ -21,7 +21,11 @@ def describe_validation(errors) -> str:
     parts = []
     for e in errors:
         loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body",))
-        parts.append(f"{loc}: {e.get('msg')}" if loc else str(e.get("msg")))
+        text = f"{loc}: {e.get('msg')}" if loc else str(e.get("msg"))
+        given = e.get("input")
+        if isinstance(given, (str, int, float, bool)) and e.get("type") != "missing":
+            text += f" (got {given!r:.60})"
+        parts.append(text)
     return "; ".join(parts)
 
 

@@ -1,0 +1,179 @@
+"""Every bad input answered 4xx with a message naming the problem, over both request forms; valid oddities
+(16-bit, palette, CMYK, RGBA, grayscale, EXIF-rotated, animated) explained correctly; the server stays up."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from service.settings import Settings
+from service.zoo import ModelRegistry
+from tests.conftest import MODELS
+from tests.server import running_server
+from tests.test_imaging import png_declaring, save
+
+LIMITS = dict(default_model="tiny_cnn", max_image_bytes=300_000, max_images=4, max_request_cost=2_000,
+              max_body_bytes=2_000_000)
+
+
+def photo(size=(80, 60), seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def base():
+    registry = ModelRegistry.from_dir(MODELS, torch.device("cpu"), only={"tiny_cnn"})
+    with running_server(Settings(**LIMITS), registry) as (url, _):
+        yield url
+
+
+def post(base: str, form: str, blobs: list[bytes], method="gradcam", params=None, **fields):
+    params = params or {}
+    if form == "multipart":
+        data = {**{k: str(v) for k, v in params.items()}, **{k: str(v) for k, v in fields.items()}}
+        return httpx.post(f"{base}/v1/explain/{method}", data=data, timeout=60,
+                          files=[("image", (f"{i}.bin", b, "application/octet-stream")) for i, b in enumerate(blobs)])
+    body = {"images": [base64.b64encode(b).decode() for b in blobs], "params": params, **fields}
+    if "target" in body:
+        body["targets"] = [body.pop("target")]
+    return httpx.post(f"{base}/v1/explain/{method}", json=body, timeout=60)
+
+
+def truncated(fmt: str) -> bytes:
+    data = save(photo(), fmt)
+    return data[: len(data) // 2]
+
+
+BAD_IMAGES = {
+    "zero-byte file": (b"", 400, "image 0: empty"),
+    "text": (b"hello, I am not an image", 400, "image 0"),
+    "html": (b"<!doctype html><html><body>hi</body></html>", 400, "image 0"),
+    "truncated jpeg": (truncated("JPEG"), 400, "image 0"),
+    "truncated png": (truncated("PNG"), 400, "image 0"),
+    "decompression bomb": (png_declaring(50_000, 50_000), 413, "exceeds"),
+    "over the byte limit": (save(photo((400, 400)), "BMP"), 413, "exceeds"),
+}
+
+
+@pytest.mark.parametrize("form", ["multipart", "json"])
+@pytest.mark.parametrize("case", sorted(BAD_IMAGES))
+def test_bad_images(base, form, case):
+    blob, status, text = BAD_IMAGES[case]
+    r = post(base, form, [blob])
+    assert r.status_code == status, r.text
+    assert text in r.json()["error"]["message"]
+
+
+def bad_requests(base: str, form: str):
+    ok = save(photo(), "PNG")
+    yield "too many images", post(base, form, [ok] * 5), 413, "the limit is 4"
+    yield "unknown model", post(base, form, [ok], model="nope"), 404, "unknown model 'nope'"
+    yield "unknown method", post(base, form, [ok], method="nope"), 404, "unknown method 'nope'"
+    yield "unknown layer", post(base, form, [ok], params={"layer": "fc.nope"}), 422, "layer 'fc.nope'"
+    yield "target out of range", post(base, form, [ok], target=10), 422, "out of range"
+    yield "target negative", post(base, form, [ok], target=-1), 422, "out of range"
+    yield "target not an integer", post(base, form, [ok], target="cat" if form == "multipart" else 1.5), 422, "target"
+    yield "n_steps 0", post(base, form, [ok], "integrated-gradients", {"n_steps": 0}), 422, "n_steps"
+    yield "n_steps 1e6", post(base, form, [ok], "integrated-gradients", {"n_steps": 10**6}), 422, "n_steps"
+    yield "negative noise", post(base, form, [ok], "smoothgrad", {"noise_level": -0.1}), 422, "noise_level"
+    yield "bad variant", post(base, form, [ok], "smoothgrad", {"variant": "x"}), 422, "variant"
+    yield "group_size not dividing", post(base, form, [ok], "moreaugrad", {"sparsity": "group", "group_size": 5}), \
+        422, "group_size 5 does not divide"
+    yield "unknown parameter", post(base, form, [ok], params={"colour": "red"}), 422, "colour"
+    yield "over the cost cap", post(base, form, [ok] * 2, "smoothgrad", {"n_samples": 1001}), 422, "limit is 2000"
+    yield "unknown output", post(base, form, [ok], outputs="jpeg" if form == "multipart" else ["jpeg"]), 422, "jpeg"
+
+
+@pytest.mark.parametrize("form", ["multipart", "json"])
+def test_bad_requests(base, form):
+    for name, r, status, text in bad_requests(base, form):
+        assert r.status_code == status, (name, r.text)
+        body = r.json()["error"]
+        assert text in body["message"], (name, body)
+        assert body["code"]
+
+
+@pytest.mark.parametrize("body, headers, status, text", [
+    (b"", {"content-type": "application/json"}, 400, "malformed JSON"),
+    (b"{not json", {"content-type": "application/json"}, 400, "malformed JSON"),
+    (json.dumps({"images": ["@@@"]}).encode(), {"content-type": "application/json"}, 400, "not valid base64"),
+    (json.dumps({"images": "abc"}).encode(), {"content-type": "application/json"}, 422, "images"),
+    (json.dumps({"images": ["aGk="], "surprise": 1}).encode(), {"content-type": "application/json"}, 422, "surprise"),
+    (b"", {"content-type": "multipart/form-data; boundary=xyz"}, 422, "no images"),
+    (b"--xyz\r\nbroken", {"content-type": "multipart/form-data; boundary=xyz"}, 4, ""),
+    (b"", {}, 415, "content type"),
+    (b"x" * 3_000_000, {"content-type": "application/json"}, 413, "exceeds the limit"),
+])
+def test_malformed_bodies(base, body, headers, status, text):
+    r = httpx.post(f"{base}/v1/explain/gradcam", content=body, headers=headers, timeout=30)
+    if status == 4:
+        assert 400 <= r.status_code < 500, r.text
+    else:
+        assert r.status_code == status, r.text
+    assert text in r.json()["error"]["message"]
+
+
+def test_chunked_body_over_the_limit_is_refused_while_streaming(base):
+    def chunks():
+        for _ in range(100):
+            yield b"x" * 100_000
+
+    r = httpx.post(f"{base}/v1/explain/gradcam", content=chunks(), headers={"content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 413
+
+
+def map_of(r) -> np.ndarray:
+    assert r.status_code == 200, r.text
+    return np.load(io.BytesIO(base64.b64decode(r.json()["results"][0]["map"]["npy"])))
+
+
+def rgb_16bit_png(image: Image.Image) -> bytes:
+    gray = np.asarray(image.convert("L"), dtype=np.uint16) * 257
+    return save(Image.fromarray(gray), "PNG")
+
+
+@pytest.mark.parametrize("form", ["multipart", "json"])
+def test_valid_oddities_are_explained(base, form):
+    image = photo()
+    gray = image.convert("L")
+    cases = {
+        "16-bit png": (rgb_16bit_png(image), gray.convert("RGB")),
+        "palette png": (save(image.quantize(64), "PNG"), image.quantize(64).convert("RGB")),
+        "cmyk jpeg": (save(image.convert("CMYK"), "JPEG", quality=95), None),
+        "rgba png": (save(image.convert("RGBA"), "PNG"), image),
+        "grayscale png": (save(gray, "PNG"), gray.convert("RGB")),
+        "animated gif": (save(image.quantize(256), "GIF", save_all=True, loop=0,
+                              append_images=[photo(seed=1).quantize(256)]), image.quantize(256).convert("RGB")),
+    }
+    for name, (blob, equivalent) in cases.items():
+        heat = map_of(post(base, form, [blob], size="original"))
+        assert heat.shape == (60, 80), name
+        if equivalent is not None:
+            np.testing.assert_allclose(heat, map_of(post(base, form, [save(equivalent, "PNG")])), atol=1e-5,
+                                       err_msg=name)
+
+
+@pytest.mark.parametrize("form", ["multipart", "json"])
+def test_exif_rotated_photo_is_explained_upright(base, form):
+    upright = photo((60, 80))  # portrait as displayed
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # landscape as the camera stored it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display
+    rotated = save(stored, "PNG", exif=exif)
+    heat = map_of(post(base, form, [rotated]))
+    assert heat.shape == (80, 60)  # the displayed (upright) size
+    np.testing.assert_allclose(heat, map_of(post(base, form, [save(upright, "PNG")])), atol=1e-5)
+
+
+def test_the_server_is_still_up_and_serving(base):
+    assert httpx.get(f"{base}/healthz").status_code == 200
+    assert httpx.get(f"{base}/readyz").status_code == 200
+    assert map_of(post(base, "multipart", [save(photo(), "PNG")])).shape == (60, 80)
