@@ -201,7 +201,7 @@ async def _outcome(item: WorkItem):
         raise
 
 
-def as_api_error(exc: BaseException) -> ApiError:
+def as_api_error(exc: BaseException, log_unexpected: bool = True) -> ApiError:
     """Map what the worker or the engine raised onto the API's errors."""
     if isinstance(exc, ApiError):
         return exc
@@ -212,5 +212,6 @@ def as_api_error(exc: BaseException) -> ApiError:
         return ApiError(503, "shutting_down", "the service is shutting down")
     if isinstance(exc, (ValueError, LookupError)):
         return ApiError(422, "invalid", str(exc))
-    log.error("explain failed: %s: %s", type(exc).__name__, exc)
+    if log_unexpected:
+        log.error("explain failed: %s: %s", type(exc).__name__, exc)
     return ApiError(500, "internal", f"{type(exc).__name__} while explaining; see the server log")

@@ -64,7 +64,7 @@ async def explain(method: str, request: Request, runtime: RuntimeDep):
         runtime.jobs.add(job)  # too long to wait for: the caller polls it as a job
         return JSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
     except Exception as exc:  # noqa: BLE001 - mapped onto the API's errors
-        raise as_api_error(exc) from None
+        raise as_api_error(exc, log_unexpected=False) from None  # the job's task has logged it
     if png and len(body["results"]) == 1:
         return Response(base64.b64decode(body["results"][0]["map"]["overlay"]), media_type="image/png")
     return JSONResponse(body)

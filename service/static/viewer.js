@@ -1,0 +1,659 @@
+// The saliency viewer: pick an image, models, methods and parameters; compare the maps side by side.
+// Colour map and opacity are applied here, on canvases, so changing them sends no request.
+import { Api, ApiError } from "./api.js";
+import { blend, colorize, lookupTable } from "./colormaps.js";
+
+const DISPLAY_MAX = 960; // longest side of the image as drawn in the page (a 2000 x 1500 photo is drawn at 960 x 720)
+const JOB_PASSES = 512; // estimated forward+backward passes from which a request runs as a job
+const ALWAYS_JOB = new Set(["moreaugrad"]); // iterative: always a job, with progress and cancel
+const POLL_MS = 300;
+
+const $ = (selector, root = document) => root.querySelector(selector);
+const el = (tag, props = {}, ...children) => {
+  const node = Object.assign(document.createElement(tag), props);
+  node.append(...children);
+  return node;
+};
+
+const state = {
+  models: [],
+  methods: [],
+  image: null, // {file, stem, width, height, display: ImageBitmap | null}
+  cards: new Map(), // method name -> card
+  colormap: "jet",
+  opacity: 0.5,
+};
+
+const api = new Api(() => $("#api-key").value.trim());
+
+// ---------------------------------------------------------------------------------------------- start
+
+async function start() {
+  const key = sessionStorage.getItem("saliency-api-key");
+  if (key) $("#api-key").value = key;
+  $("#api-key").addEventListener("change", () => {
+    sessionStorage.setItem("saliency-api-key", $("#api-key").value.trim());
+    if (!state.methods.length) loadCatalog();
+  });
+  wireImageInput();
+  wireDisplayControls();
+  $("#run-form").addEventListener("submit", onRun);
+  $("#model-select").addEventListener("change", onModelChange);
+  await waitReady();
+  await loadCatalog();
+}
+
+function setServerStatus(text, ok = true) {
+  const node = $("#server-status");
+  node.textContent = text;
+  node.dataset.ok = String(ok);
+}
+
+async function waitReady() {
+  for (;;) {
+    try {
+      const response = await fetch("/readyz", { headers: { Accept: "application/json" } });
+      const body = await response.json().catch(() => ({}));
+      if (response.ok) return;
+      setServerStatus(body.error ? `The server could not load its models: ${body.error}`
+                                 : "The server is starting (loading models)…", !body.error);
+    } catch (err) {
+      setServerStatus("Cannot reach the server; retrying…", false);
+    }
+    await sleep(2000);
+  }
+}
+
+async function loadCatalog() {
+  try {
+    const [models, methods] = await Promise.all([api.get("/v1/models"), api.get("/v1/methods")]);
+    state.models = models.data;
+    state.methods = methods.data;
+  } catch (err) {
+    setServerStatus(err.message, false);
+    return;
+  }
+  const ready = state.models.filter((m) => m.available);
+  const device = ready.length ? ready[0].device : "no device";
+  setServerStatus(`Ready: ${ready.length} model${ready.length === 1 ? "" : "s"} on ${device}`);
+  buildModelSelect();
+  buildMethods();
+  updateRunButton();
+}
+
+// ---------------------------------------------------------------------------------------------- form
+
+function buildModelSelect() {
+  const select = $("#model-select");
+  select.replaceChildren();
+  for (const m of state.models) {
+    const option = el("option", { value: m.name, disabled: !m.available,
+                                  textContent: m.available ? m.name : `${m.name} (unavailable)` });
+    if (m.default) option.selected = true;
+    select.append(option);
+  }
+  onModelChange();
+}
+
+function currentModel() {
+  return state.models.find((m) => m.name === $("#model-select").value);
+}
+
+function onModelChange() {
+  const model = currentModel();
+  const info = $("#model-info");
+  if (!model) {
+    info.textContent = "";
+    return;
+  }
+  info.textContent = model.available
+    ? `${model.description || model.architecture}; input ${model.input_size.join(" × ")}, ${model.num_classes} classes, on ${model.device}.`
+    : `Unavailable: ${model.reason}`;
+  for (const select of document.querySelectorAll("select[data-param='layer']")) fillLayers(select, model);
+}
+
+function fillLayers(select, model) {
+  const keep = select.value;
+  select.replaceChildren(el("option", { value: "", textContent: `default (${model.default_layer || "the card's"})` }));
+  for (const layer of model.layers || []) select.append(el("option", { value: layer, textContent: layer }));
+  select.value = (model.layers || []).includes(keep) ? keep : "";
+}
+
+function buildMethods() {
+  const box = $("#methods");
+  box.replaceChildren(el("legend", { textContent: "Methods" }));
+  const params = $("#params");
+  params.replaceChildren();
+  for (const method of state.methods) {
+    const id = `method-${method.name}`;
+    const check = el("input", { type: "checkbox", id, value: method.name, name: "method",
+                                checked: method.name === "gradcam" });
+    check.setAttribute("aria-describedby", `${id}-cost`);
+    box.append(el("div", { className: "method-option" }, check,
+                  el("label", { htmlFor: id, textContent: method.title }),
+                  el("p", { className: "hint", id: `${id}-cost`, textContent: `${method.name}: ${method.cost}` })));
+    const fields = buildParams(method);
+    if (fields) {
+      fields.hidden = !check.checked;
+      params.append(fields);
+    }
+    check.addEventListener("change", () => {
+      if (fields) fields.hidden = !check.checked;
+      updateRunButton();
+    });
+  }
+  box.addEventListener("change", updateRunButton);
+}
+
+/** Nullable schemas (anyOf [X, null]) unwrap to X; the parameter may then be left empty. */
+function unwrap(spec) {
+  if (!spec.anyOf) return { ...spec, nullable: false };
+  const inner = spec.anyOf.find((s) => s.type !== "null") || {};
+  return { ...inner, ...spec, anyOf: undefined, type: inner.type, nullable: true };
+}
+
+function describeBounds(spec) {
+  const parts = [];
+  if (spec.default !== undefined && spec.default !== null) parts.push(`default ${spec.default}`);
+  const low = spec.minimum ?? spec.exclusiveMinimum;
+  const high = spec.maximum ?? spec.exclusiveMaximum;
+  if (low !== undefined || high !== undefined) {
+    const lo = low === undefined ? "" : `${spec.exclusiveMinimum !== undefined ? "> " : ""}${low}`;
+    const hi = high === undefined ? "" : `${spec.exclusiveMaximum !== undefined ? "< " : ""}${high}`;
+    parts.push(lo && hi ? `range ${lo} to ${hi}` : lo ? `at least ${lo}` : `at most ${hi}`);
+  }
+  return parts.join("; ");
+}
+
+function buildParams(method) {
+  const properties = (method.parameters && method.parameters.properties) || {};
+  const names = Object.keys(properties);
+  if (!names.length) return null;
+  const fields = el("fieldset", { id: `params-${method.name}` }, el("legend", { textContent: `${method.title} parameters` }));
+  fields.dataset.method = method.name;
+  for (const name of names) {
+    const spec = unwrap(properties[name]);
+    const id = `param-${method.name}-${name}`;
+    let control;
+    if (name === "layer") {
+      control = el("select", { id });
+      const model = currentModel();
+      if (model) fillLayers(control, model);
+    } else if (spec.enum) {
+      control = el("select", { id });
+      for (const value of spec.enum) control.append(el("option", { value, textContent: value,
+                                                                   selected: value === spec.default }));
+    } else if (spec.type === "integer" || spec.type === "number") {
+      control = el("input", { id, type: "number", inputMode: spec.type === "integer" ? "numeric" : "decimal" });
+      control.step = spec.type === "integer" ? "1" : "any";
+      if (spec.minimum !== undefined) control.min = spec.minimum;
+      if (spec.maximum !== undefined) control.max = spec.maximum;
+      if (spec.default !== undefined && spec.default !== null) control.value = spec.default;
+      else control.placeholder = "default";
+    } else {
+      control = el("input", { id, type: "text", placeholder: spec.default ?? "default" });
+      if (spec.maxLength) control.maxLength = spec.maxLength;
+    }
+    control.dataset.param = name;
+    control.dataset.spec = JSON.stringify(spec);
+    const hintId = `${id}-hint`;
+    control.setAttribute("aria-describedby", hintId);
+    const bounds = describeBounds(spec);
+    fields.append(el("div", { className: "param" }, el("label", { htmlFor: id, textContent: name }), control,
+                     el("p", { className: "hint", id: hintId,
+                               textContent: [spec.description, bounds].filter(Boolean).join(". ") })));
+  }
+  return fields;
+}
+
+/** The method's parameters as typed by the user; empty fields are left to the server's defaults. */
+function readParams(method) {
+  const fields = document.getElementById(`params-${method.name}`);
+  const params = {};
+  if (!fields) return params;
+  for (const control of fields.querySelectorAll("[data-param]")) {
+    const name = control.dataset.param;
+    const spec = JSON.parse(control.dataset.spec);
+    const value = control.value.trim();
+    if (value === "") continue;
+    if (control.type === "number") {
+      const number = Number(value);
+      const low = spec.exclusiveMinimum;
+      const high = spec.exclusiveMaximum;
+      if (!control.checkValidity() || !Number.isFinite(number) || (low !== undefined && number <= low)
+          || (high !== undefined && number >= high)) {
+        const bounds = describeBounds(spec);
+        throw new ApiError(`${method.title}: ${name} must be ${spec.type === "integer" ? "a whole number" : "a number"}`
+                           + `${bounds ? ` (${bounds})` : ""}.`, 0, "invalid_input");
+      }
+      params[name] = number;
+    } else {
+      params[name] = value;
+    }
+  }
+  return params;
+}
+
+function checkedMethods() {
+  return [...document.querySelectorAll("#methods input[name='method']:checked")]
+    .map((c) => state.methods.find((m) => m.name === c.value));
+}
+
+function updateRunButton() {
+  $("#run-button").disabled = !(state.image && state.methods.length && checkedMethods().length);
+}
+
+function showFormError(message) {
+  const node = $("#form-error");
+  node.textContent = message || "";
+  node.hidden = !message;
+}
+
+// ---------------------------------------------------------------------------------------------- image
+
+function wireImageInput() {
+  const input = $("#image-input");
+  const zone = $("#drop-zone");
+  input.addEventListener("change", () => input.files[0] && useFile(input.files[0]));
+  for (const type of ["dragenter", "dragover"]) {
+    zone.addEventListener(type, (event) => {
+      event.preventDefault();
+      zone.classList.add("dragging");
+    });
+  }
+  for (const type of ["dragleave", "drop"]) zone.addEventListener(type, () => zone.classList.remove("dragging"));
+  zone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    const file = event.dataTransfer.files[0];
+    if (!file) return;
+    try {
+      input.files = event.dataTransfer.files;
+    } catch (err) { /* older browsers: the file is still used */ }
+    useFile(file);
+  });
+  // A file dropped beside the zone must not make the browser leave the page.
+  window.addEventListener("dragover", (event) => event.preventDefault());
+  window.addEventListener("drop", (event) => event.preventDefault());
+}
+
+function fitWithin(width, height, longest) {
+  const scale = Math.min(1, longest / Math.max(width, height));
+  return [Math.max(1, Math.round(width * scale)), Math.max(1, Math.round(height * scale))];
+}
+
+async function useFile(file) {
+  showFormError("");
+  const stem = (file.name || "image").replace(/\.[^.]*$/, "") || "image";
+  let display = null;
+  let width = 0;
+  let height = 0;
+  try {
+    // Decoded once at full size for its dimensions, then kept only as a small bitmap for drawing.
+    const full = await createImageBitmap(file, { imageOrientation: "from-image" });
+    [width, height] = [full.width, full.height];
+    const [w, h] = fitWithin(width, height, DISPLAY_MAX);
+    display = await createImageBitmap(full, { resizeWidth: w, resizeHeight: h, resizeQuality: "high" });
+    full.close();
+  } catch (err) {
+    display = null; // a format the server reads but this browser does not (TIFF): maps are shown alone
+  }
+  state.image = { file, stem, width, height, display };
+  const preview = $("#preview");
+  const info = $("#image-info");
+  if (display) {
+    const [w, h] = fitWithin(display.width, display.height, 600);
+    preview.width = w;
+    preview.height = h;
+    preview.getContext("2d").drawImage(display, 0, 0, w, h);
+    preview.setAttribute("aria-label", `The chosen image, ${file.name}`);
+    preview.hidden = false;
+    info.textContent = `${file.name}: ${width} × ${height} pixels, ${formatBytes(file.size)}`;
+  } else {
+    preview.hidden = true;
+    info.textContent = `${file.name} (${formatBytes(file.size)}): this browser cannot show it; the server may still read it.`;
+  }
+  updateRunButton();
+}
+
+// ---------------------------------------------------------------------------------------------- run
+
+function onRun(event) {
+  event.preventDefault();
+  showFormError("");
+  if (!state.image) return showFormError("Choose an image first.");
+  const methods = checkedMethods();
+  if (!methods.length) return showFormError("Choose at least one method.");
+  const requests = [];
+  try {
+    for (const method of methods) requests.push([method, readParams(method)]);
+  } catch (err) {
+    return showFormError(err.message);
+  }
+  for (const card of state.cards.values()) abandon(card);
+  state.cards.clear();
+  $("#cards").replaceChildren();
+  $("#results-empty").hidden = true;
+  const common = { model: $("#model-select").value, size: $("#full-size").checked ? "original" : "input",
+                   image: state.image };
+  for (const [method, params] of requests) {
+    const card = makeCard(method, { ...common, params });
+    state.cards.set(method.name, card);
+    $("#cards").append(card.node);
+    explain(card, null);
+  }
+}
+
+function estimatedPasses(method, params) {
+  const defaults = (method.parameters && method.parameters.properties) || {};
+  return method.cost.replace(/passes?/, "").split(" x ").reduce((total, token) => {
+    const name = token.trim();
+    const value = /^\d+$/.test(name) ? Number(name) : params[name] ?? unwrap(defaults[name] || {}).default ?? 1;
+    return total * Number(value);
+  }, 1);
+}
+
+function runsAsJob(method, params) {
+  return ALWAYS_JOB.has(method.name) || estimatedPasses(method, params) >= JOB_PASSES;
+}
+
+function makeCard(method, request) {
+  const node = $("#card-template").content.firstElementChild.cloneNode(true);
+  node.dataset.method = method.name;
+  node.setAttribute("aria-label", method.title);
+  $(".card-title", node).textContent = method.title;
+  const card = { method, request, node, token: 0, jobId: null, map: null, gray: null, result: null };
+  $(".cancel", node).addEventListener("click", () => cancel(card));
+  $(".download-overlay", node).addEventListener("click", () => downloadOverlay(card));
+  $(".download-npy", node).addEventListener("click", () => downloadNpy(card));
+  $(".heat", node).style.opacity = state.opacity;
+  return card;
+}
+
+function setCardState(card, phase, text) {
+  card.node.dataset.state = phase;
+  $(".card-status", card.node).textContent = text;
+}
+
+function showCardError(card, message) {
+  const node = $(".card-error", card.node);
+  node.textContent = message || "";
+  node.hidden = !message;
+}
+
+async function explain(card, target) {
+  const token = ++card.token;
+  const { method, request } = card;
+  const form = new FormData();
+  form.append("image", request.image.file, request.image.file.name || "image");
+  if (request.model) form.append("model", request.model);
+  form.append("outputs", "png,npy");
+  form.append("size", request.size);
+  if (target !== null && target !== undefined) form.append("target", String(target));
+  for (const [name, value] of Object.entries(request.params)) form.append(name, String(value));
+
+  showCardError("");
+  setCardState(card, "running", target === null ? "Running…" : `Explaining class ${target}…`);
+  $(".job", card.node).hidden = true;
+  for (const button of card.node.querySelectorAll(".top-k button, .downloads button")) button.disabled = true;
+  const started = performance.now();
+  try {
+    const asJob = runsAsJob(method, request.params);
+    const { status, data } = await api.post(`/v1/${asJob ? "jobs" : "explain"}/${method.name}`, form);
+    if (token !== card.token) return;
+    const body = status === 202 ? await followJob(card, token, data) : data;
+    if (!body || token !== card.token) return;
+    await showResult(card, body.results[0], performance.now() - started);
+  } catch (err) {
+    if (token !== card.token) return;
+    setCardState(card, "error", "Failed");
+    showCardError(card, err instanceof ApiError ? err.message : `Something went wrong in the page: ${err.message}`);
+    $(".job", card.node).hidden = true;
+    restoreButtons(card);
+  }
+}
+
+/** Poll a job until it ends; returns its result, or null when cancelled or replaced. */
+async function followJob(card, token, job) {
+  card.jobId = job.id;
+  const box = $(".job", card.node);
+  box.hidden = false;
+  $(".cancel", card.node).disabled = false;
+  for (;;) {
+    updateProgress(card, job);
+    if (job.status === "succeeded") {
+      card.jobId = null;
+      $(".cancel", card.node).disabled = true;
+      return job.result;
+    }
+    if (job.status === "failed") {
+      card.jobId = null;
+      const message = job.error && job.error.message ? job.error.message : "no details";
+      throw new ApiError(`The job failed. ${message[0].toUpperCase()}${message.slice(1)}.`, 200, job.error?.code);
+    }
+    if (job.status === "cancelled") {
+      card.jobId = null;
+      $(".cancel", card.node).disabled = true;
+      setCardState(card, "cancelled", "Cancelled");
+      restoreButtons(card);
+      return null;
+    }
+    setCardState(card, "running", job.status === "queued" ? "Queued…" : "Running…");
+    await sleep(POLL_MS);
+    if (token !== card.token) return null;
+    job = (await api.get(`/v1/jobs/${job.id}`)).data;
+    if (token !== card.token) return null;
+  }
+}
+
+function updateProgress(card, job) {
+  const bar = $(".job-progress", card.node);
+  const { done, total } = job.progress;
+  bar.max = Math.max(1, total);
+  bar.value = Math.min(done, bar.max);
+  const percent = total ? Math.round((100 * done) / total) : 0;
+  bar.setAttribute("aria-valuetext", `${percent}%`);
+  $(".job-count", card.node).textContent = `${done} / ${total} steps`;
+}
+
+async function cancel(card) {
+  if (!card.jobId) return;
+  $(".cancel", card.node).disabled = true;
+  setCardState(card, "running", "Cancelling…");
+  try {
+    const { data } = await api.delete(`/v1/jobs/${card.jobId}`);
+    updateProgress(card, data);
+  } catch (err) {
+    showCardError(card, err.message);
+  }
+}
+
+/** A card being replaced: stop following it, and cancel its job on the server. */
+function abandon(card) {
+  card.token++;
+  if (card.jobId) api.delete(`/v1/jobs/${card.jobId}`).catch(() => {});
+  card.jobId = null;
+}
+
+function restoreButtons(card) {
+  for (const button of card.node.querySelectorAll(".top-k button")) button.disabled = false;
+  $(".download-overlay", card.node).disabled = !card.gray;
+  $(".download-npy", card.node).disabled = !card.result?.map?.npy;
+}
+
+// ---------------------------------------------------------------------------------------------- results
+
+function base64Bytes(text) {
+  const binary = atob(text);
+  const bytes = new Uint8Array(binary.length);
+  for (let i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
+  return bytes;
+}
+
+/** The map scaled (bilinear) to width x height, as one byte per pixel. */
+function scaledGray(bitmap, width, height) {
+  const canvas = new OffscreenCanvas(width, height);
+  const ctx = canvas.getContext("2d", { willReadFrequently: true });
+  ctx.imageSmoothingEnabled = true;
+  ctx.imageSmoothingQuality = "high";
+  ctx.drawImage(bitmap, 0, 0, width, height);
+  const rgba = ctx.getImageData(0, 0, width, height).data;
+  const gray = new Uint8Array(width * height);
+  for (let i = 0, j = 0; i < gray.length; i++, j += 4) gray[i] = rgba[j];
+  return gray;
+}
+
+async function showResult(card, result, roundTripMs) {
+  const node = card.node;
+  const image = card.request.image;
+  const bitmap = await createImageBitmap(new Blob([base64Bytes(result.map.png)], { type: "image/png" }));
+  const [w, h] = image.display ? [image.display.width, image.display.height]
+                               : fitWithin(result.map.width, result.map.height, DISPLAY_MAX);
+  if (card.map) card.map.close();
+  card.map = bitmap;
+  card.result = result;
+  card.gray = scaledGray(bitmap, w, h);
+
+  const base = $(".base", node);
+  const heat = $(".heat", node);
+  const raw = $(".raw", node);
+  for (const canvas of [base, heat, raw]) [canvas.width, canvas.height] = [w, h];
+  const ctx = base.getContext("2d");
+  if (image.display) ctx.drawImage(image.display, 0, 0, w, h);
+  else ctx.clearRect(0, 0, w, h);
+  paintHeat(card);
+  const rawCtx = raw.getContext("2d");
+  rawCtx.imageSmoothingQuality = "high";
+  rawCtx.drawImage(bitmap, 0, 0, w, h);
+  base.setAttribute("aria-label", `${card.method.title} overlay for class ${result.label}`);
+  raw.setAttribute("aria-label", `${card.method.title} map for class ${result.label}, bright is important`);
+
+  renderPredictions(card, result);
+  $(".explained", node).textContent = `${result.label} (class ${result.target}), probability ${percent(result.probability)}`;
+  fillList($(".timing", node), [["queue", `${result.timing_ms.queue.toFixed(1)} ms`],
+                                ["compute", `${result.timing_ms.compute.toFixed(1)} ms`],
+                                ["round trip", `${roundTripMs.toFixed(0)} ms`],
+                                ["map", `${result.map.width} × ${result.map.height}`]]);
+  const diagnostics = Object.entries(result.diagnostics || {});
+  fillList($(".diagnostics", node), diagnostics.length ? diagnostics.map(([k, v]) => [k, formatValue(v)])
+                                                       : [["none", "this method reports none"]]);
+  restoreButtons(card);
+  base.dataset.rendered = "true";
+  setCardState(card, "done", `Done in ${(roundTripMs / 1000).toFixed(1)} s`);
+}
+
+function paintHeat(card) {
+  if (!card.gray) return;
+  const heat = $(".heat", card.node);
+  const ctx = heat.getContext("2d");
+  const pixels = ctx.createImageData(heat.width, heat.height);
+  colorize(card.gray, lookupTable(state.colormap), pixels.data);
+  ctx.putImageData(pixels, 0, 0);
+  heat.dataset.colormap = state.colormap;
+}
+
+function renderPredictions(card, result) {
+  const list = $(".top-k", card.node);
+  list.replaceChildren();
+  for (const c of result.top_k) {
+    const button = el("button", { type: "button" },
+                      el("span", { className: "label", textContent: c.label }),
+                      el("span", { className: "prob", textContent: percent(c.probability) }),
+                      el("span", { className: "bar" }));
+    $(".bar", button).style.width = `${Math.max(1, c.probability * 100)}%`;
+    button.dataset.index = c.index;
+    button.setAttribute("aria-pressed", String(c.index === result.target));
+    button.setAttribute("aria-label", `${c.label}, ${percent(c.probability)}${c.index === result.target ? ", explained" : ", explain this class"}`);
+    button.addEventListener("click", () => {
+      if (c.index !== card.result?.target) explain(card, c.index);
+    });
+    list.append(el("li", {}, button));
+  }
+}
+
+function fillList(dl, pairs) {
+  dl.replaceChildren();
+  for (const [key, value] of pairs) dl.append(el("dt", { textContent: key }), el("dd", { textContent: value }));
+}
+
+// ---------------------------------------------------------------------------------------------- display
+
+function wireDisplayControls() {
+  const select = $("#colormap-select");
+  const slider = $("#opacity");
+  select.addEventListener("change", () => {
+    state.colormap = select.value;
+    for (const card of state.cards.values()) paintHeat(card);
+  });
+  slider.addEventListener("input", () => {
+    state.opacity = Number(slider.value);
+    $("#opacity-value").textContent = percent(state.opacity, 0);
+    for (const card of state.cards.values()) $(".heat", card.node).style.opacity = state.opacity;
+  });
+}
+
+// ---------------------------------------------------------------------------------------------- downloads
+
+function save(blob, name) {
+  const link = el("a", { href: URL.createObjectURL(blob), download: name });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+}
+
+/** The overlay at the photo's full size, in the colour map and opacity on screen. */
+async function downloadOverlay(card) {
+  const image = card.request.image;
+  const button = $(".download-overlay", card.node);
+  button.disabled = true;
+  try {
+    let canvas;
+    if (image.display) {
+      const full = await createImageBitmap(image.file, { imageOrientation: "from-image" });
+      canvas = new OffscreenCanvas(full.width, full.height);
+      canvas.getContext("2d").drawImage(full, 0, 0);
+      full.close();
+    } else {
+      canvas = new OffscreenCanvas(card.result.map.width, card.result.map.height);
+    }
+    const ctx = canvas.getContext("2d");
+    const pixels = ctx.getImageData(0, 0, canvas.width, canvas.height);
+    blend(pixels.data, scaledGray(card.map, canvas.width, canvas.height), lookupTable(state.colormap),
+          image.display ? state.opacity : 1);
+    ctx.putImageData(pixels, 0, 0);
+    const blob = await canvas.convertToBlob({ type: "image/png" });
+    save(blob, `${image.stem}-${card.method.name}-${card.result.target}-overlay.png`);
+  } catch (err) {
+    showCardError(card, `Could not make the overlay PNG: ${err.message}`);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function downloadNpy(card) {
+  const { map, target } = card.result;
+  const blob = new Blob([base64Bytes(map.npy)], { type: "application/octet-stream" });
+  save(blob, `${card.request.image.stem}-${card.method.name}-${target}-map-${map.height}x${map.width}.npy`);
+}
+
+// ---------------------------------------------------------------------------------------------- helpers
+
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+function percent(p, digits = 1) {
+  return `${(100 * p).toFixed(digits)}%`;
+}
+
+function formatBytes(n) {
+  return n >= 1 << 20 ? `${(n / (1 << 20)).toFixed(1)} MB` : `${Math.max(1, Math.round(n / 1024))} kB`;
+}
+
+function formatValue(v) {
+  if (typeof v === "number") return Number.isInteger(v) ? String(v) : v.toPrecision(4);
+  if (typeof v === "boolean") return v ? "yes" : "no";
+  return typeof v === "object" ? JSON.stringify(v) : String(v);
+}
+
+start();
