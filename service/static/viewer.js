@@ -201,7 +201,7 @@ function buildParams(method) {
     const bounds = describeBounds(spec);
     fields.append(el("div", { className: "param" }, el("label", { htmlFor: id, textContent: name }), control,
                      el("p", { className: "hint", id: hintId,
-                               textContent: [spec.description, bounds].filter(Boolean).join(". ") })));
+                               textContent: [spec.description, capitalize(bounds)].filter(Boolean).join(". ") })));
   }
   return fields;
 }
@@ -637,6 +637,10 @@ function downloadNpy(card) {
 }
 
 // ---------------------------------------------------------------------------------------------- helpers
+
+function capitalize(text) {
+  return text ? text[0].toUpperCase() + text.slice(1) : text;
+}
 
 function sleep(ms) {
   return new Promise((resolve) => setTimeout(resolve, ms));

@@ -1,0 +1,296 @@
+"""The web viewer at /: its files as served, and the page driven in a real browser (Debian's chromium).
+
+The browser tests skip, saying why, when chromium or the playwright package is absent; `make test` installs
+playwright, and chromium through apt when CI=true. The screenshot lands in artifacts/viewer.png.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from service.api.viewer import FILES
+from service.settings import Settings
+from tests.conftest import ROOT
+from tests.server import running_server
+
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM = os.environ.get("SALIENCY_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 120_000  # CPU inference on a shared machine
+
+
+@pytest.fixture(scope="module")
+def server(registry):
+    with running_server(Settings(max_wait_ms=5), registry) as (base, app):
+        yield base, app
+
+
+# ------------------------------------------------------------------------------------------ served files
+
+
+def test_page_and_its_files_are_served(server):
+    base, _ = server
+    page = httpx.get(f"{base}/")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff"
+    html = page.text
+    for needle in ('id="image-input"', 'id="model-select"', 'id="methods"', 'id="colormap-select"',
+                   'id="opacity"', 'id="run-button"', 'role="alert"'):
+        assert needle in html
+    # every asset the page references is served with its type
+    refs = re.findall(r'(?:src|href)="/static/([^"]+)"', html)
+    assert {"viewer.js", "viewer.css"} <= set(refs)
+    for name in refs:
+        r = httpx.get(f"{base}/static/{name}")
+        assert r.status_code == 200, name
+        assert r.headers["content-type"].split(";")[0] in ("text/javascript", "text/css")
+    # and the modules viewer.js imports
+    for name in re.findall(r'from "\./([^"]+)"', httpx.get(f"{base}/static/viewer.js").text):
+        assert name in FILES
+        assert httpx.get(f"{base}/static/{name}").status_code == 200
+
+
+def test_only_shipped_files_are_served(server):
+    base, _ = server
+    for path in ("/static/nope.js", "/static/..%2Fapi%2Fviewer.py", "/static/%2e%2e%2fapp.py", "/static/"):
+        r = httpx.get(f"{base}{path}")
+        assert r.status_code == 404, path
+        if r.headers["content-type"].startswith("application/json"):
+            assert "error" in r.json()
+    assert all(p.parent.name == "static" for p in FILES.values())
+
+
+def test_viewer_is_public_when_an_api_key_guards_v1(registry):
+    key = "k" * 24
+    with running_server(Settings(api_key=key), registry) as (base, _):
+        assert httpx.get(f"{base}/").status_code == 200
+        assert httpx.get(f"{base}/static/viewer.js").status_code == 200
+        assert httpx.get(f"{base}/v1/methods").status_code == 401
+        assert httpx.get(f"{base}/v1/methods", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+# ------------------------------------------------------------------------------------------ in a browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright package is not installed (make test installs it with the test extra)")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no chromium at {CHROMIUM}: install Debian's (apt-get install chromium; make test does "
+                    "when CI=true) or point SALIENCY_TEST_CHROMIUM at one")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1500, "height": 1250}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.errors = []
+    page.on("pageerror", lambda exc: page.errors.append(str(exc)))
+    page.on("console", lambda msg: msg.type == "error" and page.errors.append(msg.text))
+    page.goto(server[0] + "/")
+    page.wait_for_function("() => document.querySelector('#server-status').textContent.startsWith('Ready')")
+    yield page
+    context.close()
+
+
+def save_jpeg(image: Image.Image, path: Path) -> Path:
+    image.save(path, "JPEG", quality=92)
+    return path
+
+
+def card(page, method: str) -> str:
+    return f".card[data-method='{method}']"
+
+
+def wait_state(page, method: str, state: str):
+    page.wait_for_selector(f"{card(page, method)}[data-state='{state}']")
+
+
+def canvas_stats(page, selector: str) -> dict:
+    """Size, and the spread of pixel values, of a canvas as drawn."""
+    return page.eval_on_selector(selector, """c => {
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0, s = 0, s2 = 0;
+        for (let i = 0; i < d.length; i += 4 * 7) { const v = d[i] + d[i + 1] + d[i + 2]; n++; s += v; s2 += v * v; }
+        const mean = s / n;
+        return {width: c.width, height: c.height, mean, std: Math.sqrt(Math.max(0, s2 / n - mean * mean)),
+                opacity: getComputedStyle(c).opacity};
+    }""")
+
+
+@pytest.mark.slow
+def test_gradcam_and_ig_on_chelsea_render_overlays_and_predict_a_cat(page, chelsea, tmp_path):
+    photo = save_jpeg(chelsea, tmp_path / "chelsea.jpg")
+    page.set_input_files("#image-input", str(photo))
+    page.wait_for_selector("#preview:not([hidden])")
+    assert "451 × 300" in page.text_content("#image-info")
+    page.check("#method-integrated-gradients")
+    # defaults and bounds from GET /v1/methods are shown
+    assert page.input_value("#param-integrated-gradients-n_steps") == "50"
+    assert "Default 50; range 1 to 1024" in page.text_content("#param-integrated-gradients-n_steps-hint")
+    page.fill("#param-integrated-gradients-n_steps", "8")
+    page.focus("#run-button")
+    page.keyboard.press("Enter")  # keyboard only
+    for method in ("gradcam", "integrated-gradients"):
+        wait_state(page, method, "done")
+        overlay = canvas_stats(page, f"{card(page, method)} canvas.heat")
+        base = canvas_stats(page, f"{card(page, method)} canvas.base")
+        assert (overlay["width"], overlay["height"]) == (451, 300)  # drawn at the photo's aspect
+        assert base["std"] > 10 and overlay["std"] > 10, (method, base, overlay)
+        labels = page.locator(f"{card(page, method)} .top-k .label").all_text_contents()
+        assert len(labels) == 5 and "cat" in labels[0], labels
+        assert page.get_attribute(f"{card(page, method)} .top-k button >> nth=0", "aria-pressed") == "true"
+    ig_diagnostics = page.text_content(f"{card(page, 'integrated-gradients')} .diagnostics")
+    assert "convergence_delta" in ig_diagnostics
+    assert "compute" in page.text_content(f"{card(page, 'gradcam')} .timing")
+
+    # colour map and opacity are applied in the page: no request is sent
+    sent = []
+    page.on("request", lambda r: sent.append(r.url))
+    before = canvas_stats(page, f"{card(page, 'gradcam')} canvas.heat")
+    page.select_option("#colormap-select", "viridis")
+    page.fill("#opacity", "0.6")
+    page.dispatch_event("#opacity", "input")
+    after = canvas_stats(page, f"{card(page, 'gradcam')} canvas.heat")
+    assert after["mean"] != before["mean"] and after["opacity"] == "0.6"
+    assert page.text_content("#opacity-value") == "60%"
+    assert sent == []
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "viewer.png"), full_page=True)
+
+    # downloads: the overlay PNG at the photo's size, the map as .npy
+    with page.expect_download() as download:
+        page.click(f"{card(page, 'gradcam')} .download-overlay")
+    png = Image.open(download.value.path())
+    assert png.format == "PNG" and png.size == (451, 300)
+    with page.expect_download() as download:
+        page.click(f"{card(page, 'gradcam')} .download-npy")
+    import numpy as np
+
+    heat = np.load(download.value.path(), allow_pickle=False)
+    assert heat.shape == (224, 224) and heat.dtype == np.float32 and 0 <= heat.min() <= heat.max() <= 1
+
+    # another class, by pressing it
+    second = page.locator(f"{card(page, 'gradcam')} .top-k button >> nth=1")
+    index = second.get_attribute("data-index")
+    second.click()
+    page.wait_for_function(f"() => document.querySelector(\"{card(page, 'gradcam')} .top-k button[data-index='{index}']\")"
+                           "?.getAttribute('aria-pressed') === 'true'")
+    wait_state(page, "gradcam", "done")
+    assert f"class {index}" in page.text_content(f"{card(page, 'gradcam')} .explained")
+    assert page.errors == []
+
+
+@pytest.mark.slow
+def test_moreaugrad_runs_as_a_job_with_progress_and_cancel(page, chelsea, tmp_path):
+    page.set_input_files("#image-input", str(save_jpeg(chelsea, tmp_path / "chelsea.jpg")))
+    page.uncheck("#method-gradcam")
+    page.check("#method-moreaugrad")
+    page.fill("#param-moreaugrad-iterations", "4")
+    page.fill("#param-moreaugrad-n_samples", "2")
+    page.click("#run-button")
+    wait_state(page, "moreaugrad", "done")
+    bar = f"{card(page, 'moreaugrad')} .job-progress"
+    assert page.is_visible(bar)
+    assert page.eval_on_selector(bar, "p => [p.value, p.max]") == [4, 4]
+    assert page.text_content(f"{card(page, 'moreaugrad')} .job-count") == "4 / 4 steps"
+    assert canvas_stats(page, f"{card(page, 'moreaugrad')} canvas.heat")["std"] > 10
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "viewer-moreaugrad.png"), full_page=True)
+
+    # a long one, cancelled from the page
+    page.fill("#param-moreaugrad-iterations", "2000")
+    page.fill("#param-moreaugrad-n_samples", "1")
+    page.click("#run-button")
+    page.wait_for_selector(f"{card(page, 'moreaugrad')} .cancel:not([disabled])")
+    page.wait_for_function(f"() => document.querySelector(\"{card(page, 'moreaugrad')} .job-progress\").value > 0")
+    page.click(f"{card(page, 'moreaugrad')} .cancel")
+    wait_state(page, "moreaugrad", "cancelled")
+    assert page.errors == []
+
+
+@pytest.mark.slow
+def test_server_errors_are_shown_in_plain_words(page, chelsea, tmp_path):
+    junk = tmp_path / "notes.png"
+    junk.write_bytes(b"these are not pixels")
+    page.set_input_files("#image-input", str(junk))
+    page.click("#run-button")
+    wait_state(page, "gradcam", "error")
+    message = page.text_content(f"{card(page, 'gradcam')} .card-error")
+    assert message.startswith("The server could not use this request.")
+    assert "not a recognised image format" in message
+
+    # a parameter out of its bounds is caught before anything is sent
+    page.set_input_files("#image-input", str(save_jpeg(chelsea, tmp_path / "chelsea.jpg")))
+    page.check("#method-smoothgrad")
+    page.fill("#param-smoothgrad-n_samples", "5000")
+    page.click("#run-button")
+    assert "n_samples must be a whole number (default 25; range 1 to 1024)" in page.text_content("#form-error")
+
+
+@pytest.mark.slow
+def test_a_2000_by_1500_photo_is_drawn_downscaled_and_quickly(page, chelsea, tmp_path):
+    big = save_jpeg(chelsea.resize((2000, 1500), Image.Resampling.BICUBIC), tmp_path / "big.jpg")
+    started = time.monotonic()
+    page.set_input_files("#image-input", str(big))
+    page.wait_for_selector("#preview:not([hidden])")
+    shown_s = time.monotonic() - started
+    page.click("#run-button")
+    wait_state(page, "gradcam", "done")
+    total_s = time.monotonic() - started
+    stats = canvas_stats(page, f"{card(page, 'gradcam')} canvas.heat")
+    assert (stats["width"], stats["height"]) == (960, 720)
+    recolour_ms = page.evaluate("""() => {
+        const s = document.querySelector('#colormap-select');
+        const t0 = performance.now();
+        s.value = 'inferno'; s.dispatchEvent(new Event('change'));
+        return performance.now() - t0; }""")
+    timings = {"image_shown_s": round(shown_s, 3), "gradcam_done_s": round(total_s, 3),
+               "recolour_ms": round(recolour_ms, 1), "map": page.text_content(f"{card(page, 'gradcam')} .timing")}
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "viewer-2000x1500.json").write_text(json.dumps(timings, indent=1))
+    print(timings)
+    assert shown_s < 5 and recolour_ms < 200, timings
+    with page.expect_download() as download:
+        page.click(f"{card(page, 'gradcam')} .download-overlay")
+    assert Image.open(io.BytesIO(Path(download.value.path()).read_bytes())).size == (2000, 1500)
+    assert page.errors == []
+
+
+@pytest.mark.slow
+def test_the_page_asks_for_an_api_key_when_the_server_needs_one(browser, registry):
+    key = "s" * 24
+    with running_server(Settings(api_key=key), registry) as (base, _):
+        context = browser.new_context()
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(base + "/")
+        page.wait_for_function("() => document.querySelector('#server-status').textContent.includes('API key')")
+        page.click("summary")
+        page.fill("#api-key", key)
+        page.press("#api-key", "Tab")  # change event
+        page.wait_for_function("() => document.querySelector('#server-status').textContent.startsWith('Ready')")
+        assert page.is_checked("#method-gradcam")
+        context.close()
+
