@@ -11,6 +11,12 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[test]'
+	@# The viewer's browser tests drive Debian's chromium (they skip, saying so, without it). CI (root, apt) gets it.
+	@if [ "$$CI" = true ] && [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then \
+	  echo "installing chromium for the viewer's browser tests"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium >/dev/null) || echo "chromium could not be installed: the browser tests will be skipped"; \
+	fi
 	touch $@
 
 venv: $(VENV)/.installed

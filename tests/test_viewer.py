@@ -140,6 +140,7 @@ def canvas_stats(page, selector: str) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_gradcam_and_ig_on_chelsea_render_overlays_and_predict_a_cat(page, chelsea, tmp_path):
     photo = save_jpeg(chelsea, tmp_path / "chelsea.jpg")
     page.set_input_files("#image-input", str(photo))
@@ -203,6 +204,7 @@ def test_gradcam_and_ig_on_chelsea_render_overlays_and_predict_a_cat(page, chels
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_moreaugrad_runs_as_a_job_with_progress_and_cancel(page, chelsea, tmp_path):
     page.set_input_files("#image-input", str(save_jpeg(chelsea, tmp_path / "chelsea.jpg")))
     page.uncheck("#method-gradcam")
@@ -231,6 +233,7 @@ def test_moreaugrad_runs_as_a_job_with_progress_and_cancel(page, chelsea, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_server_errors_are_shown_in_plain_words(page, chelsea, tmp_path):
     junk = tmp_path / "notes.png"
     junk.write_bytes(b"these are not pixels")
@@ -250,6 +253,7 @@ def test_server_errors_are_shown_in_plain_words(page, chelsea, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_a_2000_by_1500_photo_is_drawn_downscaled_and_quickly(page, chelsea, tmp_path):
     big = save_jpeg(chelsea.resize((2000, 1500), Image.Resampling.BICUBIC), tmp_path / "big.jpg")
     started = time.monotonic()
@@ -279,6 +283,7 @@ def test_a_2000_by_1500_photo_is_drawn_downscaled_and_quickly(page, chelsea, tmp
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 def test_the_page_asks_for_an_api_key_when_the_server_needs_one(browser, registry):
     key = "s" * 24
     with running_server(Settings(api_key=key), registry) as (base, _):
