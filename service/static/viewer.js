@@ -366,6 +366,8 @@ function makeCard(method, request) {
   $(".download-overlay", node).addEventListener("click", () => downloadOverlay(card));
   $(".download-npy", node).addEventListener("click", () => downloadNpy(card));
   $(".heat", node).style.opacity = state.opacity;
+  $(".base", node).setAttribute("aria-label", `${method.title} overlay (not computed yet)`);
+  $(".raw", node).setAttribute("aria-label", `${method.title} map (not computed yet)`);
   return card;
 }
 
