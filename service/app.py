@@ -38,5 +38,5 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         app.include_router(module.router, dependencies=[Depends(require_api_key)])
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(RequestCounter, counter=runtime.metrics.requests)
+    app.add_middleware(RequestCounter, counter=runtime.metrics.requests, in_flight=runtime.metrics.in_flight)
     return app

@@ -20,7 +20,9 @@ class Metrics:
         r = self.registry
         self.requests = Counter("saliency_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=r)
-        self.queue_depth = Gauge("saliency_queue_depth", "images waiting in the worker queue", registry=r)
+        self.in_flight = Gauge("saliency_requests_in_flight", "HTTP requests being handled", registry=r)
+        self.queue_depth = Gauge("saliency_queue_depth", "images waiting in a worker's queue", ["worker"],
+                                 registry=r)
         self.batch_size = Histogram("saliency_batch_size", "images per batch run on the device", ["method"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.compute = Histogram("saliency_compute_seconds", "device time per batch", ["method"], registry=r,
@@ -30,7 +32,8 @@ class Metrics:
         self.jobs = Gauge("saliency_jobs", "jobs held, by status", ["status"], registry=r)
         self.device_memory = Gauge("saliency_device_memory_bytes", "allocated device memory (CUDA), or the "
                                    "process RSS on the CPU", ["device"], registry=r)
-        self.worker_restarts = Gauge("saliency_worker_restarts", "worker threads restarted", registry=r)
+        self.worker_restarts = Gauge("saliency_worker_restarts", "worker threads restarted", ["worker"],
+                                     registry=r)
 
     def sample_device(self, device) -> None:
         import torch
@@ -44,8 +47,8 @@ class Metrics:
 class RequestCounter:
     """ASGI middleware counting responses by route template and status (plain ASGI: no body buffering)."""
 
-    def __init__(self, app, counter: Counter):
-        self.app, self.counter = app, counter
+    def __init__(self, app, counter: Counter, in_flight: Gauge):
+        self.app, self.counter, self.in_flight = app, counter, in_flight
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -58,8 +61,10 @@ class RequestCounter:
                 status = str(message["status"])
             await send(message)
 
+        self.in_flight.inc()
         try:
             await self.app(scope, receive, observe)
         finally:
+            self.in_flight.dec()
             route = getattr(scope.get("route"), "path", "unmatched")
             self.counter.labels(route, status).inc()

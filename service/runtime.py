@@ -43,9 +43,13 @@ class Runtime:
         self.device = resolve_device(settings.device)
         self.metrics = Metrics()
         self.jobs = JobStore(settings.max_jobs, settings.job_ttl_s)
-        self.pool = WorkerPool(self._run_batch, max_queue=settings.max_queue, max_cost=settings.max_batch_cost,
-                               max_items=settings.max_batch_items, max_wait=settings.max_wait_ms / 1000,
-                               name=f"worker-{self.device}", on_batch=self._on_batch)
+        # Two lanes on the device: long work (a MoreauGrad image is thousands of passes) runs on its own
+        # worker so it never holds up interactive requests queued behind it.
+        self.pool, self.bulk_pool = (
+            WorkerPool(self._run_batch, max_queue=settings.max_queue, max_cost=settings.max_batch_cost,
+                       max_items=settings.max_batch_items, max_wait=settings.max_wait_ms / 1000,
+                       name=f"{lane}-{self.device}", on_batch=self._on_batch)
+            for lane in ("worker", "bulk"))
         self.load_error: str | None = None
         self._loaded = threading.Event()
         # Fault injection for tests: called with each batch before it runs (may raise, e.g. a fake CUDA OOM).
@@ -54,7 +58,8 @@ class Runtime:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Load models in the background (so /healthz answers and /readyz says 503 meanwhile)."""
-        self.pool.start()
+        for pool in self.pools:
+            pool.start()
         if self.registry is not None:
             self._loaded.set()
             return
@@ -75,14 +80,24 @@ class Runtime:
     def stop(self, grace: float = 10.0) -> None:
         for job in self.jobs.all():
             job.cancel_event.set()
-        self.pool.stop(grace)
+        for pool in self.pools:
+            pool.stop(grace)
+
+    @property
+    def pools(self) -> tuple[WorkerPool, WorkerPool]:
+        return self.pool, self.bulk_pool
+
+    @property
+    def workers_alive(self) -> bool:
+        return all(pool.alive for pool in self.pools)
 
     @property
     def ready(self) -> bool:
-        return self._loaded.is_set() and self.registry is not None and bool(self.registry.models) and self.pool.alive
+        return (self._loaded.is_set() and self.registry is not None and bool(self.registry.models)
+                and self.workers_alive)
 
     def readiness(self) -> dict[str, Any]:
-        return {"ready": self.ready, "models_loaded": self._loaded.is_set(), "worker_alive": self.pool.alive,
+        return {"ready": self.ready, "models_loaded": self._loaded.is_set(), "worker_alive": self.workers_alive,
                 "models": sorted(self.registry.models) if self.registry else [], "error": self.load_error}
 
     def require_ready(self) -> ModelRegistry:
@@ -128,10 +143,11 @@ class Runtime:
         deadline = time.monotonic() + deadline_s
         items = [WorkItem(key=key, cost=cost, payload=Payload(call, i, job), deadline=deadline,
                           progress=job.progress_for(i)) for i in range(len(call.images))]
+        pool = self.bulk_pool if call.method.cost(call.params) > self.settings.bulk_cost else self.pool
         submitted: list[WorkItem] = []
         try:
             for item in items:
-                self.pool.submit(item)
+                pool.submit(item)
                 submitted.append(item)
         except QueueFull as exc:
             for item in submitted:

@@ -25,7 +25,9 @@ class Settings(BaseSettings):
     max_batch_items: int = Field(32, ge=1, description="most requests' images in one batch")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for company after its first item")
     max_pass_batch: int = Field(64, ge=1, description="memory budget: most images in one forward pass")
-    max_queue: int = Field(256, ge=1, description="pending images before requests get 429")
+    max_queue: int = Field(256, ge=1, description="pending images before requests get 429 (per lane)")
+    bulk_cost: int = Field(2000, ge=1, description="images costing more passes than this run on the bulk lane, "
+                                                   "a second worker, so they never hold up interactive work")
 
     # Deadlines
     queue_deadline_s: float = Field(30.0, gt=0, description="work not started by then is dropped with 504")

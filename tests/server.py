@@ -28,6 +28,7 @@ def running_server(settings: Settings | None = None, registry=None, ready_timeou
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{settings.port}"
+    app.state.base = base
     deadline = time.monotonic() + ready_timeout
     while True:
         try:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -252,10 +254,22 @@ def test_job_cancel(server):
     assert r.status_code == 200
 
 
-def long_job(base: str) -> str:
-    r = httpx.post(f"{base}/v1/jobs/moreaugrad", files=[("image", ("x.png", png_bytes(random_image(3)), "image/png"))],
-                   data={"model": "tiny_cnn", "iterations": "2000", "n_samples": "8"})
-    return r.json()["id"]
+@contextlib.contextmanager
+def busy_worker(app, seconds: float):
+    """Holds the interactive worker in its next batch for `seconds` (a slow batch, injected)."""
+    runtime = app.state.runtime
+    runtime.fault_hook = lambda items: time.sleep(seconds)
+    blocker = threading.Thread(target=httpx.post, args=(f"{app.state.base}/v1/explain/gradcam",),
+                               kwargs={"files": [("image", ("x.png", png_bytes(random_image(3)), "image/png"))],
+                                       "timeout": 60})
+    blocker.start()
+    while not runtime.pool.running:  # the blocker's batch has started
+        time.sleep(0.01)
+    runtime.fault_hook = None
+    try:
+        yield
+    finally:
+        blocker.join()
 
 
 @pytest.fixture
@@ -265,14 +279,12 @@ def small_registry():
 
 def test_queue_full_is_429_with_retry_after(small_registry):
     settings = Settings(default_model="tiny_cnn", max_queue=2, max_wait_ms=0)
-    with running_server(settings, small_registry) as (base, _):
-        busy = long_job(base)
+    with running_server(settings, small_registry) as (base, app), busy_worker(app, 3.0):
         blob = png_bytes(random_image(4))
         with ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(httpx.post, f"{base}/v1/explain/gradcam", timeout=60,
                                    files=[("image", ("x.png", blob, "image/png"))]) for _ in range(6)]
             rejected = next(as_completed(futures)).result()  # 429s answer at once; the rest wait for the worker
-            httpx.delete(f"{base}/v1/jobs/{busy}")
             statuses = sorted(f.result().status_code for f in futures)
         assert rejected.status_code == 429 and rejected.json()["error"]["code"] == "queue_full"
         assert int(rejected.headers["retry-after"]) >= 1
@@ -281,13 +293,10 @@ def test_queue_full_is_429_with_retry_after(small_registry):
 
 def test_deadline_passed_before_start_is_504(small_registry):
     settings = Settings(default_model="tiny_cnn", queue_deadline_s=0.2, max_wait_ms=0)
-    with running_server(settings, small_registry) as (base, _):
-        busy = long_job(base)
-        time.sleep(0.1)
+    with running_server(settings, small_registry) as (base, app), busy_worker(app, 1.5):
         r = httpx.post(f"{base}/v1/explain/gradcam", files=[("image", ("x.png", png_bytes(random_image(5)), "image/png"))],
                        timeout=30)
         assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
-        httpx.delete(f"{base}/v1/jobs/{busy}")
 
 
 def test_sync_request_over_its_wait_becomes_a_job(small_registry):

@@ -1,9 +1,9 @@
 """Dockerfile and docker-compose.yml, checked without a Docker engine.
 
 The compose file is parsed and its service checked (ports on loopback, GPU reservation, read-only models,
-settings, healthcheck, restart, the `cpu` profile); the settings it and the Dockerfile pass are fed to the real
-Settings; both healthcheck commands run against a real server; the Dockerfile's install steps run here under
-`pip --dry-run` against the venv the Makefile built, so their pins and package set cannot drift from it.
+settings, healthcheck, restart, the `cpu` profile); the settings it and the Dockerfile pass are fed to the
+real Settings; both healthcheck commands run against a real server; the Dockerfile's install steps run here
+under `pip --dry-run` against the venv the Makefile built, so their pins and package set cannot drift from it.
 """
 from __future__ import annotations
 
@@ -176,7 +176,8 @@ def test_dockerfile_install_steps_resolve_against_the_makefiles_venv(instruction
     """Each RUN line that installs or imports, run here with pip in --dry-run, offline: the venv `make` built
     must already hold every pinned package the image installs, and the build-time import check must pass."""
     args = dockerfile_args(instructions)
-    shims = (f'pip() {{ "{sys.executable}" -m pip "$@" --dry-run --no-index --no-build-isolation --quiet; }}\n'
+    dry_run = "--dry-run --no-index --no-build-isolation --quiet"
+    shims = (f'pip() {{ "{sys.executable}" -m pip "$@" {dry_run}; }}\n'
              f'python() {{ "{sys.executable}" "$@"; }}\n')
     ran = 0
     for run in args_of(instructions, "RUN"):
@@ -222,7 +223,8 @@ def test_compose_ports_volumes_settings_and_restart(compose, name, monkeypatch):
     assert service["restart"] in ("always", "unless-stopped", "on-failure")
     names = {k.upper() for k in Settings.model_fields}
     for key in env:
-        assert key.startswith("SALIENCY_") and key.removeprefix("SALIENCY_") in names, f"{key} is not a setting"
+        assert key.startswith("SALIENCY_"), key
+        assert key.removeprefix("SALIENCY_") in names, f"{key} is not a setting"
     with monkeypatch.context() as m:
         for key, value in env.items():
             m.setenv(key, value)
@@ -255,13 +257,12 @@ def test_healthchecks_pass_on_a_ready_server_and_fail_without_one(compose, instr
     assert docker_cmd[0] == "python"
     commands = [[sys.executable, *compose_cmd[2:]], [sys.executable, *docker_cmd[1:]]]
     with running_server(Settings(), registry) as (base, _):
-        port = base.rsplit(":", 1)[1]
+        env = {**os.environ, "SALIENCY_PORT": base.rsplit(":", 1)[1]}
         for cmd in commands:
-            done = subprocess.run(cmd, env={**os.environ, "SALIENCY_PORT": port}, capture_output=True, timeout=30)
+            done = subprocess.run(cmd, env=env, capture_output=True, timeout=30)
             assert done.returncode == 0, done.stderr
     for cmd in commands:  # the server is gone: unhealthy
-        done = subprocess.run(cmd, env={**os.environ, "SALIENCY_PORT": port}, capture_output=True, timeout=30)
-        assert done.returncode != 0
+        assert subprocess.run(cmd, env=env, capture_output=True, timeout=30).returncode != 0
 
 
 def test_compose_config_with_docker_when_present():

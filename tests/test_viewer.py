@@ -26,6 +26,7 @@ CHROMIUM = os.environ.get("SALIENCY_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 120_000  # CPU inference on a shared machine
+STATUS = "document.querySelector('#server-status').textContent"
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +110,7 @@ def page(browser, server):
     page.on("pageerror", lambda exc: page.errors.append(str(exc)))
     page.on("console", lambda msg: msg.type == "error" and page.errors.append(msg.text))
     page.goto(server[0] + "/")
-    page.wait_for_function("() => document.querySelector('#server-status').textContent.startsWith('Ready')")
+    page.wait_for_function(f"() => {STATUS}.startsWith('Ready')")
     yield page
     context.close()
 
@@ -119,12 +120,12 @@ def save_jpeg(image: Image.Image, path: Path) -> Path:
     return path
 
 
-def card(page, method: str) -> str:
+def card(method: str) -> str:
     return f".card[data-method='{method}']"
 
 
 def wait_state(page, method: str, state: str):
-    page.wait_for_selector(f"{card(page, method)}[data-state='{state}']")
+    page.wait_for_selector(f"{card(method)}[data-state='{state}']")
 
 
 def canvas_stats(page, selector: str) -> dict:
@@ -132,7 +133,9 @@ def canvas_stats(page, selector: str) -> dict:
     return page.eval_on_selector(selector, """c => {
         const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
         let n = 0, s = 0, s2 = 0;
-        for (let i = 0; i < d.length; i += 4 * 7) { const v = d[i] + d[i + 1] + d[i + 2]; n++; s += v; s2 += v * v; }
+        for (let i = 0; i < d.length; i += 4 * 7) {
+            const v = d[i] + d[i + 1] + d[i + 2]; n++; s += v; s2 += v * v;
+        }
         const mean = s / n;
         return {width: c.width, height: c.height, mean, std: Math.sqrt(Math.max(0, s2 / n - mean * mean)),
                 opacity: getComputedStyle(c).opacity};
@@ -155,25 +158,25 @@ def test_gradcam_and_ig_on_chelsea_render_overlays_and_predict_a_cat(page, chels
     page.keyboard.press("Enter")  # keyboard only
     for method in ("gradcam", "integrated-gradients"):
         wait_state(page, method, "done")
-        overlay = canvas_stats(page, f"{card(page, method)} canvas.heat")
-        base = canvas_stats(page, f"{card(page, method)} canvas.base")
+        overlay = canvas_stats(page, f"{card(method)} canvas.heat")
+        base = canvas_stats(page, f"{card(method)} canvas.base")
         assert (overlay["width"], overlay["height"]) == (451, 300)  # drawn at the photo's aspect
         assert base["std"] > 10 and overlay["std"] > 10, (method, base, overlay)
-        labels = page.locator(f"{card(page, method)} .top-k .label").all_text_contents()
+        labels = page.locator(f"{card(method)} .top-k .label").all_text_contents()
         assert len(labels) == 5 and "cat" in labels[0], labels
-        assert page.get_attribute(f"{card(page, method)} .top-k button >> nth=0", "aria-pressed") == "true"
-    ig_diagnostics = page.text_content(f"{card(page, 'integrated-gradients')} .diagnostics")
+        assert page.get_attribute(f"{card(method)} .top-k button >> nth=0", "aria-pressed") == "true"
+    ig_diagnostics = page.text_content(f"{card('integrated-gradients')} .diagnostics")
     assert "convergence_delta" in ig_diagnostics
-    assert "compute" in page.text_content(f"{card(page, 'gradcam')} .timing")
+    assert "compute" in page.text_content(f"{card('gradcam')} .timing")
 
     # colour map and opacity are applied in the page: no request is sent
     sent = []
     page.on("request", lambda r: sent.append(r.url))
-    before = canvas_stats(page, f"{card(page, 'gradcam')} canvas.heat")
+    before = canvas_stats(page, f"{card('gradcam')} canvas.heat")
     page.select_option("#colormap-select", "viridis")
     page.fill("#opacity", "0.6")
     page.dispatch_event("#opacity", "input")
-    after = canvas_stats(page, f"{card(page, 'gradcam')} canvas.heat")
+    after = canvas_stats(page, f"{card('gradcam')} canvas.heat")
     assert after["mean"] != before["mean"] and after["opacity"] == "0.6"
     assert page.text_content("#opacity-value") == "60%"
     assert sent == []
@@ -182,24 +185,24 @@ def test_gradcam_and_ig_on_chelsea_render_overlays_and_predict_a_cat(page, chels
 
     # downloads: the overlay PNG at the photo's size, the map as .npy
     with page.expect_download() as download:
-        page.click(f"{card(page, 'gradcam')} .download-overlay")
+        page.click(f"{card('gradcam')} .download-overlay")
     png = Image.open(download.value.path())
     assert png.format == "PNG" and png.size == (451, 300)
     with page.expect_download() as download:
-        page.click(f"{card(page, 'gradcam')} .download-npy")
+        page.click(f"{card('gradcam')} .download-npy")
     import numpy as np
 
     heat = np.load(download.value.path(), allow_pickle=False)
     assert heat.shape == (224, 224) and heat.dtype == np.float32 and 0 <= heat.min() <= heat.max() <= 1
 
     # another class, by pressing it
-    second = page.locator(f"{card(page, 'gradcam')} .top-k button >> nth=1")
+    second = page.locator(f"{card('gradcam')} .top-k button >> nth=1")
     index = second.get_attribute("data-index")
     second.click()
-    page.wait_for_function(f"() => document.querySelector(\"{card(page, 'gradcam')} .top-k button[data-index='{index}']\")"
-                           "?.getAttribute('aria-pressed') === 'true'")
+    pressed = f"{card('gradcam')} .top-k button[data-index='{index}']"
+    page.wait_for_selector(f"{pressed}[aria-pressed='true']")
     wait_state(page, "gradcam", "done")
-    assert f"class {index}" in page.text_content(f"{card(page, 'gradcam')} .explained")
+    assert f"class {index}" in page.text_content(f"{card('gradcam')} .explained")
     assert page.errors == []
 
 
@@ -213,11 +216,11 @@ def test_moreaugrad_runs_as_a_job_with_progress_and_cancel(page, chelsea, tmp_pa
     page.fill("#param-moreaugrad-n_samples", "2")
     page.click("#run-button")
     wait_state(page, "moreaugrad", "done")
-    bar = f"{card(page, 'moreaugrad')} .job-progress"
+    bar = f"{card('moreaugrad')} .job-progress"
     assert page.is_visible(bar)
     assert page.eval_on_selector(bar, "p => [p.value, p.max]") == [4, 4]
-    assert page.text_content(f"{card(page, 'moreaugrad')} .job-count") == "4 / 4 steps"
-    assert canvas_stats(page, f"{card(page, 'moreaugrad')} canvas.heat")["std"] > 10
+    assert page.text_content(f"{card('moreaugrad')} .job-count") == "4 / 4 steps"
+    assert canvas_stats(page, f"{card('moreaugrad')} canvas.heat")["std"] > 10
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "viewer-moreaugrad.png"), full_page=True)
 
@@ -225,9 +228,9 @@ def test_moreaugrad_runs_as_a_job_with_progress_and_cancel(page, chelsea, tmp_pa
     page.fill("#param-moreaugrad-iterations", "2000")
     page.fill("#param-moreaugrad-n_samples", "1")
     page.click("#run-button")
-    page.wait_for_selector(f"{card(page, 'moreaugrad')} .cancel:not([disabled])")
-    page.wait_for_function(f"() => document.querySelector(\"{card(page, 'moreaugrad')} .job-progress\").value > 0")
-    page.click(f"{card(page, 'moreaugrad')} .cancel")
+    page.wait_for_selector(f"{card('moreaugrad')} .cancel:not([disabled])")
+    page.wait_for_function(f"() => document.querySelector(\"{card('moreaugrad')} .job-progress\").value > 0")
+    page.click(f"{card('moreaugrad')} .cancel")
     wait_state(page, "moreaugrad", "cancelled")
     assert page.errors == []
 
@@ -240,7 +243,7 @@ def test_server_errors_are_shown_in_plain_words(page, chelsea, tmp_path):
     page.set_input_files("#image-input", str(junk))
     page.click("#run-button")
     wait_state(page, "gradcam", "error")
-    message = page.text_content(f"{card(page, 'gradcam')} .card-error")
+    message = page.text_content(f"{card('gradcam')} .card-error")
     assert message.startswith("The server could not use this request.")
     assert "not a recognised image format" in message
 
@@ -249,7 +252,8 @@ def test_server_errors_are_shown_in_plain_words(page, chelsea, tmp_path):
     page.check("#method-smoothgrad")
     page.fill("#param-smoothgrad-n_samples", "5000")
     page.click("#run-button")
-    assert "n_samples must be a whole number (default 25; range 1 to 1024)" in page.text_content("#form-error")
+    expected = "n_samples must be a whole number (default 25; range 1 to 1024)"
+    assert expected in page.text_content("#form-error")
 
 
 @pytest.mark.slow
@@ -263,7 +267,7 @@ def test_a_2000_by_1500_photo_is_drawn_downscaled_and_quickly(page, chelsea, tmp
     page.click("#run-button")
     wait_state(page, "gradcam", "done")
     total_s = time.monotonic() - started
-    stats = canvas_stats(page, f"{card(page, 'gradcam')} canvas.heat")
+    stats = canvas_stats(page, f"{card('gradcam')} canvas.heat")
     assert (stats["width"], stats["height"]) == (960, 720)
     recolour_ms = page.evaluate("""() => {
         const s = document.querySelector('#colormap-select');
@@ -271,13 +275,14 @@ def test_a_2000_by_1500_photo_is_drawn_downscaled_and_quickly(page, chelsea, tmp
         s.value = 'inferno'; s.dispatchEvent(new Event('change'));
         return performance.now() - t0; }""")
     timings = {"image_shown_s": round(shown_s, 3), "gradcam_done_s": round(total_s, 3),
-               "recolour_ms": round(recolour_ms, 1), "map": page.text_content(f"{card(page, 'gradcam')} .timing")}
+               "recolour_ms": round(recolour_ms, 1),
+               "timing": page.text_content(f"{card('gradcam')} .timing")}
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "viewer-2000x1500.json").write_text(json.dumps(timings, indent=1))
     print(timings)
     assert shown_s < 5 and recolour_ms < 200, timings
     with page.expect_download() as download:
-        page.click(f"{card(page, 'gradcam')} .download-overlay")
+        page.click(f"{card('gradcam')} .download-overlay")
     assert Image.open(io.BytesIO(Path(download.value.path()).read_bytes())).size == (2000, 1500)
     assert page.errors == []
 
@@ -291,11 +296,11 @@ def test_the_page_asks_for_an_api_key_when_the_server_needs_one(browser, registr
         page = context.new_page()
         page.set_default_timeout(TIMEOUT_MS)
         page.goto(base + "/")
-        page.wait_for_function("() => document.querySelector('#server-status').textContent.includes('API key')")
+        page.wait_for_function(f"() => {STATUS}.includes('API key')")
         page.click("summary")
         page.fill("#api-key", key)
         page.press("#api-key", "Tab")  # change event
-        page.wait_for_function("() => document.querySelector('#server-status').textContent.startsWith('Ready')")
+        page.wait_for_function(f"() => {STATUS}.startsWith('Ready')")
         assert page.is_checked("#method-gradcam")
         context.close()
 

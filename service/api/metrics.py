@@ -12,8 +12,9 @@ router = APIRouter(tags=["metrics"])
 async def metrics(runtime: RuntimeDep) -> Response:
     """Prometheus metrics: queue, batches, latency, compute, requests, jobs, device memory."""
     m = runtime.metrics
-    m.queue_depth.set(runtime.pool.depth)
-    m.worker_restarts.set(runtime.pool.stats.restarts)
+    for pool in runtime.pools:
+        m.queue_depth.labels(pool.name).set(pool.depth)
+        m.worker_restarts.labels(pool.name).set(pool.stats.restarts)
     counts = runtime.jobs.counts()
     for status in ("queued", "running", "succeeded", "failed", "cancelled"):
         m.jobs.labels(status).set(counts.get(status, 0))

@@ -157,6 +157,12 @@ class WorkerPool:
             return len(self._pending)
 
     @property
+    def running(self) -> int:
+        """Items in the batch being run now."""
+        with self._cond:
+            return len(self._in_flight)
+
+    @property
     def stats(self) -> WorkerStats:
         """A snapshot of the counters."""
         with self._cond:

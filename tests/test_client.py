@@ -1,0 +1,205 @@
+"""The Python client (clients/python) against a real server on loopback."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from saliency_client import (APIConnectionError, APITimeoutError, AsyncClient, BadRequestError, Client,
+                             JobFailedError, NotFoundError, RateLimitError, ValidationError, salient_region)
+from saliency_client import schemas as client_schemas
+from service.api import schemas as server_schemas
+from service.settings import Settings
+from service.zoo import ModelRegistry
+from tests.conftest import MODELS
+from tests.server import free_port, running_server
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def noise(seed: int, size=(64, 64)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def server(registry):
+    with running_server(Settings(max_wait_ms=20), registry) as (base, _):
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with Client(server, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def small_registry():
+    return ModelRegistry.from_dir(MODELS, torch.device("cpu"), only={"tiny_cnn"})
+
+
+def test_explain_accepts_paths_bytes_pil_and_arrays(client, chelsea, tmp_path):
+    path = tmp_path / "cat.png"
+    path.write_bytes(png_bytes(chelsea))
+    result = client.explain([path, str(path), path.read_bytes(), chelsea, np.asarray(chelsea)], "gradcam",
+                            outputs=["npy", "png", "overlay"])
+    assert (result.model, result.method, len(result)) == ("efficientnet_lite0", "gradcam", 5)
+    first = result[0]
+    assert first.label == "Egyptian cat" and first.target == 285 and first.top_k[0].index == 285
+    assert len(first.top_k) == 5 and 0.5 < first.probability <= 1
+    assert first.map.dtype == np.float32 and first.map.shape == (300, 451) == (first.height, first.width)
+    assert 0 <= first.map.min() and first.map.max() <= 1 and first.map.std() > 0.05
+    assert first.overlay.size == first.png.size == (451, 300) and first.png.mode == "L"
+    assert first.timing_ms.compute > 0
+    for other in result.results[1:]:  # the same pixels whatever the input type
+        np.testing.assert_allclose(other.map, first.map, atol=1e-5)
+
+
+def test_explain_matches_the_raw_http_answer(client, server, chelsea):
+    blob = png_bytes(chelsea)
+    raw = httpx.post(f"{server}/v1/explain/integrated-gradients", timeout=120,
+                     json={"images": [base64.b64encode(blob).decode()], "params": {"n_steps": 8}}).json()
+    expected = np.load(io.BytesIO(base64.b64decode(raw["results"][0]["map"]["npy"])))
+    got = client.explain(blob, "integrated-gradients", n_steps=8)
+    assert got.params["n_steps"] == 8 and got[0].diagnostics == raw["results"][0]["diagnostics"]
+    np.testing.assert_array_equal(got[0].map, expected)
+
+
+def test_targets_model_and_size(client, chelsea):
+    tabby = client.explain(chelsea, targets=281, outputs=["npy", "raw"], size="input")[0]
+    assert tabby.target == 281 and tabby.label == "tabby" and tabby.map.shape == (224, 224)
+    assert tabby.raw is not None and tabby.raw.shape == (224, 224)
+    tiny = client.explain([noise(1), noise(2)], "gradient", model="tiny_cnn", targets=[3, None])
+    assert tiny.model == "tiny_cnn" and tiny[0].target == 3 and tiny[1].target == tiny[1].top_k[0].index
+
+
+def test_catalog_and_health(client):
+    models = {m.name: m for m in client.models()}
+    assert models["efficientnet_lite0"].default and models["efficientnet_lite0"].num_classes == 1000
+    assert models["tiny_cnn"].input_size == [64, 64]
+    methods = {m.name: m for m in client.methods()}
+    assert {"gradcam", "integrated-gradients", "smoothgrad", "fullgrad", "moreaugrad", "gradient"} <= set(methods)
+    assert methods["integrated-gradients"].parameters["properties"]["n_steps"]["default"] == 50
+    assert client.health()["ready"] is True
+
+
+def test_job_submit_wait_with_progress_and_cancel(client, capsys):
+    job = client.submit(noise(3), "moreaugrad", model="tiny_cnn", iterations=40, n_samples=2)
+    assert job.status in ("queued", "running") and job.progress.total == 40
+    done = client.wait(job.id, progress=True)
+    assert done.method == "moreaugrad" and done[0].map.shape == (64, 64)
+    assert "40/40" in capsys.readouterr().err  # the tqdm bar reached the end
+    assert client.job(job.id).status == "succeeded"
+
+    slow = client.submit(noise(4), "moreaugrad", model="tiny_cnn", iterations=5000, n_samples=8)
+    assert client.cancel(slow.id).id == slow.id
+    with pytest.raises(JobFailedError) as failed:
+        client.wait(slow.id, timeout=30)
+    assert failed.value.job.status == "cancelled" and failed.value.job.progress.done < 5000
+
+
+def test_errors_carry_the_server_message(client, server):
+    with pytest.raises(NotFoundError, match="unknown method 'nosuch'") as e:
+        client.explain(noise(5), "nosuch")
+    assert e.value.status_code == 404 and e.value.code
+    with pytest.raises(ValidationError) as e:
+        client.explain(noise(5), "integrated-gradients", model="tiny_cnn", n_steps=-3)
+    assert e.value.status_code == 422 and "n_steps" in e.value.message
+    with pytest.raises(BadRequestError):
+        client.explain(b"not an image", "gradcam")
+    with pytest.raises(NotFoundError, match="no job"):
+        client.job("0" * 32)
+    with pytest.raises(TypeError):
+        client.explain(3.5)
+    with Client(f"http://127.0.0.1:{free_port()}", timeout=2) as dead, pytest.raises(APIConnectionError):
+        dead.models()
+    with Client(server, timeout=0.05) as hurried, pytest.raises(APITimeoutError):
+        hurried.explain(noise(6), "moreaugrad", model="tiny_cnn", iterations=3000, n_samples=8)
+
+
+def test_slow_sync_call_is_followed_into_its_job(small_registry):
+    with running_server(Settings(default_model="tiny_cnn", sync_wait_s=0.3), small_registry) as (base, _):
+        with Client(base, poll_interval=0.05) as c:
+            result = c.explain(noise(7), "moreaugrad", iterations=300, n_samples=8)  # the server answers 202
+        assert result.method == "moreaugrad" and result[0].map.shape == (64, 64)
+
+
+def test_queue_full_raises_then_retry_honours_retry_after(small_registry):
+    settings = Settings(default_model="tiny_cnn", max_queue=1, max_wait_ms=0)
+    with running_server(settings, small_registry) as (base, _), Client(base, timeout=60) as c:
+        busy = c.submit(noise(8), "moreaugrad", iterations=5000, n_samples=8)
+        while c.job(busy.id).status != "running":
+            time.sleep(0.02)
+        queued = c.submit(noise(9), "moreaugrad", iterations=5000, n_samples=8)  # fills the queue of one
+        with pytest.raises(RateLimitError) as e:
+            c.explain(noise(10), "gradient")
+        assert e.value.status_code == 429 and e.value.retry_after >= 1
+        threading.Timer(0.3, lambda: [c.cancel(busy.id), c.cancel(queued.id)]).start()
+        started = time.monotonic()
+        with Client(base, timeout=60, max_retries=5) as patient:
+            result = patient.explain(noise(10), "gradient")
+        assert result[0].map.shape == (64, 64) and time.monotonic() - started >= 1  # it slept Retry-After
+
+
+def test_async_client(server, chelsea):
+    async def run():
+        async with AsyncClient(server) as c:
+            results = await asyncio.gather(c.explain(chelsea), c.explain(noise(11), "gradient", model="tiny_cnn"),
+                                           c.models())
+            job = await c.submit(noise(12), "smoothgrad", model="tiny_cnn", n_samples=4)
+            return results, await c.wait(job.id)
+
+    (cat, tiny, models), job_result = asyncio.run(run())
+    assert cat[0].label == "Egyptian cat" and tiny.model == "tiny_cnn" and len(models) >= 2
+    assert job_result.params["n_samples"] == 4
+
+
+def _shape(schema):
+    """A JSON schema without prose (descriptions, titles of fields), to compare structure only."""
+    if isinstance(schema, dict):
+        return {k: _shape(v) for k, v in schema.items() if k not in ("description",)}
+    if isinstance(schema, list):
+        return [_shape(v) for v in schema]
+    return schema
+
+
+@pytest.mark.parametrize("model", client_schemas.WIRE_MODELS, ids=lambda m: m.__name__)
+def test_wire_models_match_the_server(model):
+    server_model = getattr(server_schemas, model.__name__)
+    for mode in ("validation", "serialization"):
+        assert _shape(model.model_json_schema(mode=mode)) == _shape(server_model.model_json_schema(mode=mode))
+
+
+def test_wire_models_match_the_live_openapi(server):
+    components = httpx.get(f"{server}/openapi.json").json()["components"]["schemas"]
+    for model in client_schemas.WIRE_MODELS:
+        if model.__name__ not in components:
+            continue  # only schemas the server publishes (ExplainRequest is inlined in the request body)
+        published = _shape(components[model.__name__])
+        ours = _shape(model.model_json_schema(ref_template="#/components/schemas/{model}"))
+        ours.pop("$defs", None)
+        assert published == ours, model.__name__
+    assert {"ExplainResponse", "JobOut", "ModelOut", "MethodOut", "ErrorOut"} <= set(components)
+
+
+def test_salient_region_is_the_blob_around_the_peak():
+    heat = np.zeros((40, 60), np.float32)
+    heat[5:15, 10:30] = 0.9
+    heat[8, 12] = 1.0
+    heat[25:35, 40:50] = 0.8  # a second blob, not connected to the peak's
+    region = salient_region(heat, 0.5)
+    assert region.box == (10, 5, 30, 15) and region.mask.sum() == 200 and region.peak == 1.0
+    assert region.box_percent == pytest.approx((100 * 10 / 60, 100 * 5 / 40, 100 * 20 / 60, 100 * 10 / 40))
+    assert salient_region(np.zeros((4, 4), np.float32)).mask.sum() == 1
