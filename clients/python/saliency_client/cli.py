@@ -1,0 +1,137 @@
+"""`saliency`: explain images from a shell, list models and methods.
+
+    saliency explain cat.jpg --method gradcam --out cat_gradcam.png --npy cat_gradcam.npy
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .client import Client
+from .errors import SaliencyError
+
+
+def _param(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)  # numbers and booleans keep their type
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _target_path(template: str | None, image: str, many: bool) -> Path | None:
+    if template is None:
+        return None
+    if many and "{stem}" not in template:
+        raise SystemExit("with several images, --out/--npy/--gray need a {stem} placeholder, e.g. {stem}_cam.png")
+    return Path(template.format(stem=Path(image).stem))
+
+
+def cmd_explain(client: Client, args) -> int:
+    outputs = ["npy"]
+    if args.out:
+        outputs.append("overlay")
+    if args.gray:
+        outputs.append("png")
+    params = dict(args.param or [])
+    many = len(args.images) > 1
+    if args.job:
+        job = client.submit(args.images, args.method, model=args.model, targets=args.target, outputs=outputs,
+                            **params)
+        result = client.wait(job.id, progress=not args.quiet)
+    else:
+        result = client.explain(args.images, args.method, model=args.model, targets=args.target,
+                                outputs=outputs, **params)
+    for image, r in zip(args.images, result):
+        written = []
+        for template, save in ((args.out, lambda p: r.overlay.save(p)), (args.gray, lambda p: r.png.save(p)),
+                               (args.npy, lambda p: np.save(p, r.map))):
+            path = _target_path(template, image, many)
+            if path is not None:
+                save(path)
+                written.append(str(path))
+        if args.json:
+            print(json.dumps({"image": image, "model": result.model, "method": result.method, "target": r.target,
+                              "label": r.label, "probability": r.probability, "written": written,
+                              "diagnostics": r.diagnostics}))
+        elif not args.quiet:
+            print(f"{image}: {r.label} (class {r.target}, p={r.probability:.3f}) {result.method} on {result.model}"
+                  + (f" -> {', '.join(written)}" if written else ""))
+    return 0
+
+
+def cmd_models(client: Client, args) -> int:
+    models = client.models()
+    if args.json:
+        print(json.dumps([m.model_dump() for m in models], indent=2))
+        return 0
+    for m in models:
+        state = (f"{m.device}, input {m.input_size}, {m.num_classes} classes" if m.available
+                 else f"unavailable: {m.reason}")
+        print(f"{'*' if m.default else ' '} {m.name:<20} {m.architecture:<32} {state}")
+    return 0
+
+
+def cmd_methods(client: Client, args) -> int:
+    methods = client.methods()
+    if args.json:
+        print(json.dumps([m.model_dump() for m in methods], indent=2))
+        return 0
+    for m in methods:
+        params = ", ".join(f"{k}={v.get('default')!r}" for k, v in m.parameters.get("properties", {}).items())
+        print(f"{m.name:<22} {m.cost:<30} {params}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="saliency", description="Client of the saliency HTTP service.")
+    p.add_argument("--url", default=os.environ.get("SALIENCY_URL", "http://127.0.0.1:8000"),
+                   help="service address (env SALIENCY_URL)")
+    p.add_argument("--api-key", default=os.environ.get("SALIENCY_API_KEY"), help="env SALIENCY_API_KEY")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--retries", type=int, default=3, help="retries when the queue is full (honours Retry-After)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("explain", help="explain images; print the class, write the maps")
+    e.add_argument("images", nargs="+", help="image files")
+    e.add_argument("--method", "-m", default="gradcam")
+    e.add_argument("--model")
+    e.add_argument("--target", type=int, help="class index (default: each image's top-1 class)")
+    e.add_argument("--out", "-o", help="overlay PNG to write ({stem} = the image's name)")
+    e.add_argument("--gray", help="grayscale PNG of the map to write")
+    e.add_argument("--npy", help="float32 map (.npy) to write")
+    e.add_argument("-p", "--param", action="append", type=_param, metavar="NAME=VALUE",
+                   help="method parameter, repeatable: -p n_steps=32")
+    e.add_argument("--job", action="store_true", help="run as a job with a progress bar (long methods)")
+    e.add_argument("--json", action="store_true", help="one JSON line per image")
+    e.add_argument("--quiet", "-q", action="store_true")
+    e.set_defaults(run=cmd_explain)
+    for name, run, text in (("models", cmd_models, "list the models"), ("methods", cmd_methods, "list the methods")):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("--json", action="store_true")
+        s.set_defaults(run=run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        with Client(args.url, args.api_key, timeout=args.timeout, max_retries=args.retries) as client:
+            return args.run(client, args)
+    except SaliencyError as exc:
+        print(f"saliency: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"saliency: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Client and AsyncClient: the same methods over httpx's sync and async transports."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from . import errors
+from ._core import DEFAULT_URL, Call, Core, Flow, Sleep
+from .images import ImageInput
+from .results import Explanation, Job
+from .schemas import MethodOut, ModelOut
+
+Images = ImageInput | Sequence[ImageInput]
+Targets = int | Sequence[int | None] | None
+
+
+def _transport_error(exc: httpx.TransportError) -> errors.APIConnectionError:
+    if isinstance(exc, httpx.TimeoutException):
+        return errors.APITimeoutError(f"timed out: {exc}")
+    return errors.APIConnectionError(f"cannot reach the service: {exc}")
+
+
+class _Base:
+    """Arguments shared by both clients; `**httpx_kwargs` go to the httpx client (transport, proxies, ...)."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, api_key: str | None = None, *, timeout: float = 120.0,
+                 max_retries: int = 0, max_retry_wait: float = 60.0, poll_interval: float = 0.25):
+        self._core = Core(base_url, api_key, timeout, max_retries, max_retry_wait, poll_interval)
+
+    @property
+    def base_url(self) -> str:
+        return self._core.base_url
+
+    def _explain_flow(self, images, method, model, targets, outputs, size, progress, params) -> Flow:
+        body = self._core.body(images, model, targets, outputs, size, params)
+        return self._core.explain(method, body, progress=progress)
+
+    def _submit_flow(self, images, method, model, targets, outputs, size, params) -> Flow:
+        return self._core.submit(method, self._core.body(images, model, targets, outputs, size, params))
+
+
+class Client(_Base):
+    """Blocking client.
+
+    >>> with Client("http://127.0.0.1:8000") as c:
+    ...     heat = c.explain("cat.jpg", method="gradcam")[0].map
+    """
+
+    def __init__(self, base_url: str = DEFAULT_URL, api_key: str | None = None, *, timeout: float = 120.0,
+                 max_retries: int = 0, max_retry_wait: float = 60.0, poll_interval: float = 0.25,
+                 **httpx_kwargs: Any):
+        super().__init__(base_url, api_key, timeout=timeout, max_retries=max_retries,
+                         max_retry_wait=max_retry_wait, poll_interval=poll_interval)
+        self._http = httpx.Client(base_url=self._core.base_url, headers=self._core.headers(), timeout=timeout,
+                                  **httpx_kwargs)
+
+    def _run(self, flow: Flow):
+        step = next(flow)
+        try:
+            while True:
+                if isinstance(step, Sleep):
+                    time.sleep(step.seconds)
+                    step = flow.send(None)
+                    continue
+                try:
+                    response = self._http.request(step.method, step.path, json=step.json,
+                                                  timeout=step.timeout or httpx.USE_CLIENT_DEFAULT)
+                except httpx.TransportError as exc:
+                    step = flow.throw(_transport_error(exc))
+                    continue
+                step = flow.send(response)
+        except StopIteration as done:
+            return done.value
+
+    def explain(self, images: Images, method: str = "gradcam", *, model: str | None = None,
+                targets: Targets = None, outputs: Sequence[str] | str = ("npy",), size: str = "original",
+                progress: bool = False, **params: Any) -> Explanation:
+        """Explain one image or a list; method parameters are keyword arguments (n_steps=32, ...)."""
+        return self._run(self._explain_flow(images, method, model, targets, outputs, size, progress, params))
+
+    def submit(self, images: Images, method: str = "gradcam", *, model: str | None = None,
+               targets: Targets = None, outputs: Sequence[str] | str = ("npy",), size: str = "original",
+               **params: Any) -> Job:
+        """Start the work as a job and return at once (its id, status and progress)."""
+        return self._run(self._submit_flow(images, method, model, targets, outputs, size, params))
+
+    def job(self, job_id: str) -> Job:
+        return self._run(self._core.job(job_id))
+
+    def wait(self, job_id: str, *, progress: bool = False, timeout: float | None = None) -> Explanation:
+        """Poll a job until it ends (a tqdm bar when `progress`); JobFailedError when failed or cancelled."""
+        return self._run(self._core.wait(job_id, progress=progress, timeout=timeout))
+
+    def cancel(self, job_id: str) -> Job:
+        return self._run(self._core.cancel(job_id))
+
+    def models(self) -> list[ModelOut]:
+        return self._run(self._core.models())
+
+    def methods(self) -> list[MethodOut]:
+        return self._run(self._core.methods())
+
+    def health(self) -> dict[str, Any]:
+        return self._run(self._core.health())
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncClient(_Base):
+    """The same methods as Client, awaitable."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, api_key: str | None = None, *, timeout: float = 120.0,
+                 max_retries: int = 0, max_retry_wait: float = 60.0, poll_interval: float = 0.25,
+                 **httpx_kwargs: Any):
+        super().__init__(base_url, api_key, timeout=timeout, max_retries=max_retries,
+                         max_retry_wait=max_retry_wait, poll_interval=poll_interval)
+        self._http = httpx.AsyncClient(base_url=self._core.base_url, headers=self._core.headers(),
+                                       timeout=timeout, **httpx_kwargs)
+
+    async def _run(self, flow: Flow):
+        step = next(flow)
+        try:
+            while True:
+                if isinstance(step, Sleep):
+                    await asyncio.sleep(step.seconds)
+                    step = flow.send(None)
+                    continue
+                try:
+                    response = await self._http.request(step.method, step.path, json=step.json,
+                                                        timeout=step.timeout or httpx.USE_CLIENT_DEFAULT)
+                except httpx.TransportError as exc:
+                    step = flow.throw(_transport_error(exc))
+                    continue
+                step = flow.send(response)
+        except StopIteration as done:
+            return done.value
+
+    async def explain(self, images: Images, method: str = "gradcam", *, model: str | None = None,
+                      targets: Targets = None, outputs: Sequence[str] | str = ("npy",), size: str = "original",
+                      progress: bool = False, **params: Any) -> Explanation:
+        return await self._run(self._explain_flow(images, method, model, targets, outputs, size, progress, params))
+
+    async def submit(self, images: Images, method: str = "gradcam", *, model: str | None = None,
+                     targets: Targets = None, outputs: Sequence[str] | str = ("npy",), size: str = "original",
+                     **params: Any) -> Job:
+        return await self._run(self._submit_flow(images, method, model, targets, outputs, size, params))
+
+    async def job(self, job_id: str) -> Job:
+        return await self._run(self._core.job(job_id))
+
+    async def wait(self, job_id: str, *, progress: bool = False, timeout: float | None = None) -> Explanation:
+        return await self._run(self._core.wait(job_id, progress=progress, timeout=timeout))
+
+    async def cancel(self, job_id: str) -> Job:
+        return await self._run(self._core.cancel(job_id))
+
+    async def models(self) -> list[ModelOut]:
+        return await self._run(self._core.models())
+
+    async def methods(self) -> list[MethodOut]:
+        return await self._run(self._core.methods())
+
+    async def health(self) -> dict[str, Any]:
+        return await self._run(self._core.health())
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()

@@ -1,0 +1,111 @@
+"""The service's wire models, mirrored field for field.
+
+The client cannot import the server package, so these are copies; tests/test_client.py compares their JSON
+schemas with service/api/schemas.py and with the live server's OpenAPI document, so drift fails a test.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Output = Literal["npy", "png", "overlay", "raw"]
+MapSize = Literal["original", "input"]
+
+
+class ExplainRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    images: list[str] = Field(..., min_length=1)
+    targets: list[int | None] | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    outputs: list[Output] = Field(default_factory=lambda: ["npy"])
+    size: MapSize = "original"
+
+
+class ClassScore(BaseModel):
+    index: int
+    label: str
+    probability: float
+
+
+class MapOut(BaseModel):
+    height: int
+    width: int
+    npy: str | None = None
+    png: str | None = None
+    overlay: str | None = None
+
+
+class Timing(BaseModel):
+    queue: float
+    compute: float
+
+
+class ImageResult(BaseModel):
+    target: int
+    label: str
+    probability: float
+    top_k: list[ClassScore]
+    map: MapOut
+    raw: str | None = None
+    diagnostics: dict[str, Any] = Field(default_factory=dict)
+    timing_ms: Timing
+
+
+class ExplainResponse(BaseModel):
+    model: str
+    method: str
+    params: dict[str, Any]
+    results: list[ImageResult]
+
+
+class JobProgress(BaseModel):
+    done: int
+    total: int
+
+
+class JobOut(BaseModel):
+    id: str
+    method: str
+    model: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: JobProgress
+    created: float
+    result: ExplainResponse | None = None
+    error: dict[str, Any] | None = None
+
+
+class ModelOut(BaseModel):
+    name: str
+    architecture: str
+    description: str = ""
+    available: bool
+    reason: str | None = None
+    device: str | None = None
+    input_size: list[int] | None = None
+    num_classes: int | None = None
+    default_layer: str | None = None
+    layers: list[str] = Field(default_factory=list)
+    default: bool = False
+
+
+class MethodOut(BaseModel):
+    name: str
+    title: str
+    cost: str
+    parameters: dict[str, Any]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody
+
+
+WIRE_MODELS = (ExplainRequest, ClassScore, MapOut, Timing, ImageResult, ExplainResponse, JobProgress, JobOut,
+               ModelOut, MethodOut, ErrorBody, ErrorOut)
