@@ -1,0 +1,48 @@
+"""Settings from the environment; a project's /setup `extra_params` may override method, model, threshold."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+PER_PROJECT = ("method", "model", "threshold", "params")
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    saliency_url: str = "http://127.0.0.1:8000"
+    saliency_api_key: str | None = None
+    method: str = "gradcam"
+    model: str | None = None
+    threshold: float = 0.5  # of the map's peak: the rectangle's region
+    params: dict[str, Any] = field(default_factory=dict)  # the method's parameters
+    label_studio_url: str | None = None
+    label_studio_api_key: str | None = None
+    basic_auth: tuple[str, str] | None = None  # required of Label Studio's calls when set
+    timeout: float = 90.0  # under Label Studio's 100 s read timeout for /predict
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> BackendSettings:
+        env = os.environ if env is None else env
+        user, password = env.get("BASIC_AUTH_USER"), env.get("BASIC_AUTH_PASS")
+        return cls(saliency_url=env.get("SALIENCY_URL", cls.saliency_url),
+                   saliency_api_key=env.get("SALIENCY_API_KEY") or None,
+                   method=env.get("SALIENCY_METHOD", cls.method),
+                   model=env.get("SALIENCY_MODEL") or None,
+                   threshold=float(env.get("SALIENCY_THRESHOLD", cls.threshold)),
+                   label_studio_url=(env.get("LABEL_STUDIO_URL") or env.get("LABEL_STUDIO_HOST") or None),
+                   label_studio_api_key=(env.get("LABEL_STUDIO_API_KEY") or env.get("LABEL_STUDIO_ACCESS_TOKEN")
+                                         or None),
+                   basic_auth=(user, password) if user and password else None)
+
+    def for_project(self, extra: dict[str, Any] | None) -> BackendSettings:
+        """This backend's settings with a project's overrides (unknown keys are ignored)."""
+        extra = extra or {}
+        update = {k: extra[k] for k in PER_PROJECT if extra.get(k) is not None}
+        if "threshold" in update:
+            update["threshold"] = float(update["threshold"])
+        return replace(self, **update)
+
+    @property
+    def model_version(self) -> str:
+        return f"saliency-{self.method}-{self.model or 'default'}"
