@@ -15,10 +15,17 @@ from ..zoo.reshape import ReshapeTransform, identity
 Progress = Callable[[int, int], None]  # (done, total) steps; may raise to cancel the work
 
 
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
 class MethodParams(BaseModel):
     """Base of every method's parameters: these models validate requests and describe /v1/methods."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    precision: Precision | None = Field(
+        None, description="autocast dtype of the model's passes: fp32, bf16 or fp16 (default: the server's "
+                          "setting); inputs, gradients and maps stay float32")
 
 
 class HeatmapParams(MethodParams):
@@ -53,13 +60,16 @@ class Attribution:
     attribution: torch.Tensor  # signed, (B, C, H, W) at input resolution (Grad-CAM: (B, 1, h, w) at the layer's)
     heatmap: torch.Tensor  # (B, H, W) in [0, 1] at model-input resolution
     diagnostics: list[dict[str, Any]] = field(default_factory=list)
+    logits: torch.Tensor | None = None  # (B, classes) of the clean images: the prediction comes free with it
+    targets: torch.Tensor | None = None  # (B,) the classes explained (top-1 resolved)
 
     @staticmethod
     def concat(parts: list[Attribution]) -> Attribution:
         if len(parts) == 1:
             return parts[0]
         return Attribution(torch.cat([p.attribution for p in parts]), torch.cat([p.heatmap for p in parts]),
-                           [d for p in parts for d in p.diagnostics])
+                           [d for p in parts for d in p.diagnostics], torch.cat([p.logits for p in parts]),
+                           torch.cat([p.targets for p in parts]))
 
 
 class Method(ABC):
@@ -85,7 +95,10 @@ class Method(ABC):
     @abstractmethod
     def attribute(self, model: Explainee, x: torch.Tensor, targets: torch.Tensor, params: MethodParams,
                   progress: Progress | None = None) -> Attribution:
-        """x: (B, 3, H, W) in model-input space; targets: (B,) class indices."""
+        """x: (B, 3, H, W) in model-input space; targets: (B,) class indices, -1 for the top-1 class.
+
+        The result carries the clean images' logits (from a forward pass the method needs anyway, so
+        predicting costs nothing extra) and the resolved targets."""
 
 
 class SinglePassMethod(Method):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .base import Attribution, MethodParams, SinglePassMethod
-from .gradients import class_scores
+from .gradients import class_scores, resolve_targets
 from .hooks import GradientCapture
 from .postprocess import minmax, upsample
 
@@ -64,7 +64,9 @@ class FullGrad(SinglePassMethod):
         size = tuple(x.shape[-2:])
         with torch.enable_grad(), GradientCapture(hooked, pre_input) as capture:
             xg = x.detach().requires_grad_(True)
-            score = class_scores(model.module(xg), targets)
+            logits = model.module(xg)
+            targets = resolve_targets(logits, targets)
+            score = class_scores(logits, targets)
             (grad_x,) = torch.autograd.grad(score.sum(), xg)  # fires the tensor hooks of every bias layer
         input_term = grad_x * x
         total = input_term.flatten(1).sum(1)
@@ -72,15 +74,16 @@ class FullGrad(SinglePassMethod):
         for record in capture.records:
             if record.grad is None:
                 continue  # the layer did not influence the score (e.g. an unused head)
-            term = _bias_term(record.grad, biases[record.name])
+            term = _bias_term(record.grad.to(x.dtype), biases[record.name])
             total = total + term.flatten(1).sum(1)
             if term.dim() == 4:
                 # Channel sum before upsampling: bilinear interpolation is linear, so this equals the
                 # reference's upsample-then-sum without a (B, C, H, W) tensor per layer.
                 layer_map = minmax(term.abs()).sum(1, keepdim=True)
                 saliency = saliency + upsample(layer_map, size, align_corners=True)
-        score = score.detach()
+        score = score.detach().to(x.dtype)
         gaps = ((score - total).abs() / score.abs().clamp_min(1e-12)).tolist()
         diagnostics = [{"completeness_gap": g, "complete": g <= COMPLETE_TOLERANCE, "score": s,
                         "bias_layers": len(capture.records)} for g, s in zip(gaps, score.tolist())]
-        return Attribution(saliency.detach(), minmax(saliency.squeeze(1)).detach(), diagnostics)
+        return Attribution(saliency.detach(), minmax(saliency.squeeze(1)).detach(), diagnostics, logits.detach(),
+                           targets)

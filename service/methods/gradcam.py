@@ -5,7 +5,7 @@ import torch
 from pydantic import Field
 
 from .base import Attribution, MethodParams, SinglePassMethod
-from .gradients import class_scores
+from .gradients import class_scores, resolve_targets, widen
 from .hooks import OutputCapture, get_layer
 from .postprocess import minmax, upsample
 
@@ -31,8 +31,10 @@ class GradCAM(SinglePassMethod):
             raise ValueError(f"layer {path!r} produced no tensor output in the forward pass")
         # The first call of the layer; the backward stops there (only d score / d activation is computed).
         activation = capture.records[0].output
+        targets = resolve_targets(logits, targets)
         (grad,) = torch.autograd.grad(class_scores(logits, targets).sum(), activation)
-        acts, grads = model.reshape(activation.detach()), model.reshape(grad)
+        # float32 from here on (under autocast the layer may be bf16/fp16)
+        acts, grads = widen(model.reshape(activation.detach())), widen(model.reshape(grad))
         if acts.dim() != 4:
             raise ValueError(f"layer {path!r} output has shape {tuple(activation.shape)}, not (B, C, h, w); "
                              "choose a convolutional layer or set the card's reshape transform")
@@ -40,4 +42,4 @@ class GradCAM(SinglePassMethod):
         cam = (weights * acts).sum(1, keepdim=True)  # signed, at layer resolution
         heat = minmax(upsample(cam.clamp_min(0), tuple(x.shape[-2:])).squeeze(1))
         return Attribution(cam, heat, [{"layer": path, "layer_size": list(cam.shape[-2:])}
-                                       for _ in range(x.shape[0])])
+                                       for _ in range(x.shape[0])], logits.detach(), targets)

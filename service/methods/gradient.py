@@ -1,8 +1,10 @@
 """Plain gradient saliency (Simonyan et al., 2014): d logit_c / d x."""
 from __future__ import annotations
 
+import torch
+
 from .base import Attribution, HeatmapParams, SinglePassMethod
-from .gradients import input_gradients
+from .gradients import class_scores, resolve_targets
 from .postprocess import heatmap
 
 
@@ -16,6 +18,10 @@ class Gradient(SinglePassMethod):
     Params = GradientParams
 
     def attribute_chunk(self, model, x, targets, params):
-        grads, _ = input_gradients(model.module, x, targets)
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            logits = model.module(xg)
+            targets = resolve_targets(logits, targets)
+            (grads,) = torch.autograd.grad(class_scores(logits, targets).sum(), xg)
         return Attribution(grads, heatmap(grads, params.aggregation, params.normalization),
-                           [{} for _ in range(x.shape[0])])
+                           [{} for _ in range(x.shape[0])], logits.detach(), targets)

@@ -10,6 +10,21 @@ def class_scores(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, targets.view(-1, 1)).squeeze(1)
 
 
+def widen(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors (from autocast) to float32; float32/float64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def resolve_targets(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-1 means the image's top-1 class."""
+    return torch.where(targets < 0, logits.argmax(1), targets)
+
+
+def clean_logits(module: nn.Module, x: torch.Tensor, max_batch: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([module(c) for c in x.split(max_batch)])
+
+
 def input_gradients(module: nn.Module, x: torch.Tensor, targets: torch.Tensor,
                     max_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(gradients like x, target scores (B,)). Only the input's gradient is computed (no parameter grads)."""

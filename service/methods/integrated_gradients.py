@@ -10,6 +10,7 @@ from pydantic import Field
 from torchvision.transforms.functional import gaussian_blur
 
 from .base import Attribution, HeatmapParams, Method
+from .gradients import class_scores, clean_logits, resolve_targets
 from .noise import generators
 from .postprocess import heatmap
 
@@ -48,17 +49,22 @@ class IntegratedGradients(Method):
         return params.n_steps
 
     def attribute(self, model, x, targets, params, progress=None):
+        x = x.detach()
         baseline = make_baseline(model, x, params)
+        # One forward of [images; baselines] gives the prediction, the top-1 targets and both ends of the
+        # convergence delta (Captum would run its own two forwards for the delta).
+        ends = clean_logits(model.module, torch.cat([x, baseline]), model.max_batch)
+        logits, baseline_logits = ends[: x.shape[0]], ends[x.shape[0]:]
+        targets = resolve_targets(logits, targets)
         ig = CaptumIG(model.module, multiply_by_inputs=True)
         with torch.enable_grad():
-            attribution, delta = ig.attribute(
-                x.detach(), baselines=baseline, target=targets, n_steps=params.n_steps, method=params.method,
-                internal_batch_size=max(model.max_batch, x.shape[0]), return_convergence_delta=True)
+            attribution = ig.attribute(x, baselines=baseline, target=targets, n_steps=params.n_steps,
+                                       method=params.method, internal_batch_size=max(model.max_batch, x.shape[0]))
         if progress:
             progress(1, 1)
-        total = attribution.flatten(1).sum(1)
-        gap = total - delta  # F(x) - F(baseline), by the definition of Captum's delta
+        gap = (class_scores(logits, targets) - class_scores(baseline_logits, targets)).to(x.dtype)
+        delta = attribution.detach().flatten(1).sum(1) - gap  # completeness: sum(IG) = F(x) - F(baseline)
         diagnostics = [{"convergence_delta": float(d), "relative_delta": float(abs(d) / max(abs(g), 1e-12)),
                         "score_difference": float(g)} for d, g in zip(delta.tolist(), gap.tolist())]
         return Attribution(attribution.detach(), heatmap(attribution.detach(), params.aggregation,
-                                                         params.normalization), diagnostics)
+                                                         params.normalization), diagnostics, logits, targets)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from .base import Attribution, HeatmapParams, Method, SeededParams
-from .gradients import input_gradients
+from .gradients import clean_logits, input_gradients, resolve_targets
 from .noise import generators, normal_like, value_range
 from .postprocess import heatmap
 
@@ -71,6 +71,8 @@ class MoreauGrad(Method):
         if params.sparsity == "group" and (x.shape[-2] % g or x.shape[-1] % g):
             raise ValueError(f"group_size {g} does not divide the model input size {tuple(x.shape[-2:])}")
         x = x.detach()
+        logits = clean_logits(model.module, x, model.max_batch)
+        targets = resolve_targets(logits, targets)
         n, batch = params.n_samples, x.shape[0]
         sigma = (params.noise_level * value_range(x)).unsqueeze(1)  # (B,1,1,1,1)
         gens = generators(params.seed, batch, x.device)
@@ -97,4 +99,5 @@ class MoreauGrad(Method):
         diagnostics = [{"noise_std": float(s), "averaged_iterates": averaged,
                         "delta_l1": float(d)} for s, d in zip(sigma.flatten().tolist(),
                                                              (total / averaged).abs().flatten(1).sum(1).tolist())]
-        return Attribution(attribution, heatmap(attribution, params.aggregation, params.normalization), diagnostics)
+        return Attribution(attribution, heatmap(attribution, params.aggregation, params.normalization), diagnostics,
+                           logits, targets)

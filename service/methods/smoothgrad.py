@@ -11,7 +11,7 @@ import torch
 from pydantic import Field
 
 from .base import Attribution, HeatmapParams, Method, SeededParams
-from .gradients import input_gradients
+from .gradients import clean_logits, input_gradients, resolve_targets
 from .noise import generators, normal_like, value_range
 from .postprocess import heatmap
 
@@ -33,6 +33,8 @@ class SmoothGrad(Method):
 
     def attribute(self, model, x, targets, params, progress=None):
         n = params.n_samples
+        logits = clean_logits(model.module, x, model.max_batch)
+        targets = resolve_targets(logits, targets)
         sigma = params.noise_level * value_range(x)  # (B,1,1,1)
         noise = normal_like(x, n, generators(params.seed, x.shape[0], x.device))  # (B,n,C,H,W)
         noisy = (x.unsqueeze(1) + sigma.unsqueeze(1) * noise).flatten(0, 1)
@@ -48,4 +50,5 @@ class SmoothGrad(Method):
             if params.variant == "vargrad":
                 attribution = attribution - mean ** 2
         diagnostics = [{"noise_std": float(s)} for s in sigma.flatten().tolist()]
-        return Attribution(attribution, heatmap(attribution, params.aggregation, params.normalization), diagnostics)
+        return Attribution(attribution, heatmap(attribution, params.aggregation, params.normalization), diagnostics,
+                           logits, targets)
