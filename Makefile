@@ -11,6 +11,12 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e '.[test]'
+	@# The clients (clients/), and CVAT's SDK from the test extra, live in the service's env. Label Studio and
+	@# FiftyOne pin stacks of their own (Django, numpy 2.2, starlette<1.4), so they get .venv/tools.
+	$(PY) -m pip install --quiet -e clients/python -e clients/cvat
+	test -x $(VENV)/tools/bin/python || $(PYTHON) -m venv $(VENV)/tools
+	$(VENV)/tools/bin/python -m pip install --quiet pytest 'label-studio==1.23.2' 'fiftyone==1.22.1' \
+	  -e clients/python -e clients/labelstudio -e clients/fiftyone
 	@# The viewer's browser tests drive Debian's chromium (they skip, saying so, without it). CI (root, apt) gets it.
 	@if [ "$$CI" = true ] && [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then \
 	  echo "installing chromium for the viewer's browser tests"; \

@@ -1,0 +1,52 @@
+"""Saliency maps as FiftyOne `Heatmap` fields (float maps, range [0, 1]), with the explained class."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import fiftyone.core.labels as fol
+import numpy as np
+
+from saliency_client import Client, ImageExplanation
+
+__all__ = ["to_heatmap", "to_classification", "add_saliency"]
+
+
+def to_heatmap(result: ImageExplanation) -> fol.Heatmap:
+    """The float32 map itself (no 8-bit rounding); the App stretches it over the image."""
+    if result.map is None:
+        raise ValueError("the result has no float map: ask for the 'npy' output")
+    return fol.Heatmap(map=np.asarray(result.map, dtype=np.float32), range=[0.0, 1.0])
+
+
+def to_classification(result: ImageExplanation) -> fol.Classification:
+    return fol.Classification(label=result.label, confidence=result.probability)
+
+
+def _batches(samples: Iterable[Any], size: int):
+    batch = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def add_saliency(samples: Iterable[Any], client: Client, field: str = "saliency", method: str = "gradcam",
+                 model: str | None = None, batch_size: int = 8, **params: Any) -> int:
+    """Explain each sample's image and store `<field>` (Heatmap) and `<field>_class` (the explained class).
+
+    `samples` is a dataset or view (saved as it goes) or any iterable of fo.Sample. Returns how many were done.
+    """
+    if hasattr(samples, "iter_samples"):  # a dataset or view: batch its writes to the database
+        samples = samples.iter_samples(autosave=True, batch_size=batch_size)
+    done = 0
+    for batch in _batches(samples, batch_size):
+        explanation = client.explain([s.filepath for s in batch], method, model=model, **params)
+        for sample, result in zip(batch, explanation):
+            sample[field] = to_heatmap(result)
+            sample[f"{field}_class"] = to_classification(result)
+        done += len(batch)
+    return done

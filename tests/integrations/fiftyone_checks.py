@@ -1,0 +1,46 @@
+"""The FiftyOne helper's checks; run by tests/test_fiftyone.py under .venv/tools (fiftyone).
+
+FiftyOne's database (MongoDB) does not run on this machine, so datasets cannot be created: the checks use
+real in-memory fo.Sample objects and FiftyOne's own Heatmap validation. SALIENCY_URL is a real server;
+IMAGES_DIR holds chelsea.png and noise.png written by the outer test, with the service's own maps (.npy).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import fiftyone as fo
+import numpy as np
+import pytest
+
+from saliency_client import Client
+from saliency_fiftyone import add_saliency, to_heatmap
+
+IMAGES = Path(os.environ.get("IMAGES_DIR", "."))
+
+
+@pytest.fixture
+def client():
+    with Client(os.environ["SALIENCY_URL"]) as c:
+        yield c
+
+
+def test_samples_get_float_heatmaps_and_the_explained_class(client):
+    samples = [fo.Sample(filepath=str(IMAGES / name)) for name in ("chelsea.png", "noise.png")]
+    assert add_saliency(samples, client, field="gradcam", batch_size=1) == 2
+    cat = samples[0]
+    heat = cat["gradcam"]
+    assert isinstance(heat, fo.Heatmap) and heat.range == [0.0, 1.0]
+    assert heat.map.dtype == np.float32 and heat.map.shape == (300, 451)
+    np.testing.assert_array_equal(heat.map, np.load(IMAGES / "chelsea_gradcam.npy"))  # lossless
+    assert cat["gradcam_class"].label == "Egyptian cat" and 0.5 < cat["gradcam_class"].confidence <= 1
+    assert samples[1]["gradcam"].map.shape == (48, 80)
+
+
+def test_heatmap_serialises_like_fiftyone_stores_it(client):
+    result = client.explain(IMAGES / "noise.png", "gradient", model="tiny_cnn")[0]
+    heat = to_heatmap(result)
+    back = fo.Heatmap.from_dict(heat.to_dict())  # the document form FiftyOne writes to its database
+    np.testing.assert_array_equal(back.map, result.map)
+    with pytest.raises(ValueError):
+        to_heatmap(client.explain(IMAGES / "noise.png", "gradient", model="tiny_cnn", outputs=["png"])[0])

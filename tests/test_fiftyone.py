@@ -1,0 +1,24 @@
+"""FiftyOne: the helper writes the service's maps as Heatmap fields; checked with the real fiftyone package in
+.venv/tools (its database cannot run here, so on in-memory samples)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from saliency_client import Client
+from service.settings import Settings
+from tests.integrations.tools import run_inner_pytest
+from tests.server import running_server
+
+pytestmark = pytest.mark.integration
+
+
+def test_fiftyone_heatmaps(registry, chelsea, tmp_path):
+    chelsea.save(tmp_path / "chelsea.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)).save(
+        tmp_path / "noise.png")
+    with running_server(Settings(max_wait_ms=5), registry) as (base, _):
+        with Client(base) as c:
+            np.save(tmp_path / "chelsea_gradcam.npy", c.explain(tmp_path / "chelsea.png")[0].map)
+        run_inner_pytest("tests/integrations/fiftyone_checks.py", {"SALIENCY_URL": base, "IMAGES_DIR": str(tmp_path)})
