@@ -1,6 +1,7 @@
 """create_app(settings): the FastAPI app, its routers and its lifespan (models, worker)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
@@ -14,9 +15,12 @@ from .settings import Settings
 from .zoo import ModelRegistry
 
 
-def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None,
+               runtime_factory: Callable[[Settings, ModelRegistry | None], Runtime] = Runtime) -> FastAPI:
+    """`runtime_factory` builds what runs the work: the embedded worker queue by default, or e.g.
+    service.distributed.ray_runtime.RayRuntime (the same routes over Ray Serve)."""
     settings = settings or Settings()
-    runtime = Runtime(settings, registry)
+    runtime = runtime_factory(settings, registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

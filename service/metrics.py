@@ -20,6 +20,10 @@ class Metrics:
         r = self.registry
         self.requests = Counter("saliency_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=r)
+        self.cache_hits = Gauge("saliency_cache_hits", "result cache hits (images answered with no model pass)",
+                                registry=r)
+        self.cache_misses = Gauge("saliency_cache_misses", "result cache misses", registry=r)
+        self.cache_bytes = Gauge("saliency_cache_bytes", "bytes held by the result cache", registry=r)
         self.in_flight = Gauge("saliency_requests_in_flight", "HTTP requests being handled", registry=r)
         self.queue_depth = Gauge("saliency_queue_depth", "images waiting in a worker's queue", ["worker"],
                                  registry=r)

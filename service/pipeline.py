@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from . import imaging
 from .api.errors import ApiError, describe_validation
+from .cache import content_hash
 from .engine import ImageExplanation
 from .methods import Method, MethodParams, get_method
 from .settings import Settings
@@ -30,6 +31,7 @@ class ExplainCall:
     params: MethodParams
     images: list[Image.Image]
     pixels: torch.Tensor  # (B, 3, H, W) in model-input space, on the CPU
+    hashes: list[str]  # content hash of each uploaded file (the result cache's key)
     targets: list[int | None]
     outputs: set[str]
     size: str
@@ -53,6 +55,8 @@ def resolve(registry: ModelRegistry, settings: Settings, model_name: str | None,
         params = method.Params.model_validate(raw_params)
     except ValidationError as exc:
         raise ApiError(422, "invalid_params", f"{method.name}: {describe_validation(exc.errors())}") from None
+    if params.precision is None:  # fill in the server's default: batch keys, cache keys and echoes say it
+        params = params.model_copy(update={"precision": settings.precision})
     layer = getattr(params, "layer", None)
     if layer is not None and layer not in model.cam_layers:
         raise ApiError(422, "unknown_layer", f"layer {layer!r} is not a layer of {model.name} usable by "
@@ -99,7 +103,8 @@ def prepare(settings: Settings, model: LoadedModel, method: Method, params: Meth
             status = 413 if "exceeds" in str(exc) else 400
             raise ApiError(status, "bad_image", str(exc)) from None
     pixels = torch.stack([model.preprocess(image) for image in images])
-    return ExplainCall(model, method, params, images, pixels, targets, set(outputs or ["npy"]), size)
+    return ExplainCall(model, method, params, images, pixels, [content_hash(b) for b in blobs], targets,
+                       set(outputs or ["npy"]), size)
 
 
 def _b64(data: bytes) -> str:

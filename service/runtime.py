@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .api.errors import ApiError
 from .engine import explain
+from .cache import ResultCache
 from .jobs import Job, JobStore
 from .metrics import Metrics
 from .pipeline import ExplainCall, encode_result, response_body
@@ -43,6 +44,7 @@ class Runtime:
         self.device = resolve_device(settings.device)
         self.metrics = Metrics()
         self.jobs = JobStore(settings.max_jobs, settings.job_ttl_s)
+        self.cache = ResultCache(settings.cache_bytes)
         # Two lanes on the device: long work (a MoreauGrad image is thousands of passes) runs on its own
         # worker so it never holds up interactive requests queued behind it.
         self.pool, self.bulk_pool = (
@@ -121,10 +123,13 @@ class Runtime:
         if self.fault_hook is not None:
             self.fault_hook(items)
         x = torch.stack([item.payload.call.pixels[item.payload.index] for item in items])
+        if self.device.type == "cuda":
+            x = x.pin_memory()  # page-locked, so the copy to the device below does not block this thread
         targets = [item.payload.call.targets[item.payload.index] for item in items]
+        raw = ["raw" in item.payload.call.outputs for item in items]
         try:
             return explain(call.model, call.method, x, targets, call.params, progress=progress,
-                           top_k=self.settings.top_k, max_batch=self.settings.max_pass_batch)
+                           top_k=self.settings.top_k, max_batch=self.settings.max_pass_batch, keep_attribution=raw)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()  # the pool splits the batch and retries
             raise
@@ -137,6 +142,10 @@ class Runtime:
             item.payload.compute_s = duration
 
     # ------------------------------------------------------------------ call side
+    def cache_key(self, call: ExplainCall, index: int) -> tuple:
+        return (call.hashes[index], call.model.name, call.method.name, call.params.model_dump_json(),
+                call.targets[index])
+
     def submit(self, call: ExplainCall, job: Job, deadline_s: float) -> list[WorkItem]:
         key = (call.model.name, call.method.name, call.params.model_dump_json())
         cost = call.method.batch_cost(call.params)
@@ -147,6 +156,13 @@ class Runtime:
         submitted: list[WorkItem] = []
         try:
             for item in items:
+                cached = self.cache.get(self.cache_key(call, item.payload.index), "raw" in call.outputs)
+                if cached is not None:  # answered from the cache: no queue, no model pass
+                    item.started_at = item.enqueued_at
+                    item.future.set_running_or_notify_cancel()
+                    item.future.set_result(cached)
+                    job.progress_for(item.payload.index)(*[call.method.steps(call.params)] * 2)
+                    continue
                 pool.submit(item)
                 submitted.append(item)
         except QueueFull as exc:
@@ -169,6 +185,8 @@ class Runtime:
         timers = [loop.call_later(max(0.0, item.deadline - time.monotonic()), _expire, item) for item in items]
         try:
             results = await asyncio.gather(*(_outcome(item) for item in items))
+            for item, result in zip(items, results):
+                self.cache.put(self.cache_key(call, item.payload.index), result)
             encoded = await run_in_threadpool(self._encode, call, items, results)
             body = response_body(call, encoded)
             job.status, job.result = "succeeded", body
@@ -200,6 +218,28 @@ class Runtime:
         job.cancel_event.set()
         if job.task is not None:
             job.task.cancel()
+
+    # ------------------------------------------------------------------ hooks for the routes (a distributed
+    # runtime, service/distributed/ray_runtime.py, keeps jobs and worker metrics in a shared actor)
+    async def hold_job(self, job: Job) -> None:
+        """Keep `job` so that GET/DELETE /v1/jobs/{id} find it (429 when max_jobs are held)."""
+        self.jobs.add(job)
+
+    async def job_view(self, job_id: str) -> dict[str, Any]:
+        return self.jobs.get(job_id).view()
+
+    async def cancel_job(self, job_id: str) -> dict[str, Any]:
+        job = self.jobs.get(job_id)
+        if job.finished_at is None:
+            self.cancel(job)
+            await asyncio.sleep(0)  # let the task record the cancellation
+        return job.view()
+
+    async def job_counts(self) -> dict[str, int]:
+        return self.jobs.counts()
+
+    async def refresh_metrics(self) -> None:
+        """Called before /metrics renders (the embedded runtime's metrics are all in this process)."""
 
 
 def _expire(item: WorkItem) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +26,9 @@ class Settings(BaseSettings):
     max_batch_items: int = Field(32, ge=1, description="most requests' images in one batch")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for company after its first item")
     max_pass_batch: int = Field(64, ge=1, description="memory budget: most images in one forward pass")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="default autocast dtype of model passes (per-request parameter `precision`)")
+    cache_bytes: int = Field(256 * 2**20, ge=0, description="result cache size (0 disables it)")
     max_queue: int = Field(256, ge=1, description="pending images before requests get 429 (per lane)")
     bulk_cost: int = Field(2000, ge=1, description="images costing more passes than this run on the bulk lane, "
                                                    "a second worker, so they never hold up interactive work")

@@ -41,9 +41,13 @@ def random_image(seed: int, size=(64, 64)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module")
-def server(registry):
-    with running_server(Settings(max_wait_ms=20), registry) as (base, app):
+@pytest.fixture(scope="module", params=["embedded", pytest.param("ray", marks=pytest.mark.ray)])
+def server(request, registry):
+    """The API contract runs against both engines: the in-process queue and Ray Serve (tests/ray_server.py)."""
+    if request.param == "ray":
+        yield request.getfixturevalue("ray_server")
+        return
+    with running_server(Settings(max_wait_ms=20, cache_bytes=0), registry) as (base, app):  # every call computes
         yield base, app
 
 
@@ -312,3 +316,29 @@ def test_sync_request_over_its_wait_becomes_a_job(small_registry):
                 break
             time.sleep(0.05)
         assert job["status"] == "succeeded" and job["result"]["method"] == "moreaugrad"
+
+
+def cache_counts(base: str) -> tuple[float, float]:
+    text = httpx.get(f"{base}/metrics").text
+    hits = float(re.search(r"^saliency_cache_hits ([0-9.e+]+)$", text, re.M).group(1))
+    misses = float(re.search(r"^saliency_cache_misses ([0-9.e+]+)$", text, re.M).group(1))
+    return hits, misses
+
+
+def test_a_repeated_request_is_answered_from_the_cache(small_registry):
+    with running_server(Settings(default_model="tiny_cnn"), small_registry) as (base, app):
+        blob = png_bytes(random_image(7))
+
+        def call(**data):
+            return httpx.post(f"{base}/v1/explain/smoothgrad", files=[("image", ("x.png", blob, "image/png"))],
+                              data={"n_samples": "4", **data}, timeout=30).json()["results"][0]
+
+        first = call()
+        batches = app.state.runtime.pool.stats.batches
+        again = call()
+        assert cache_counts(base) == (1, 1)
+        assert app.state.runtime.pool.stats.batches == batches  # no model pass
+        assert again["timing_ms"]["compute"] == 0 and again["map"]["npy"] == first["map"]["npy"]
+        call(seed="1")  # other params: a miss
+        call(target="3")  # another target: a miss
+        assert cache_counts(base) == (1, 3)

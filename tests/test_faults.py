@@ -28,7 +28,7 @@ def png(seed: int) -> bytes:
 @pytest.fixture
 def server():
     registry = ModelRegistry.from_dir(MODELS, torch.device("cpu"), only={"tiny_cnn"})
-    with running_server(Settings(default_model="tiny_cnn", max_wait_ms=50), registry) as (base, app):
+    with running_server(Settings(default_model="tiny_cnn", max_wait_ms=50, cache_bytes=0), registry) as (base, app):
         yield base, app.state.runtime
 
 

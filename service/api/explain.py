@@ -61,7 +61,7 @@ async def explain(method: str, request: Request, runtime: RuntimeDep):
     try:
         body = await asyncio.wait_for(asyncio.shield(job.task), runtime.settings.sync_wait_s)
     except TimeoutError:
-        runtime.jobs.add(job)  # too long to wait for: the caller polls it as a job
+        await runtime.hold_job(job)  # too long to wait for: the caller polls it as a job
         return JSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
     except Exception as exc:  # noqa: BLE001 - mapped onto the API's errors
         raise as_api_error(exc, log_unexpected=False) from None  # the job's task has logged it
@@ -75,22 +75,18 @@ async def explain(method: str, request: Request, runtime: RuntimeDep):
 async def submit_job(method: str, request: Request, runtime: RuntimeDep):
     """Start an explanation as a job (for long work such as MoreauGrad); poll GET /v1/jobs/{id}."""
     job = await start_call(request, runtime, method, deadline_s=runtime.settings.job_deadline_s)
-    runtime.jobs.add(job)
+    await runtime.hold_job(job)
     return JSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 @router.get("/jobs/{job_id}", operation_id="get_job", response_model=JobOut, responses={404: {"model": ErrorOut}})
 async def get_job(job_id: str, runtime: RuntimeDep):
     """Status, progress (done/total steps) and, when done, the result."""
-    return JSONResponse(runtime.jobs.get(job_id).view())
+    return JSONResponse(await runtime.job_view(job_id))
 
 
 @router.delete("/jobs/{job_id}", operation_id="cancel_job", response_model=JobOut,
                responses={404: {"model": ErrorOut}})
 async def cancel_job(job_id: str, runtime: RuntimeDep):
     """Cancel a job: queued work is dropped, running work stops at its next step."""
-    job = runtime.jobs.get(job_id)
-    if job.finished_at is None:
-        runtime.cancel(job)
-        await asyncio.sleep(0)  # let the task record the cancellation
-    return JSONResponse(job.view())
+    return JSONResponse(await runtime.cancel_job(job_id))

@@ -1,0 +1,113 @@
+"""The Serve application: ingress (the FastAPI app of create_app), one explainer per model, the state.
+
+    serve run deploy/ray-serve.yaml        # the Serve CLI, with the checked-in config
+    python -m service --engine ray         # the same, started from Python on a local (or RAY_ADDRESS) Ray
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from ..app import create_app
+from ..settings import Settings
+from ..zoo.cards import CardError, discover_cards, read_card
+from ..zoo.weights import resolve_weights
+from .explainer import Explainer
+from .ray_runtime import RayRuntime
+from .state import SharedState
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "saliency"
+
+# Defaults; a Serve config file overrides any of them per deployment name.
+STATE = serve.deployment(SharedState, name="state", num_replicas=1, max_ongoing_requests=1000,
+                         ray_actor_options={"num_cpus": 0})
+EXPLAINER = serve.deployment(Explainer, num_replicas=1, max_ongoing_requests=256,
+                             ray_actor_options={"num_cpus": 1})
+
+
+@serve.deployment(name="ingress", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class Ingress:
+    """Runs the service's own FastAPI app (every route, schema, error and middleware) with a RayRuntime."""
+
+    def __init__(self, settings: dict[str, Any], explainers: dict[str, Any], state: Any):
+        self.settings, self.explainers, self.state = Settings(**settings), explainers, state
+
+    def __serve_build_asgi_app__(self):
+        def runtime(settings: Settings, registry):
+            return RayRuntime(settings, registry, explainers=self.explainers, state=self.state)
+
+        return create_app(self.settings, runtime_factory=runtime)
+
+
+def servable_models(settings: Settings) -> list[str]:
+    """Cards whose weights are present (the others are listed as unavailable by the ingress, as embedded)."""
+    names = []
+    for path in discover_cards(settings.models_dir):
+        try:
+            card = read_card(path)
+            if settings.models and card.name not in settings.models:
+                continue
+            resolve_weights(card.weights, settings.models_dir, card.name)
+        except CardError:
+            continue
+        names.append(card.name)
+    return names
+
+
+def explainer_name(model: str) -> str:
+    return f"explainer_{model}"
+
+
+def build(settings: Settings, explainer_options: dict[str, dict[str, Any]] | None = None,
+          threads: int = 0) -> Application:
+    """The application graph. `explainer_options`: Serve deployment options per model name, or "*" for all
+    (num_replicas, autoscaling_config, ray_actor_options with num_gpus, ...). `threads`: torch threads per
+    explainer replica (0: torch's default)."""
+    options = explainer_options or {}
+    plain = settings.model_dump(mode="json")
+    state = STATE.bind(settings.max_jobs, settings.job_ttl_s)
+    explainers = {}
+    for model in servable_models(settings):
+        opts = {"max_queued_requests": settings.max_queue, **options.get("*", {}), **options.get(model, {})}
+        explainers[model] = EXPLAINER.options(name=explainer_name(model), **opts).bind(plain, model, state, threads)
+    return Ingress.bind(plain, explainers, state)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """For a Serve config file (`import_path: service.distributed.app:app_builder`): `args` are settings
+    (the SALIENCY_* names in lower case) plus `threads`; per-deployment options live in the file."""
+    args = dict(args or {})
+    threads = int(args.pop("threads", 0))
+    return build(Settings(**args), threads=threads)
+
+
+def serve_forever(settings: Settings) -> None:
+    """`python -m service --engine ray`: start (or join, with RAY_ADDRESS) Ray, run the app, wait for a signal."""
+    import ray
+
+    ray.init()
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(build(settings), name=APP_NAME, route_prefix="/")
+    log.info("serving on http://%s:%s (Ray Serve)", settings.host, settings.port)
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.delete(APP_NAME)
+        serve.shutdown()
+        ray.shutdown()

@@ -1,0 +1,138 @@
+"""The explainer deployment: one per model, each replica owning a device and batching with `@serve.batch`.
+
+Serve forms a batch from the replica's queue (full at `max_batch_cost` passes, or after `max_wait_ms`);
+`collate`, the embedded queue's own pure function, then splits it into engine batches of compatible tasks
+(same model, method and params) within `max_batch_cost` and `max_batch_items`, dropping tasks past their
+start deadline. Two lanes, as in the embedded engine: long work runs on `bulk` so it never holds up
+interactive batches.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import torch
+from ray import serve
+
+from ..engine import explain
+from ..metrics import _rss_bytes
+from ..methods import get_method
+from ..runtime import Cancelled
+from ..settings import Settings
+from ..worker import WorkItem, collate
+from ..zoo import ModelRegistry, resolve_device
+from .messages import CANCELLED, DEADLINE, INTERNAL, INVALID, Outcome, Task, batch_cost
+
+log = logging.getLogger(__name__)
+
+REPORT_EVERY_S = 0.05  # progress reports to the state (which answer whether the jobs were cancelled)
+
+
+class Explainer:
+    def __init__(self, settings: dict, model: str, state, threads: int = 0):
+        self.settings = Settings(**settings)
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = resolve_device(self.settings.device)
+        registry = ModelRegistry.from_dir(self.settings.models_dir, self.device, only={model})
+        self.model = registry.get(model)  # unavailable: the replica fails to start and Serve reports why
+        self.state = state
+        context = serve.get_replica_context()
+        self.deployment, self.replica = context.deployment, context.replica_id.unique_id
+        for lane in (self.interactive, self.bulk):
+            lane.set_max_batch_size(self.settings.max_batch_cost)
+            lane.set_batch_wait_timeout_s(self.settings.max_wait_ms / 1000)
+        self.pending = 0
+
+    async def ping(self) -> str:
+        return self.replica
+
+    async def explain(self, task: Task) -> Outcome:
+        self.pending += 1
+        try:
+            return await (self.bulk(task) if task.bulk else self.interactive(task))
+        finally:
+            self.pending -= 1
+
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005, batch_size_fn=batch_cost)
+    async def interactive(self, tasks: list[Task]) -> list[Outcome]:
+        return await self._run(tasks)
+
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005, batch_size_fn=batch_cost)
+    async def bulk(self, tasks: list[Task]) -> list[Outcome]:
+        return await self._run(tasks)
+
+    async def _run(self, tasks: list[Task]) -> list[Outcome]:
+        """Split Serve's batch into compatible engine batches and run them one after another."""
+        wall, now = time.time(), time.monotonic()
+        pending = [WorkItem(key=t.key, cost=t.cost, payload=t, deadline=now + t.deadline - wall, enqueued_at=now)
+                   for t in tasks]
+        order = list(pending)
+        outcomes: dict[int, Outcome] = {}
+        while pending:
+            step = collate(pending, now=time.monotonic(), max_cost=self.settings.max_batch_cost,
+                           max_items=self.settings.max_batch_items, max_wait=0.0)
+            for item in step.expired:
+                outcomes[id(item)] = Outcome(error=(DEADLINE, "the work could not start before its deadline"),
+                                             replica=self.replica)
+            if step.batch:
+                results = await asyncio.to_thread(self._compute, [item.payload for item in step.batch])
+                outcomes.update((id(item), outcome) for item, outcome in zip(step.batch, results))
+            pending = step.remaining
+        return [outcomes[id(item)] for item in order]
+
+    def _compute(self, tasks: list[Task]) -> list[Outcome]:
+        """On a thread: one engine batch; a failing batch is rerun task by task so a poisoned one fails alone."""
+        first = tasks[0]
+        started = time.monotonic()
+        try:
+            results = explain(self.model, get_method(first.method), torch.stack([t.pixels for t in tasks]),
+                              [t.target for t in tasks], first.params, progress=_Reporter(self.state, tasks),
+                              top_k=self.settings.top_k, max_batch=self.settings.max_pass_batch)
+        except Cancelled:
+            return [Outcome(error=(CANCELLED, "the job was cancelled"), replica=self.replica)] * len(tasks)
+        except Exception as exc:  # noqa: BLE001 - reported per task
+            if isinstance(exc, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
+            if len(tasks) > 1:
+                return [outcome for task in tasks for outcome in self._compute([task])]
+            kind = INVALID if isinstance(exc, (ValueError, LookupError)) else INTERNAL
+            if kind == INTERNAL:
+                log.error("explain failed: %s: %s", type(exc).__name__, exc)
+            return [Outcome(error=(kind, str(exc) if kind == INVALID else type(exc).__name__), replica=self.replica)]
+        duration = time.monotonic() - started
+        self._observe(first.method, len(tasks), duration)
+        return [Outcome(result=result, compute_s=duration, replica=self.replica) for result in results]
+
+    def _observe(self, method: str, size: int, duration: float) -> None:
+        """Batch metrics to the state, before the results leave (a scrape after a response sees its batch)."""
+        memory = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else _rss_bytes()
+        try:
+            self.state.observe_batch.remote(self.deployment, self.replica, method, size, duration, self.pending,
+                                            memory, str(self.device)).result(timeout_s=5)
+        except Exception as exc:  # noqa: BLE001 - metrics never fail a request
+            log.warning("could not report batch metrics: %s", exc)
+
+
+class _Reporter:
+    """The engine's progress callback: throttled reports to the state; raises Cancelled when every job of
+    the batch was cancelled (as the embedded worker does)."""
+
+    def __init__(self, state, tasks: list[Task]):
+        self.state, self.tasks = state, tasks
+        self.last = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last < REPORT_EVERY_S and done < total:
+            return
+        self.last = now
+        reports = [(t.job_id, t.index, done, total) for t in self.tasks]
+        try:
+            cancelled = self.state.progress.remote(reports).result(timeout_s=5)
+        except Exception as exc:  # noqa: BLE001 - progress is best effort
+            log.warning("could not report progress: %s", exc)
+            return
+        if all(cancelled):
+            raise Cancelled("cancelled")
