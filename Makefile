@@ -27,10 +27,15 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# Ray Serve (the optional engine, `pip install .[ray]`): the tests need it, `make serve` does not.
+$(VENV)/.ray: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[ray]'
+	touch $@
+
 serve: venv
 	$(PY) -m service
 
-test: venv
+test: venv $(VENV)/.ray
 	$(PY) -m pytest -q
 
 bench: venv

@@ -39,3 +39,20 @@ def chelsea() -> Image.Image:
 @pytest.fixture(scope="session")
 def chelsea_batch(default_model, chelsea) -> torch.Tensor:
     return default_model.preprocess(chelsea).unsqueeze(0)
+
+
+@pytest.fixture(scope="session")
+def ray_server():
+    """One local Ray and one Serve app for the whole session (Ray takes ~10 s to start, Serve ~30 s more)."""
+    pytest.importorskip("ray.serve", reason="ray is not installed: pip install '.[ray]' (make test does)")
+    import ray
+
+    from service.settings import Settings
+    from tests.ray_server import running_ray_server, start_ray
+
+    start_ray()
+    try:
+        with running_ray_server(Settings(max_wait_ms=20, cache_bytes=0)) as server:  # every call computes
+            yield server
+    finally:
+        ray.shutdown()

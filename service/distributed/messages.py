@@ -25,6 +25,7 @@ class Task:
     job_id: str
     index: int  # the image's position in its request
     bulk: bool = False  # long work: the replica's second lane, as the embedded bulk worker
+    raw: bool = False  # the caller asked for the signed attribution (else it is not sent back)
 
 
 # Errors cross the process boundary as (kind, message): exceptions with custom constructors do not pickle.

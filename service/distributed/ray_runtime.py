@@ -100,12 +100,18 @@ class RayRuntime(Runtime):
         loop = asyncio.get_running_loop()
         items = []
         for i in range(len(call.images)):
-            task = Task(key=key, method=call.method.name, params=call.params, pixels=call.pixels[i].clone(),
-                        target=call.targets[i], cost=cost, deadline=deadline, job_id=job.id, index=i, bulk=bulk)
             item = WorkItem(key=key, cost=cost, payload=Payload(call, i, job),
                             deadline=time.monotonic() + deadline_s)
             item.future.set_running_or_notify_cancel()  # the replica enforces the start deadline, not a timer
             items.append(item)
+            cached = self.cache.get(self.cache_key(call, i), "raw" in call.outputs)  # this ingress's cache
+            if cached is not None:
+                item.started_at = item.enqueued_at
+                item.future.set_result(cached)
+                continue
+            task = Task(key=key, method=call.method.name, params=call.params, pixels=call.pixels[i].clone(),
+                        target=call.targets[i], cost=cost, deadline=deadline, job_id=job.id, index=i, bulk=bulk,
+                        raw="raw" in call.outputs)
             self._dispatches.setdefault(job.id, []).append(loop.create_task(self._dispatch(handle, task, item)))
         return items
 

@@ -29,7 +29,7 @@ class SharedState:
     # ------------------------------------------------------------------ jobs
     async def add(self, view: dict[str, Any], total: list[int]) -> str | None:
         """Hold a job (its `Job.view()` and steps per image); returns an error message when max_jobs are held."""
-        self._evict()
+        self._evict(room=True)
         if view["id"] in self._jobs:
             return None
         if len(self._jobs) >= self.max_jobs:
@@ -83,12 +83,13 @@ class SharedState:
             out[status] = out.get(status, 0) + 1
         return out
 
-    def _evict(self) -> None:
+    def _evict(self, room: bool = False) -> None:
+        """Forget jobs finished more than ttl_s ago; with `room`, also the oldest finished ones when full."""
         now = time.time()
         for job_id, record in list(self._jobs.items()):
             if record["finished_at"] is not None and now - record["finished_at"] > self.ttl_s:
                 del self._jobs[job_id]
-        if len(self._jobs) >= self.max_jobs:
+        if room and len(self._jobs) >= self.max_jobs:
             finished = sorted((r for r in self._jobs.values() if r["finished_at"]), key=lambda r: r["finished_at"])
             for record in finished[: len(self._jobs) - self.max_jobs + 1]:
                 del self._jobs[record["view"]["id"]]
