@@ -10,8 +10,8 @@ from service.engine import explain
 from service.methods import METHODS
 from tests.conftest import MODELS
 
-QUICK = {"integrated-gradients": {"n_steps": 16}, "smoothgrad": {"n_samples": 8},
-         "moreaugrad": {"iterations": 10, "n_samples": 4}}
+QUICK = {"integrated-gradients": {"n_steps": 8}, "smoothgrad": {"n_samples": 4},
+         "moreaugrad": {"iterations": 4, "n_samples": 2}}
 
 
 def correlation(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -158,3 +158,24 @@ def test_state_jobs_progress_cancel_finish_and_bounds():
         assert await state.view("zzz") is None
 
     asyncio.run(run())
+
+
+def test_serve_config_file_validates_and_names_the_apps_deployments():
+    """deploy/ray-serve.yaml is a valid Serve config whose deployments are the ones the builder makes."""
+    pytest.importorskip("ray.serve", reason="ray is not installed: pip install '.[ray]'")
+    import yaml
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from service.distributed.app import app_builder, explainer_name, servable_models
+    from service.settings import Settings
+    from tests.conftest import ROOT
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy" / "ray-serve.yaml").read_text()))
+    [app] = config.applications
+    assert app.import_path == "service.distributed.app:app_builder" and app.route_prefix == "/"
+    args = dict(app.args)
+    assert isinstance(app_builder(dict(args)), Application)
+    args.pop("threads")
+    made = {"ingress", "state"} | {explainer_name(m) for m in servable_models(Settings(**args))}
+    assert {d.name for d in app.deployments} == made
