@@ -1,0 +1,122 @@
+"""The yardstick: raw forward+backward throughput, and each method's efficiency against it.
+
+    .venv/bin/python bench/limit.py [--quick] [--arch resnet50] [--device cuda] [--precision bf16]
+
+raw = one forward and one backward to the input (frozen weights, what every method needs) at batch
+sizes 1..64. A method costs a known number of passes per image (Grad-CAM and FullGrad 1, IG n_steps,
+SmoothGrad n_samples, MoreauGrad iterations x n_samples); its efficiency is
+
+    efficiency = passes x (raw seconds per image at the batch the method actually runs) / measured seconds per image
+
+so 1.0 means it spends nothing beyond the limit (Grad-CAM can beat 1: its backward stops at its layer).
+The service line measures Grad-CAM through the HTTP service under 16 concurrent clients.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from service.engine import AUTOCAST, explain  # noqa: E402
+from service.methods import METHODS  # noqa: E402
+from service.methods.gradients import input_gradients  # noqa: E402
+from service.zoo import ModelRegistry, resolve_device  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int) -> float:
+    fn()
+    sync(device)
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples)
+
+
+def load(arch: str, device):
+    registry = ModelRegistry.from_dir(ROOT / "models", device, only={"efficientnet_lite0"})
+    model = registry.models["efficientnet_lite0"]
+    if arch == "resnet50":  # random weights: timing only
+        import torchvision
+
+        module = torchvision.models.resnet50().eval().requires_grad_(False).to(device)
+        if device.type == "cuda":
+            module.to(memory_format=torch.channels_last)
+        model.module = module
+        model.cam_layers = {"layer4": (2048, 7, 7)}
+        model.card = model.card.model_copy(update={"cam": model.card.cam.model_copy(update={"target_layer": "layer4"})})
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--arch", default="efficientnet_lite0", choices=["efficientnet_lite0", "resnet50"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    model = load(args.arch, device)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    if args.quick:
+        sizes = [b for b in sizes if b <= 8]
+    repeats = 2 if args.quick else 3
+    autocast = dict(device_type=device.type, dtype=AUTOCAST.get(args.precision, torch.float32),
+                    enabled=args.precision != "fp32")
+    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor()}),"
+          f" torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.arch}, {args.precision}\n")
+
+    raw = {}
+    print("| batch | raw fwd+bwd img/s | ms per image |\n|---:|---:|---:|")
+    for b in sizes:
+        x = torch.randn(b, 3, 224, 224, device=device)
+        t = torch.zeros(b, dtype=torch.long, device=device)
+        with torch.autocast(**autocast):
+            seconds = timed(lambda: input_gradients(model.module, x, t), device, repeats)
+        raw[b] = seconds / b
+        print(f"| {b} | {b / seconds:.1f} | {1000 * seconds / b:.1f} |")
+
+    def raw_at(images_per_pass: int) -> float:
+        usable = [b for b in raw if b <= images_per_pass] or [min(raw)]
+        return raw[max(usable)]
+
+    steps, samples = (8, 8) if args.quick else (50, 25)  # the defaults; fewer for a smoke run
+    mg_samples = 8 if args.quick else 32
+    cases = [("gradcam", {}, 1), ("fullgrad", {}, 1), ("gradient", {}, 1),
+             ("integrated-gradients", {"n_steps": steps}, steps),
+             ("smoothgrad", {"n_samples": samples}, samples),
+             ("moreaugrad", {"iterations": 3, "n_samples": mg_samples}, 3 * mg_samples)]
+    print("\n| method | batch | passes/img | ms per image | limit ms per image | efficiency |\n|---|---:|---:|---:|---:|---:|")
+    for batch in [b for b in (1, 8) if b in raw]:
+        x = torch.randn(batch, 3, 224, 224, device=device)
+        for name, params, passes in cases:
+            p = METHODS[name].Params(precision=args.precision, **params)
+            seconds = timed(lambda: explain(model, METHODS[name], x, [None] * batch, p, max_batch=64), device,
+                            1 if passes > 8 else repeats) / batch
+            per_pass_batch = min(64, batch * (params.get("n_steps") or params.get("n_samples") or 1))
+            limit = passes * raw_at(per_pass_batch)
+            print(f"| {name} | {batch} | {passes} | {1000 * seconds:.1f} | {1000 * limit:.1f} | {limit / seconds:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
