@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from .api.errors import ApiError
 from .engine import explain
 from .cache import ResultCache
+from .calibrate import calibrate
 from .jobs import Job, JobStore
 from .metrics import Metrics
 from .pipeline import ExplainCall, encode_result, response_body
@@ -53,6 +54,7 @@ class Runtime:
                        name=f"{lane}-{self.device}", on_batch=self._on_batch)
             for lane in ("worker", "bulk"))
         self.load_error: str | None = None
+        self.pass_batch: dict[str, int] = {}  # images per forward pass, per model (measured on a GPU)
         self._loaded = threading.Event()
         # Fault injection for tests: called with each batch before it runs (may raise, e.g. a fake CUDA OOM).
         self.fault_hook: Callable[[list[WorkItem]], None] | None = None
@@ -71,6 +73,7 @@ class Runtime:
         try:
             only = set(self.settings.models) if self.settings.models else None
             self.registry = ModelRegistry.from_dir(self.settings.models_dir, self.device, only)
+            self.pass_batch = calibrate(self.registry.models, self.settings.max_pass_batch)
             log.info("models ready: %s; unavailable: %s", sorted(self.registry.models),
                      sorted(self.registry.unavailable))
         except Exception as exc:  # noqa: BLE001 - reported by /readyz
@@ -129,7 +132,8 @@ class Runtime:
         raw = ["raw" in item.payload.call.outputs for item in items]
         try:
             return explain(call.model, call.method, x, targets, call.params, progress=progress,
-                           top_k=self.settings.top_k, max_batch=self.settings.max_pass_batch, keep_attribution=raw)
+                           top_k=self.settings.top_k, keep_attribution=raw,
+                           max_batch=self.pass_batch.get(call.model.name, self.settings.max_pass_batch))
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()  # the pool splits the batch and retries
             raise

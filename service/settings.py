@@ -25,7 +25,8 @@ class Settings(BaseSettings):
                                                        "at n_steps=50 costs 50; MoreauGrad costs n_samples)")
     max_batch_items: int = Field(32, ge=1, description="most requests' images in one batch")
     max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for company after its first item")
-    max_pass_batch: int = Field(64, ge=1, description="memory budget: most images in one forward pass")
+    max_pass_batch: int = Field(64, ge=1, description="memory budget: most images in one forward pass (on a "
+                                                      "GPU, lowered at start-up to what measured memory allows)")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="default autocast dtype of model passes (per-request parameter `precision`)")
     cache_bytes: int = Field(256 * 2**20, ge=0, description="result cache size (0 disables it)")

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.calibrate import calibrate, measure_peaks, pass_batch_from_peaks
+
+
+def test_pass_batch_from_two_measurements():
+    # 100 MB fixed + 30 MB per image; 8 GB free, half of it usable -> (4000 - 100) / 30 = 130 images
+    mb = 10**6
+    peaks = {1: 130 * mb, 4: 220 * mb}
+    assert pass_batch_from_peaks(peaks, 8000 * mb, 0.5, cap=1000) == 130
+    assert pass_batch_from_peaks(peaks, 8000 * mb, 0.5, cap=64) == 64  # the setting caps it
+    assert pass_batch_from_peaks(peaks, 100 * mb, 0.5, cap=64) == 1  # never below one image
+
+
+def test_cpu_models_keep_the_setting(registry):
+    assert calibrate(registry.models, cap=48) == {name: 48 for name in registry.models}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_gpu_peaks_grow_with_batch(registry):
+    from service.zoo import load_model
+    from tests.conftest import MODELS
+
+    model = load_model(registry.models["efficientnet_lite0"].card, MODELS, torch.device("cuda"))
+    peaks = measure_peaks(model)
+    assert peaks[4] > peaks[1] > 0
