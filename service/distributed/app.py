@@ -6,8 +6,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
-import time
+import threading
 from typing import Any
 
 from ray import serve
@@ -98,16 +99,15 @@ def serve_forever(settings: Settings) -> None:
     serve.run(build(settings), name=APP_NAME, route_prefix="/")
     log.info("serving on http://%s:%s (Ray Serve)", settings.host, settings.port)
 
-    def stop(*_):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
+    stopping = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a flag only: no exception raised inside Ray's own calls
+        signal.signal(sig, lambda *_: stopping.set())
     try:
-        while True:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
+        while not stopping.wait(1):
+            pass
     finally:
-        serve.delete(APP_NAME)
-        serve.shutdown()
+        if os.environ.get("RAY_ADDRESS"):  # a shared cluster: remove this app only
+            serve.delete(APP_NAME)
+        else:  # the local Ray started above
+            serve.shutdown()
         ray.shutdown()
