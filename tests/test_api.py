@@ -342,3 +342,16 @@ def test_a_repeated_request_is_answered_from_the_cache(small_registry):
         call(seed="1")  # other params: a miss
         call(target="3")  # another target: a miss
         assert cache_counts(base) == (1, 3)
+
+
+def test_a_caller_hanging_up_cancels_its_queued_work(small_registry):
+    settings = Settings(default_model="tiny_cnn", max_wait_ms=0)
+    with running_server(settings, small_registry) as (base, app), busy_worker(app, 1.5):
+        runtime = app.state.runtime
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/v1/explain/gradcam", files=[("image", ("x.png", png_bytes(random_image(8)), "image/png"))],
+                       timeout=0.5)
+        deadline = time.monotonic() + 5
+        while runtime.pool.stats.cancelled == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert runtime.pool.stats.cancelled == 1  # dropped from the queue, never computed

@@ -46,6 +46,25 @@ async def start_call(request: Request, runtime: Runtime, method_name: str, *, pn
     return job
 
 
+class _ClientGone(Exception):
+    pass
+
+
+async def _result_unless_gone(request: Request, task: asyncio.Task, timeout: float):
+    """The task's result; TimeoutError after `timeout`; _ClientGone if the caller hangs up first."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise TimeoutError
+        done, _ = await asyncio.wait({task}, timeout=min(0.25, remaining))
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            raise _ClientGone
+
+
 def _wants_png(request: Request) -> bool:
     accept = request.headers.get("accept", "")
     return "image/png" in accept and "application/json" not in accept
@@ -59,7 +78,10 @@ async def explain(method: str, request: Request, runtime: RuntimeDep):
     png = _wants_png(request)
     job = await start_call(request, runtime, method, png=png)
     try:
-        body = await asyncio.wait_for(asyncio.shield(job.task), runtime.settings.sync_wait_s)
+        body = await _result_unless_gone(request, job.task, runtime.settings.sync_wait_s)
+    except _ClientGone:
+        runtime.cancel(job)  # nobody will read the answer: free the worker for those still waiting
+        return Response(status_code=499)
     except TimeoutError:
         await runtime.hold_job(job)  # too long to wait for: the caller polls it as a job
         return JSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
