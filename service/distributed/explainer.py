@@ -15,6 +15,7 @@ import time
 import torch
 from ray import serve
 
+from ..calibrate import calibrate
 from ..engine import explain
 from ..metrics import _rss_bytes
 from ..methods import get_method
@@ -37,6 +38,8 @@ class Explainer:
         self.device = resolve_device(self.settings.device)
         registry = ModelRegistry.from_dir(self.settings.models_dir, self.device, only={model})
         self.model = registry.get(model)  # unavailable: the replica fails to start and Serve reports why
+        # Images per forward pass: measured from free GPU memory, as the embedded runtime does (CPU: the setting).
+        self.pass_batch = calibrate({model: self.model}, self.settings.max_pass_batch)[model]
         self.state = state
         context = serve.get_replica_context()
         self.deployment, self.replica = context.deployment, context.replica_id.unique_id
@@ -89,7 +92,7 @@ class Explainer:
         try:
             results = explain(self.model, get_method(first.method), torch.stack([t.pixels for t in tasks]),
                               [t.target for t in tasks], first.params, progress=_Reporter(self.state, tasks),
-                              top_k=self.settings.top_k, max_batch=self.settings.max_pass_batch,
+                              top_k=self.settings.top_k, max_batch=self.pass_batch,
                               keep_attribution=[t.raw for t in tasks])
         except Cancelled:
             return [Outcome(error=(CANCELLED, "the job was cancelled"), replica=self.replica)] * len(tasks)
