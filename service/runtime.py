@@ -51,7 +51,8 @@ class Runtime:
         self.pool, self.bulk_pool = (
             WorkerPool(self._run_batch, max_queue=settings.max_queue, max_cost=settings.max_batch_cost,
                        max_items=settings.max_batch_items, max_wait=settings.max_wait_ms / 1000,
-                       name=f"{lane}-{self.device}", on_batch=self._on_batch)
+                       name=f"{lane}-{self.device}", on_batch=self._on_batch,
+                       watchdog_interval=settings.watchdog_s)
             for lane in ("worker", "bulk"))
         self.load_error: str | None = None
         self.pass_batch: dict[str, int] = {}  # images per forward pass, per model (measured on a GPU)

@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     bulk_cost: int = Field(2000, ge=1, description="images costing more passes than this run on the bulk lane, "
                                                    "a second worker, so they never hold up interactive work")
 
+    watchdog_s: float = Field(1.0, gt=0, description="how often a dead worker thread is noticed and restarted")
+
     # Deadlines
     queue_deadline_s: float = Field(30.0, gt=0, description="work not started by then is dropped with 504")
     sync_wait_s: float = Field(30.0, gt=0, description="a synchronous request still running after this "
