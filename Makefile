@@ -14,6 +14,12 @@ $(VENV)/.installed: pyproject.toml
 	@# The clients (clients/), and CVAT's SDK from the test extra, live in the service's env. Label Studio and
 	@# FiftyOne pin stacks of their own (Django, numpy 2.2, starlette<1.4), so they get .venv/tools.
 	$(PY) -m pip install --quiet -e clients/python -e clients/cvat
+	touch $@
+
+venv: $(VENV)/.installed
+
+# What only the tests need: Label Studio and FiftyOne in their own env, and chromium in CI.
+$(VENV)/.tools: $(VENV)/.installed
 	test -x $(VENV)/tools/bin/python || $(PYTHON) -m venv $(VENV)/tools
 	$(VENV)/tools/bin/python -m pip install --quiet pytest 'label-studio==1.23.2' 'fiftyone==1.22.1' \
 	  -e clients/python -e clients/labelstudio -e clients/fiftyone
@@ -25,8 +31,6 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	touch $@
 
-venv: $(VENV)/.installed
-
 # Ray Serve (the optional engine, `pip install .[ray]`): the tests need it, `make serve` does not.
 $(VENV)/.ray: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[ray]'
@@ -35,7 +39,7 @@ $(VENV)/.ray: $(VENV)/.installed
 serve: venv
 	$(PY) -m service
 
-test: venv $(VENV)/.ray
+test: venv $(VENV)/.tools $(VENV)/.ray
 	$(PY) -m pytest -q
 
 bench: venv
