@@ -42,12 +42,13 @@ def measure_peaks(model: LoadedModel, sizes=PROBE_SIZES) -> dict[int, int]:
     return peaks
 
 
-def calibrate(models: dict[str, LoadedModel], cap: int, fraction: float = 0.5) -> dict[str, int]:
-    """Pass batch per model; the cap for models not on a GPU."""
+def calibrate(models: dict[str, LoadedModel], cap: int, cpu_pass_batch: int | None = None,
+              fraction: float = 0.5) -> dict[str, int]:
+    """Pass batch per model: from measured memory on a GPU; `cpu_pass_batch` (within the cap) on a CPU."""
     out = {}
     for name, model in models.items():
         if model.device.type != "cuda":
-            out[name] = cap
+            out[name] = min(cap, cpu_pass_batch or cap)
             continue
         free, _ = torch.cuda.mem_get_info(model.device)
         out[name] = pass_batch_from_peaks(measure_peaks(model), free, fraction, cap)

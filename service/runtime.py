@@ -74,7 +74,8 @@ class Runtime:
         try:
             only = set(self.settings.models) if self.settings.models else None
             self.registry = ModelRegistry.from_dir(self.settings.models_dir, self.device, only)
-            self.pass_batch = calibrate(self.registry.models, self.settings.max_pass_batch)
+            self.pass_batch = calibrate(self.registry.models, self.settings.max_pass_batch,
+                                        self.settings.cpu_pass_batch)
             log.info("models ready: %s; unavailable: %s", sorted(self.registry.models),
                      sorted(self.registry.unavailable))
         except Exception as exc:  # noqa: BLE001 - reported by /readyz

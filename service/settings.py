@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="default autocast dtype of model passes (per-request parameter `precision`)")
     cache_bytes: int = Field(256 * 2**20, ge=0, description="result cache size (0 disables it)")
+    cpu_pass_batch: int = Field(8, ge=1, description="images per forward pass on a CPU: measured on a 2-core "
+                                                     "Xeon, the cost per image grows past 8 (docs/benchmarks.md)")
     max_queue: int = Field(256, ge=1, description="pending images before requests get 429 (per lane)")
     bulk_cost: int = Field(2000, ge=1, description="images costing more passes than this run on the bulk lane, "
                                                    "a second worker, so they never hold up interactive work")

@@ -15,8 +15,9 @@ def test_pass_batch_from_two_measurements():
     assert pass_batch_from_peaks(peaks, 100 * mb, 0.5, cap=64) == 1  # never below one image
 
 
-def test_cpu_models_keep_the_setting(registry):
-    assert calibrate(registry.models, cap=48) == {name: 48 for name in registry.models}
+def test_cpu_models_use_the_cpu_setting_within_the_cap(registry):
+    assert calibrate(registry.models, cap=48, cpu_pass_batch=8) == {name: 8 for name in registry.models}
+    assert calibrate(registry.models, cap=4, cpu_pass_batch=8) == {name: 4 for name in registry.models}
 
 
 @pytest.mark.gpu
