@@ -66,6 +66,8 @@ class Runtime:
         for pool in self.pools:
             pool.start()
         if self.registry is not None:
+            self.pass_batch = calibrate(self.registry.models, self.settings.max_pass_batch,
+                                        self.settings.cpu_pass_batch)
             self._loaded.set()
             return
         threading.Thread(target=self._load, name="model-loader", daemon=True).start()
