@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from service.engine import AUTOCAST, explain  # noqa: E402
 from service.methods import METHODS  # noqa: E402
 from service.methods.gradients import input_gradients  # noqa: E402
+from service.settings import Settings  # noqa: E402
 from service.zoo import ModelRegistry, resolve_device  # noqa: E402
 
 
@@ -106,14 +107,17 @@ def main() -> None:
              ("integrated-gradients", {"n_steps": steps}, steps),
              ("smoothgrad", {"n_samples": samples}, samples),
              ("moreaugrad", {"iterations": 3, "n_samples": mg_samples}, 3 * mg_samples)]
+    settings = Settings()  # the service's pass batch: cpu_pass_batch on a CPU, the cap on a GPU
+    pass_batch = settings.cpu_pass_batch if device.type == "cpu" else settings.max_pass_batch
+    print(f"\npasses of at most {pass_batch} images, as the service runs them on this device")
     print("\n| method | batch | passes/img | ms per image | limit ms per image | efficiency |\n|---|---:|---:|---:|---:|---:|")
     for batch in [b for b in (1, 8) if b in raw]:
         x = torch.randn(batch, 3, 224, 224, device=device)
         for name, params, passes in cases:
             p = METHODS[name].Params(precision=args.precision, **params)
-            seconds = timed(lambda: explain(model, METHODS[name], x, [None] * batch, p, max_batch=64), device,
+            seconds = timed(lambda: explain(model, METHODS[name], x, [None] * batch, p, max_batch=pass_batch), device,
                             1 if passes > 8 else repeats) / batch
-            per_pass_batch = min(64, batch * (params.get("n_steps") or params.get("n_samples") or 1))
+            per_pass_batch = min(pass_batch, batch * (params.get("n_steps") or params.get("n_samples") or 1))
             limit = passes * raw_at(per_pass_batch)
             print(f"| {name} | {batch} | {passes} | {1000 * seconds:.1f} | {1000 * limit:.1f} | {limit / seconds:.2f} |")
 
