@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import contextlib
-import time
 
-import httpx
 
 from service.settings import Settings
-from tests.server import free_port
+from tests.server import free_port, wait_ready
 
 # The contract app: two tiny_cnn replicas (the replica tests need two), one EfficientNet replica; each
 # replica takes a quarter of a core's reservation and one torch thread, so all fit in ray.init(num_cpus=2).
@@ -35,16 +33,7 @@ def running_ray_server(settings: Settings, explainers: dict | None = None, ready
     serve.run(build(settings, EXPLAINERS if explainers is None else explainers, threads=1), name=APP_NAME,
               route_prefix="/")
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + ready_timeout
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("the Ray Serve app did not become ready")
-        time.sleep(0.2)
+    wait_ready(base, ready_timeout, what="Ray Serve app")
     try:
         yield base, None
     finally:

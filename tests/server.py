@@ -19,6 +19,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(base: str, timeout: float, alive=lambda: True, what: str = "server") -> None:
+    """Poll /readyz until it answers 200; RuntimeError after `timeout` or once `alive()` turns false."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or not alive():
+            raise RuntimeError(f"the {what} did not become ready")
+        time.sleep(0.1)
+
+
 @contextlib.contextmanager
 def running_server(settings: Settings | None = None, registry=None, ready_timeout: float = 120.0):
     settings = (settings or Settings()).model_copy(update={"port": free_port()})
@@ -29,17 +43,11 @@ def running_server(settings: Settings | None = None, registry=None, ready_timeou
     thread.start()
     base = f"http://127.0.0.1:{settings.port}"
     app.state.base = base
-    deadline = time.monotonic() + ready_timeout
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or not thread.is_alive():
-            server.should_exit = True
-            raise RuntimeError("server did not become ready")
-        time.sleep(0.1)
+    try:
+        wait_ready(base, ready_timeout, thread.is_alive)
+    except RuntimeError:
+        server.should_exit = True
+        raise
     try:
         yield base, app
     finally:
