@@ -102,7 +102,7 @@ def prepare(settings: Settings, model: LoadedModel, method: Method, params: Meth
         except imaging.ImageError as exc:
             status = 413 if "exceeds" in str(exc) else 400
             raise ApiError(status, "bad_image", str(exc)) from None
-    pixels = torch.stack([model.preprocess(image) for image in images])
+    pixels = model.preprocess.batch(images)
     return ExplainCall(model, method, params, images, pixels, [content_hash(b) for b in blobs], targets,
                        set(outputs or ["npy"]), size)
 

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .api.errors import ApiError
 from .engine import explain
+from .hostmem import retain_freed_memory
 from .cache import ResultCache
 from .calibrate import calibrate
 from .jobs import Job, JobStore
@@ -63,6 +64,8 @@ class Runtime:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Load models in the background (so /healthz answers and /readyz says 503 meanwhile)."""
+        if self.settings.retain_host_memory:
+            retain_freed_memory()
         for pool in self.pools:
             pool.start()
         if self.registry is not None:

@@ -24,7 +24,9 @@ class Settings(BaseSettings):
     max_batch_cost: int = Field(256, ge=1, description="most images per forward pass in one batch (an IG image "
                                                        "at n_steps=50 costs 50; MoreauGrad costs n_samples)")
     max_batch_items: int = Field(32, ge=1, description="most requests' images in one batch")
-    max_wait_ms: float = Field(5.0, ge=0, description="how long a batch waits for company after its first item")
+    max_wait_ms: float = Field(0.0, ge=0, description="how long a batch waits for company after its first item. "
+                               "0: an idle worker starts at once; under load batches still form from the queue "
+                               "that builds while the worker runs (docs/benchmarks.md)")
     max_pass_batch: int = Field(64, ge=1, description="memory budget: most images in one forward pass (on a "
                                                       "GPU, lowered at start-up to what measured memory allows)")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
@@ -35,6 +37,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="pending images before requests get 429 (per lane)")
     bulk_cost: int = Field(2000, ge=1, description="images costing more passes than this run on the bulk lane, "
                                                    "a second worker, so they never hold up interactive work")
+
+    retain_host_memory: bool = Field(True, description="keep freed host memory for the next pass instead of "
+                                     "returning it to the kernel (glibc only; see service/hostmem.py)")
 
     watchdog_s: float = Field(1.0, gt=0, description="how often a dead worker thread is noticed and restarted")
 

@@ -355,3 +355,14 @@ def test_a_caller_hanging_up_cancels_its_queued_work(small_registry):
         while runtime.pool.stats.cancelled == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert runtime.pool.stats.cancelled == 1  # dropped from the queue, never computed
+
+
+def test_json_bodies_are_strict_json_even_with_non_finite_numbers():
+    import json
+    import math
+
+    from service.api.responses import FastJSONResponse
+
+    content = {"map": {"npy": "AAAA" * 10}, "diagnostics": {"gap": math.nan, "ratio": math.inf}, "p": 0.25}
+    body = FastJSONResponse(content).body
+    assert json.loads(body) == {**content, "diagnostics": {"gap": None, "ratio": None}}  # no NaN tokens

@@ -125,3 +125,11 @@ def test_bad_cards_are_reported_by_name(models_dir, edit, message):
         load_model(read_card(path), models_dir, CPU)
     assert "tiny_cnn" in str(info.value)
     assert "tiny_cnn" in ModelRegistry.from_dir(models_dir, CPU).unavailable
+
+
+def test_numpy_preprocessing_equals_normalising_the_pixels(default_model, chelsea):
+    # Request threads preprocess in numpy (no torch ops, see Preprocessor.to_array); it must be the same input.
+    expected = default_model.preprocess.normalize(default_model.preprocess.to_pixels(chelsea))
+    got = default_model.preprocess.batch([chelsea, chelsea])
+    assert got.shape == (2, 3, 224, 224) and got.is_contiguous() and got.dtype == torch.float32
+    assert torch.allclose(got[1], expected, atol=1e-5) and torch.equal(default_model.preprocess(chelsea), got[0])

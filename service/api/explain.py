@@ -5,13 +5,14 @@ import asyncio
 import base64
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from ..jobs import Job
 from ..pipeline import prepare, resolve
 from ..runtime import Runtime, as_api_error
 from .body import parse_body
+from .responses import FastJSONResponse
 from .deps import RuntimeDep
 from .schemas import ErrorOut, ExplainRequest, ExplainResponse, JobOut
 
@@ -84,12 +85,12 @@ async def explain(method: str, request: Request, runtime: RuntimeDep):
         return Response(status_code=499)
     except TimeoutError:
         await runtime.hold_job(job)  # too long to wait for: the caller polls it as a job
-        return JSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+        return FastJSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
     except Exception as exc:  # noqa: BLE001 - mapped onto the API's errors
         raise as_api_error(exc, log_unexpected=False) from None  # the job's task has logged it
     if png and len(body["results"]) == 1:
         return Response(base64.b64decode(body["results"][0]["map"]["overlay"]), media_type="image/png")
-    return JSONResponse(body)
+    return FastJSONResponse(body)
 
 
 @router.post("/jobs/{method}", operation_id="submit_job", status_code=202, response_model=JobOut,
@@ -98,17 +99,17 @@ async def submit_job(method: str, request: Request, runtime: RuntimeDep):
     """Start an explanation as a job (for long work such as MoreauGrad); poll GET /v1/jobs/{id}."""
     job = await start_call(request, runtime, method, deadline_s=runtime.settings.job_deadline_s)
     await runtime.hold_job(job)
-    return JSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+    return FastJSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 @router.get("/jobs/{job_id}", operation_id="get_job", response_model=JobOut, responses={404: {"model": ErrorOut}})
 async def get_job(job_id: str, runtime: RuntimeDep):
     """Status, progress (done/total steps) and, when done, the result."""
-    return JSONResponse(await runtime.job_view(job_id))
+    return FastJSONResponse(await runtime.job_view(job_id))
 
 
 @router.delete("/jobs/{job_id}", operation_id="cancel_job", response_model=JobOut,
                responses={404: {"model": ErrorOut}})
 async def cancel_job(job_id: str, runtime: RuntimeDep):
     """Cancel a job: queued work is dropped, running work stops at its next step."""
-    return JSONResponse(await runtime.cancel_job(job_id))
+    return FastJSONResponse(await runtime.cancel_job(job_id))
