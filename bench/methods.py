@@ -457,7 +457,17 @@ def compare_smoothgrad(ctx: Context) -> list[Comparison]:
         f"gradient passes by construction; Pearson of the heat maps per image = {fmt(corr)} (info only: "
         f"other noise draws, and ours scales the noise per image where NoiseTunnel takes one std per batch)")
     label = f"smoothgrad vs captum NoiseTunnel(Saliency) ({params.n_samples} samples)"
-    return [Comparison("smoothgrad", label, ours, peer, params.n_samples)]
+
+    def peer_and_prediction(x, t):
+        # Ours also returns the prediction (top-k): a clean no-grad forward NoiseTunnel does not do. A user who
+        # shows the predicted class next to the map runs it too; this row compares the same outputs.
+        with torch.no_grad():
+            ctx.subject.module(x).softmax(1).topk(5)
+        return peer(x, t)
+
+    return [Comparison("smoothgrad", label, ours, peer, params.n_samples),
+            Comparison("smoothgrad", f"{label} + its prediction forward (same outputs as ours)", ours,
+                       peer_and_prediction, params.n_samples)]
 
 
 def compare_gradient(ctx: Context) -> list[Comparison]:

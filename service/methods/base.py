@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ..zoo.reshape import ReshapeTransform, identity
+from .gradients import even_chunk
 
 Progress = Callable[[int, int], None]  # (done, total) steps; may raise to cancel the work
 
@@ -105,8 +106,8 @@ class SinglePassMethod(Method):
     """Methods that cost one pass per image: split the batch by the memory budget, nothing else to share."""
 
     def attribute(self, model, x, targets, params, progress=None):
-        parts = [self.attribute_chunk(model, xc, tc, params)
-                 for xc, tc in zip(x.split(model.max_batch), targets.split(model.max_batch))]
+        step = even_chunk(x.shape[0], model.max_batch)
+        parts = [self.attribute_chunk(model, xc, tc, params) for xc, tc in zip(x.split(step), targets.split(step))]
         if progress:
             progress(1, 1)
         return Attribution.concat(parts)

@@ -20,16 +20,25 @@ def resolve_targets(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return torch.where(targets < 0, logits.argmax(1), targets)
 
 
+def even_chunk(total: int, max_batch: int | None) -> int:
+    """The pass size that splits `total` images into as few passes as `max_batch` allows, of equal size:
+    10 noisy copies with a budget of 8 run as 5 + 5, not 8 + 2 (a pass of 2 costs more per image)."""
+    if not max_batch or total <= max_batch:
+        return max(total, 1)
+    passes = -(-total // max_batch)
+    return -(-total // passes)
+
+
 def clean_logits(module: nn.Module, x: torch.Tensor, max_batch: int) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([module(c) for c in x.split(max_batch)])
+        return torch.cat([module(c) for c in x.split(even_chunk(x.shape[0], max_batch))])
 
 
 def input_gradients(module: nn.Module, x: torch.Tensor, targets: torch.Tensor,
                     max_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(gradients like x, target scores (B,)). Only the input's gradient is computed (no parameter grads)."""
     grads, scores = [], []
-    step = max_batch or x.shape[0]
+    step = even_chunk(x.shape[0], max_batch)
     for xc, tc in zip(x.split(step), targets.split(step)):
         with torch.enable_grad():
             xc = xc.detach().requires_grad_(True)
