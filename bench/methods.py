@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from service.methods import METHODS  # noqa: E402
 from service.methods.base import Explainee  # noqa: E402
-from service.methods.fullgrad import COMPLETE_TOLERANCE, bias_layers  # noqa: E402
+from service.methods.fullgrad import COMPLETE_TOLERANCE, bias_layers, clamp_layers  # noqa: E402
 from service.methods.integrated_gradients import make_baseline  # noqa: E402
 from service.methods.postprocess import heatmap  # noqa: E402
 from service.zoo import ModelRegistry, Preprocessor, read_card, resolve_device  # noqa: E402
@@ -398,11 +398,13 @@ def compare_fullgrad(ctx: Context) -> list[Comparison]:
     gaps = [d["completeness_gap"] for d in result.diagnostics]
     ctx.notes.append(
         f"check fullgrad: bias layers with a map, ours {ours_maps} (+{len(hooked) - ours_maps} linear, only "
-        f"in the completeness sum), peer {peer_layers} -> {verdict(ok)}; Pearson(ours, peer) per image = "
+        f"in the completeness sum), peer {peer_layers} -> {verdict(ok)}; ours also counts the clipped units "
+        f"of {len(clamp_layers(module))} clamping activations (ReLU6) as implicit biases, the peer does not; "
+        f"Pearson(ours, peer) per image = "
         f"{fmt(corr)} (info: the peer min-max scales every channel, ours every layer as the paper's code "
         f"does); our relative completeness gaps {fmt(gaps, '.2g')} ("
         + ("complete to float32 precision)" if max(gaps) <= COMPLETE_TOLERANCE else
-           "incomplete: some constant is not a listed bias, e.g. ReLU6's clipping at 6)"))
+           "incomplete: some constant is not a listed bias)"))
     return [Comparison("fullgrad", "fullgrad vs pytorch_grad_cam.FullGrad", ours, peer, ok=ok,
                        release=[cam.activations_and_grads.release])]
 

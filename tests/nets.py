@@ -55,6 +55,20 @@ class ReluBnNet(nn.Module):
         return self.body(x)
 
 
+class ClampNet(nn.Module):
+    """Conv-BN-ReLU6 (in place), conv-BN-Hardtanh(-0.5, 0.5), GAP, linear: clamping activations whose clipped
+    units output constants (implicit biases), at both ends for the Hardtanh."""
+
+    def __init__(self, classes: int = 4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU6(inplace=True),
+                                  nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Hardtanh(-0.5, 0.5),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
+
+    def forward(self, x):
+        return self.body(x)
+
+
 class SiluNet(nn.Module):
     def __init__(self, classes: int = 4):
         super().__init__()

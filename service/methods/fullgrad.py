@@ -1,7 +1,10 @@
 """FullGrad (Srinivas & Fleuret, 2019): input-gradient x input plus every bias-gradient, as a map.
 
 Decomposition: f(x) = sum(grad_x f * x) + sum over layers of sum(grad_z f * b), exact for piecewise-linear
-nets. Each image's completeness gap is reported; SiLU/sigmoid/saturating nets are flagged, not hidden.
+nets. Clamping activations (ReLU6, Hardtanh) are piecewise linear with constant pieces: a unit clipped at 6
+outputs 6 whatever its input, an implicit bias counted like the others (without it the decomposition of
+EfficientNet-Lite0 missed 12% to 240% of the score). Each image's completeness gap is reported; SiLU/sigmoid
+nets are flagged, not hidden.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from torch import nn
 
 from .base import Attribution, MethodParams, SinglePassMethod
 from .gradients import class_scores, resolve_targets
-from .hooks import GradientCapture
+from .hooks import ClampCapture, GradientCapture
 from .postprocess import minmax, upsample
 
 COMPLETE_TOLERANCE = 1e-3  # relative gap under which the decomposition counts as complete (float32 noise)
@@ -49,9 +52,25 @@ def bias_layers(module: nn.Module) -> tuple[dict[str, nn.Module], set[str], dict
     return hooked, pre_input, biases
 
 
+def clamp_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """Activations whose clipped units are implicit biases (ReLU6 is a Hardtanh from 0 to 6)."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, nn.Hardtanh)}
+
+
 def _bias_term(grad: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     shape = (1, -1) + (1,) * (grad.dim() - 2)
     return grad * bias.to(grad.dtype).view(shape)
+
+
+def _bias_terms(bias_records, clamp_records, biases, dtype):
+    """grad_z f * b per bias layer, then grad_out f * constant per clamping activation. A record without a
+    gradient is a layer that did not influence the score (e.g. an unused head)."""
+    for record in bias_records:
+        if record.grad is not None:
+            yield _bias_term(record.grad.to(dtype), biases[record.name])
+    for record in clamp_records:
+        if record.grad is not None:
+            yield record.grad.to(dtype) * record.output.to(dtype)
 
 
 class FullGrad(SinglePassMethod):
@@ -62,7 +81,8 @@ class FullGrad(SinglePassMethod):
     def attribute_chunk(self, model, x, targets, params):
         hooked, pre_input, biases = bias_layers(model.module)
         size = tuple(x.shape[-2:])
-        with torch.enable_grad(), GradientCapture(hooked, pre_input) as capture:
+        with torch.enable_grad(), GradientCapture(hooked, pre_input) as capture, \
+                ClampCapture(clamp_layers(model.module)) as clamps:
             xg = x.detach().requires_grad_(True)
             logits = model.module(xg)
             targets = resolve_targets(logits, targets)
@@ -71,10 +91,7 @@ class FullGrad(SinglePassMethod):
         input_term = grad_x * x
         total = input_term.flatten(1).sum(1)
         saliency = minmax(input_term.abs()).sum(1, keepdim=True)
-        for record in capture.records:
-            if record.grad is None:
-                continue  # the layer did not influence the score (e.g. an unused head)
-            term = _bias_term(record.grad.to(x.dtype), biases[record.name])
+        for term in _bias_terms(capture.records, clamps.records, biases, x.dtype):
             total = total + term.flatten(1).sum(1)
             if term.dim() == 4:
                 # Channel sum before upsampling: bilinear interpolation is linear, so this equals the
@@ -84,6 +101,7 @@ class FullGrad(SinglePassMethod):
         score = score.detach().to(x.dtype)
         gaps = ((score - total).abs() / score.abs().clamp_min(1e-12)).tolist()
         diagnostics = [{"completeness_gap": g, "complete": g <= COMPLETE_TOLERANCE, "score": s,
-                        "bias_layers": len(capture.records)} for g, s in zip(gaps, score.tolist())]
+                        "bias_layers": len(capture.records), "clamp_layers": len(clamps.records)}
+                       for g, s in zip(gaps, score.tolist())]
         return Attribution(saliency.detach(), minmax(saliency.squeeze(1)).detach(), diagnostics, logits.detach(),
                            targets)

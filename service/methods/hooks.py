@@ -107,3 +107,26 @@ class GradientCapture(_Capture):
         if name in self.pre_input:
             return module.register_forward_pre_hook(lambda _m, args: self._track(name, args[0]))
         return module.register_forward_hook(lambda _m, _i, output: self._track(name, output))
+
+
+class ClampCapture(_Capture):
+    """For clamping activations (ReLU6, Hardtanh): the constant each unit outputs where it is clipped, and the
+    gradient reaching the activation's output. A clipped unit is an implicit bias: there the output is the
+    constant itself (6 for ReLU6), whatever its input, so FullGrad must count it like a bias."""
+
+    def _register(self, name, module):
+        def hook(_module, _inputs, output):
+            if not (self._mine() and isinstance(output, torch.Tensor) and output.requires_grad):
+                return
+            with torch.no_grad():
+                low, high = module.min_val, module.max_val
+                constant = torch.where(output >= high, high, 0.0) + torch.where(output <= low, low, 0.0)
+            record = Record(name, output=constant)  # the constant, not the output: no cycle through autograd
+            self.records.append(record)
+
+            def keep(grad: torch.Tensor) -> None:
+                record.grad = grad
+
+            output.register_hook(keep)
+
+        return module.register_forward_hook(hook)
