@@ -1,10 +1,14 @@
 """The engine's front door: predict, pick targets, run a method, return one explanation per image."""
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.nn.grad import conv2d_input
+from torch.overrides import TorchFunctionMode
 
 from .methods import Method, MethodParams, Progress
 from .zoo import LoadedModel
@@ -37,6 +41,89 @@ def check_targets(model: LoadedModel, targets: list[int | None]) -> None:
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
+# Input-gradient maps of a piecewise-linear network are set by its activation pattern (which ReLU6 units are
+# in their linear range). Autocast's reduced-precision forward flips ~0.5% of those units and the maps
+# decorrelate from float32 (0.77-0.96 in bf16 on EfficientNet-Lite0); the same backward arithmetic in bf16
+# through the float32 pattern keeps >= 0.999 (docs/benchmarks.md, bench/precision.py). So these methods run
+# the forward in float32 and only the backward's conv/linear input-gradients in the reduced dtype; Grad-CAM
+# and FullGrad keep >= 0.99 under plain autocast, which reduces both passes.
+FP32_FORWARD = frozenset({"gradient", "integrated-gradients", "smoothgrad", "moreaugrad"})
+
+
+class _Conv2dReducedGrad(torch.autograd.Function):
+    """conv2d in the input's dtype; its input-gradient (a transposed convolution) in `dtype`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, dtype):
+        ctx.save_for_backward(weight)
+        ctx.conv = x.shape, stride, padding, dilation, groups, dtype
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        shape, stride, padding, dilation, groups, dtype = ctx.conv
+        dx = conv2d_input(shape, weight.to(dtype), grad.to(dtype), stride, padding, dilation, groups)
+        return dx.to(grad.dtype), None, None, None, None, None, None, None
+
+
+class _LinearReducedGrad(torch.autograd.Function):
+    """linear in the input's dtype; its input-gradient (grad @ W) in `dtype`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, dtype):
+        ctx.save_for_backward(weight)
+        ctx.dtype = dtype
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        return (grad.to(ctx.dtype) @ weight.to(ctx.dtype)).to(grad.dtype), None, None, None
+
+
+def _conv2d_args(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return input, weight, bias, stride, padding, dilation, groups
+
+
+def _linear_args(input, weight, bias=None):
+    return input, weight, bias
+
+
+class ReducedBackward(TorchFunctionMode):
+    """Within it, conv2d and linear calls on the path of an input gradient run their forward as called
+    (float32) and their input-gradient in `dtype`. Like autocast, the mode is thread-local. The replacements
+    compute no weight gradients, so weights that want them (not the zoo's: loaded frozen) get the plain op."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.conv2d and torch.is_grad_enabled():
+            x, weight, bias, stride, padding, dilation, groups = _conv2d_args(*args, **kwargs)
+            if x.requires_grad and not weight.requires_grad and not isinstance(padding, str):  # not "same"
+                return _Conv2dReducedGrad.apply(x, weight, bias, stride, padding, dilation, groups,
+                                                self.dtype)
+        elif func is F.linear and torch.is_grad_enabled():
+            x, weight, bias = _linear_args(*args, **kwargs)
+            if x.requires_grad and not weight.requires_grad:
+                return _LinearReducedGrad.apply(x, weight, bias, self.dtype)
+        return func(*args, **kwargs)
+
+
+def precision_scope(method: str, precision: str, device: torch.device
+                    ) -> tuple[AbstractContextManager, dict[str, str]]:
+    """The context a method's passes run in for a `precision` request, and diagnostics saying what ran."""
+    if precision == "fp32":
+        return nullcontext(), {}
+    dtype = AUTOCAST[precision]
+    if method in FP32_FORWARD:
+        return ReducedBackward(dtype), {"precision_forward": "fp32", "precision_backward": precision}
+    ran = {"precision_forward": precision, "precision_backward": precision}
+    return torch.autocast(device.type, dtype=dtype), ran
+
 
 def explain(model: LoadedModel, method: Method, x: torch.Tensor, targets: list[int | None], params: MethodParams,
             *, progress: Progress | None = None, top_k: int = 5, max_batch: int = 64,
@@ -49,9 +136,8 @@ def explain(model: LoadedModel, method: Method, x: torch.Tensor, targets: list[i
     check_targets(model, targets)
     x = x.to(model.device, non_blocking=True)
     wanted = torch.tensor([-1 if t is None else t for t in targets], device=model.device)
-    precision = getattr(params, "precision", None) or "fp32"
-    with torch.autocast(model.device.type, dtype=AUTOCAST.get(precision, torch.float32),
-                        enabled=precision != "fp32"):
+    scope, ran = precision_scope(method.name, getattr(params, "precision", None) or "fp32", model.device)
+    with scope:
         result = method.attribute(model.explainee(max_batch), x, wanted, params, progress)
     probabilities = result.logits.float().softmax(1)
     top_p, top_i = probabilities.topk(min(top_k, model.num_classes), dim=1)
@@ -65,5 +151,5 @@ def explain(model: LoadedModel, method: Method, x: torch.Tensor, targets: list[i
             target=target, label=model.labels[target], probability=chosen_p[b],
             top_k=[ClassScore(i, model.labels[i], p) for i, p in zip(top_ib, top_pb)],
             heatmap=heat[b], attribution=result.attribution[b].float().cpu() if keep[b] else None,
-            diagnostics=result.diagnostics[b]))
+            diagnostics={**result.diagnostics[b], **ran}))
     return out
