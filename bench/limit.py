@@ -110,6 +110,9 @@ def main() -> None:
     settings = Settings()  # the service's pass batch: cpu_pass_batch on a CPU, the cap on a GPU
     pass_batch = settings.cpu_pass_batch if device.type == "cpu" else settings.max_pass_batch
     print(f"\npasses of at most {pass_batch} images, as the service runs them on this device")
+    if args.precision != "fp32":
+        print("the yardstick is a whole-pass autocast; gradient, IG, SmoothGrad and MoreauGrad run their forward in "
+              "fp32 and only the backward reduced (the precision policy, service/engine.py), so they cannot reach it")
     print("\n| method | batch | passes/img | ms per image | limit ms per image | efficiency |\n|---|---:|---:|---:|---:|---:|")
     for batch in [b for b in (1, 8) if b in raw]:
         x = torch.randn(batch, 3, 224, 224, device=device)

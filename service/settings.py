@@ -30,7 +30,8 @@ class Settings(BaseSettings):
     max_pass_batch: int = Field(64, ge=1, description="memory budget: most images in one forward pass (on a "
                                                       "GPU, lowered at start-up to what measured memory allows)")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="default autocast dtype of model passes (per-request parameter `precision`)")
+        "fp32", description="default reduced precision of model passes (per-request parameter `precision`; how each "
+                            "method applies it: service/engine.py precision_scope)")
     cache_bytes: int = Field(256 * 2**20, ge=0, description="result cache size (0 disables it)")
     cpu_pass_batch: int = Field(8, ge=1, description="images per forward pass on a CPU: measured on a 2-core "
                                                      "Xeon, the cost per image grows past 8 (docs/benchmarks.md)")

@@ -25,8 +25,10 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     precision: Precision | None = Field(
-        None, description="autocast dtype of the model's passes: fp32, bf16 or fp16 (default: the server's "
-                          "setting); inputs, gradients and maps stay float32")
+        None, description="fp32, bf16 or fp16 (default: the server's setting). Grad-CAM and FullGrad run both passes "
+                          "under autocast; input-gradient methods run the forward in fp32 and the backward's "
+                          "conv/linear input-gradients in the reduced dtype (a reduced forward flips ReLU6 units "
+                          "and decorrelates their maps); maps stay float32")
 
 
 class HeatmapParams(MethodParams):
