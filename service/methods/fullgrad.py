@@ -14,7 +14,7 @@ from torch import nn
 from .base import Attribution, MethodParams, SinglePassMethod
 from .gradients import class_scores, resolve_targets
 from .hooks import ClampCapture, GradientCapture
-from .postprocess import minmax, upsample
+from .postprocess import minmax, minmax_channel_sum, upsample
 
 COMPLETE_TOLERANCE = 1e-3  # relative gap under which the decomposition counts as complete (float32 noise)
 
@@ -90,13 +90,13 @@ class FullGrad(SinglePassMethod):
             (grad_x,) = torch.autograd.grad(score.sum(), xg)  # fires the tensor hooks of every bias layer
         input_term = grad_x * x
         total = input_term.flatten(1).sum(1)
-        saliency = minmax(input_term.abs()).sum(1, keepdim=True)
+        saliency = minmax_channel_sum(input_term.abs())
         for term in _bias_terms(capture.records, clamps.records, biases, x.dtype):
             total = total + term.flatten(1).sum(1)
             if term.dim() == 4:
                 # Channel sum before upsampling: bilinear interpolation is linear, so this equals the
                 # reference's upsample-then-sum without a (B, C, H, W) tensor per layer.
-                layer_map = minmax(term.abs()).sum(1, keepdim=True)
+                layer_map = minmax_channel_sum(term.abs())
                 saliency = saliency + upsample(layer_map, size, align_corners=True)
         score = score.detach().to(x.dtype)
         gaps = ((score - total).abs() / score.abs().clamp_min(1e-12)).tolist()

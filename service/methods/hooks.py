@@ -120,7 +120,9 @@ class ClampCapture(_Capture):
                 return
             with torch.no_grad():
                 low, high = module.min_val, module.max_val
-                constant = torch.where(output >= high, high, 0.0) + torch.where(output <= low, low, 0.0)
+                constant = (output >= high) * high
+                if low != 0:
+                    constant = constant + (output <= low) * low
             record = Record(name, output=constant)  # the constant, not the output: no cycle through autograd
             self.records.append(record)
 
