@@ -12,10 +12,10 @@ import torch
 from starlette.concurrency import run_in_threadpool
 
 from .api.errors import ApiError
-from .engine import explain
-from .hostmem import retain_freed_memory
 from .cache import ResultCache
 from .calibrate import calibrate
+from .engine import explain
+from .hostmem import retain_freed_memory
 from .jobs import Job, JobStore
 from .metrics import Metrics
 from .pipeline import ExplainCall, encode_result, response_body

@@ -17,6 +17,7 @@ from ray import serve
 
 from ..calibrate import calibrate
 from ..engine import explain
+from ..hostmem import retain_freed_memory
 from ..metrics import _rss_bytes
 from ..methods import get_method
 from ..runtime import Cancelled
@@ -35,11 +36,14 @@ class Explainer:
         self.settings = Settings(**settings)
         if threads:
             torch.set_num_threads(threads)
+        if self.settings.retain_host_memory:
+            retain_freed_memory()
         self.device = resolve_device(self.settings.device)
         registry = ModelRegistry.from_dir(self.settings.models_dir, self.device, only={model})
         self.model = registry.get(model)  # unavailable: the replica fails to start and Serve reports why
         # Images per forward pass: measured from free GPU memory, as the embedded runtime does (CPU: the setting).
-        self.pass_batch = calibrate({model: self.model}, self.settings.max_pass_batch)[model]
+        self.pass_batch = calibrate({model: self.model}, self.settings.max_pass_batch,
+                                    self.settings.cpu_pass_batch)[model]
         self.state = state
         context = serve.get_replica_context()
         self.deployment, self.replica = context.deployment, context.replica_id.unique_id
