@@ -1,5 +1,6 @@
 """Freed host memory is reused by the next pass instead of being page-faulted in again."""
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -9,30 +10,44 @@ import pytest
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="the thresholds are glibc's")
 
-# A pass allocates activations of a few MiB and frees them all; count the page faults of ten such passes.
+# Page faults of each of 8 gradient passes of the default model, in a fresh process.
 _PASSES = """
 import resource, sys, torch
+from pathlib import Path
 from service.hostmem import retain_freed_memory
+from service.methods import METHODS
+from service.zoo import ModelRegistry
 if sys.argv[1] == "retain":
     assert retain_freed_memory()
+else:  # glibc's starting thresholds (128 KiB), pinned: left alone, glibc adapts them at its own moments
+    import ctypes
+    libc = ctypes.CDLL(None)
+    assert libc.mallopt(-3, 128 * 1024) and libc.mallopt(-1, 128 * 1024)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+model = ModelRegistry.from_dir(Path("models"), torch.device("cpu"), only={"efficientnet_lite0"})
+model = model.get("efficientnet_lite0")
+x, gradient = torch.zeros(1, 3, 224, 224), METHODS["gradient"]
 def a_pass():
-    activations = [torch.ones(n * 2**18) for n in (12, 12, 6, 6, 3, 3, 24, 8)]  # 3 to 24 MiB
-    del activations
+    gradient.attribute(model.explainee(), x, torch.tensor([-1]), gradient.Params())
 a_pass(); a_pass()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
+faults = []
+for _ in range(8):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     a_pass()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(*faults)
 """
 
 
-def _faults_per_pass(mode: str) -> float:
+def _median_faults_per_pass(mode: str) -> float:
     out = subprocess.run([sys.executable, "-c", _PASSES, mode], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent)
-    return float(out.stdout)
+    return statistics.median(int(n) for n in out.stdout.split())
 
 
 def test_passes_stop_page_faulting_once_freed_memory_is_retained():
-    default, retained = _faults_per_pass("default"), _faults_per_pass("retain")
-    assert default > 50  # glibc hands some of the freed activations back to the kernel every pass
+    # Medians over passes: the heap still grows once in a while (fragmentation), which is not a per-pass cost.
+    # Left alone, glibc raises its thresholds after some frees and not others: a plain process measured
+    # 400-3,500 faults per pass in most runs and none in a few, hence the pinned starting thresholds.
+    default, retained = _median_faults_per_pass("glibc-defaults"), _median_faults_per_pass("retain")
+    assert default > 200  # activations handed back to the kernel and faulted in again on every pass
     assert retained < default / 10
