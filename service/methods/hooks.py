@@ -56,6 +56,22 @@ class _Capture:
     def _mine(self) -> bool:
         return threading.get_ident() == self._owner
 
+    def _wants_grad(self, tensor) -> bool:
+        return self._mine() and isinstance(tensor, torch.Tensor) and tensor.requires_grad
+
+    def _keep_grad(self, name: str, tensor: torch.Tensor, kept: torch.Tensor | None = None) -> None:
+        """Record the gradient that will reach `tensor` in the next backward (with `kept`, a detached payload).
+
+        The record must not hold the tensor: tensor -> hook -> record -> tensor would be a cycle through
+        autograd's C++ side that Python's garbage collector cannot free (a leak per call)."""
+        record = Record(name, output=kept)
+        self.records.append(record)
+
+        def keep(grad: torch.Tensor) -> None:
+            record.grad = grad
+
+        tensor.register_hook(keep)
+
     def _register(self, name: str, module: nn.Module):
         raise NotImplementedError
 
@@ -91,17 +107,8 @@ class GradientCapture(_Capture):
         self.pre_input = pre_input or set()
 
     def _track(self, name: str, tensor) -> None:
-        if not (self._mine() and isinstance(tensor, torch.Tensor) and tensor.requires_grad):
-            return
-        # The record must not hold the tensor: tensor -> hook -> record -> tensor would be a cycle through
-        # autograd's C++ side that Python's garbage collector cannot free (a leak per call).
-        record = Record(name)
-        self.records.append(record)
-
-        def keep(grad: torch.Tensor) -> None:
-            record.grad = grad
-
-        tensor.register_hook(keep)
+        if self._wants_grad(tensor):
+            self._keep_grad(name, tensor)
 
     def _register(self, name, module):
         if name in self.pre_input:
@@ -116,19 +123,13 @@ class ClampCapture(_Capture):
 
     def _register(self, name, module):
         def hook(_module, _inputs, output):
-            if not (self._mine() and isinstance(output, torch.Tensor) and output.requires_grad):
+            if not self._wants_grad(output):
                 return
             with torch.no_grad():
                 low, high = module.min_val, module.max_val
                 constant = (output >= high) * high
                 if low != 0:
                     constant = constant + (output <= low) * low
-            record = Record(name, output=constant)  # the constant, not the output: no cycle through autograd
-            self.records.append(record)
-
-            def keep(grad: torch.Tensor) -> None:
-                record.grad = grad
-
-            output.register_hook(keep)
+            self._keep_grad(name, output, kept=constant)
 
         return module.register_forward_hook(hook)
