@@ -18,8 +18,9 @@ def content_hash(data: bytes) -> str:
 
 def _size(entry: ImageExplanation) -> int:
     size = entry.heatmap.numel() * entry.heatmap.element_size() + 1024  # + labels, top-k, diagnostics
-    if entry.attribution is not None:
-        size += entry.attribution.numel() * entry.attribution.element_size()
+    for tensor in (entry.attribution, entry.sized_heatmap):
+        if tensor is not None:
+            size += tensor.numel() * tensor.element_size()
     return size
 
 

@@ -4,11 +4,11 @@ Decoding and encoding run in the caller's thread pool, never on the worker threa
 """
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pybase64
 import torch
 from PIL import Image
 from pydantic import ValidationError
@@ -39,6 +39,11 @@ class ExplainCall:
 
     def __post_init__(self):
         self.cost = self.method.cost(self.params) * len(self.images)
+
+    def original_size(self, index: int) -> tuple[int, int] | None:
+        """(height, width) the map of image `index` is returned at, when that is the uploaded image's size."""
+        image = self.images[index]
+        return (image.height, image.width) if self.size == "original" else None
 
 
 def resolve(registry: ModelRegistry, settings: Settings, model_name: str | None, method_name: str,
@@ -108,16 +113,19 @@ def prepare(settings: Settings, model: LoadedModel, method: Method, params: Meth
 
 
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    # pybase64 (SIMD): a 451x300 float map is 720 KB of base64, ~1 ms with the standard library, 0.03 ms here.
+    return pybase64.b64encode_as_string(data)
 
 
 def encode_result(call: ExplainCall, index: int, result: ImageExplanation, queue_ms: float,
                   compute_ms: float) -> dict[str, Any]:
     """One image's entry of the response (JSON-ready)."""
     image = call.images[index]
-    heat = result.heatmap.numpy().astype(np.float32)
+    heat = result.heatmap.numpy()
     if call.size == "original" and heat.shape != (image.height, image.width):
-        heat = imaging.resize_map(heat, (image.width, image.height))
+        sized = result.sized_heatmap  # resized by the worker; None from the cache of a size=input call
+        heat = (sized.numpy() if sized is not None and sized.shape == (image.height, image.width)
+                else imaging.resize_map(heat, (image.width, image.height)))
     out_map: dict[str, Any] = {"height": heat.shape[0], "width": heat.shape[1]}
     if "npy" in call.outputs:
         out_map["npy"] = _b64(imaging.encode_npy(heat))
@@ -135,12 +143,6 @@ def encode_result(call: ExplainCall, index: int, result: ImageExplanation, queue
     if "raw" in call.outputs:
         entry["raw"] = _b64(imaging.encode_npy(result.attribution.numpy().astype(np.float32)))
     return entry
-
-
-def overlay_png(call: ExplainCall, result: ImageExplanation) -> bytes:
-    image = call.images[0]
-    heat = result.heatmap.numpy().astype(np.float32)
-    return imaging.encode_png(imaging.overlay(image, heat))
 
 
 def response_body(call: ExplainCall, results: list[dict[str, Any]]) -> dict[str, Any]:

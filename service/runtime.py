@@ -137,9 +137,10 @@ class Runtime:
             x = x.pin_memory()  # page-locked, so the copy to the device below does not block this thread
         targets = [item.payload.call.targets[item.payload.index] for item in items]
         raw = ["raw" in item.payload.call.outputs for item in items]
+        sizes = [item.payload.call.original_size(item.payload.index) for item in items]
         try:
             return explain(call.model, call.method, x, targets, call.params, progress=progress,
-                           top_k=self.settings.top_k, keep_attribution=raw,
+                           top_k=self.settings.top_k, keep_attribution=raw, map_sizes=sizes,
                            max_batch=self.pass_batch.get(call.model.name, self.settings.max_pass_batch))
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()  # the pool splits the batch and retries

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from service.engine import explain
+from service.imaging import resize_map
 from service.methods import METHODS
 from service.settings import Settings
 from service.zoo import ModelRegistry
@@ -91,6 +92,12 @@ def test_size_input_and_raw(server, chelsea_png):
     assert npy(res["map"]["npy"]).shape == (224, 224)
     raw = npy(res["raw"])
     assert raw.shape == (3, 224, 224) and (raw < 0).any() and (raw > 0).any()
+    # At the original size the worker resizes the map (engine.resize_maps); Pillow's resize is the oracle.
+    r = httpx.post(f"{base}/v1/explain/gradient", files=[("image", ("c.png", chelsea_png, "image/png"))],
+                   timeout=60)
+    original = npy(r.json()["results"][0]["map"]["npy"])
+    assert original.shape == (300, 451)
+    np.testing.assert_allclose(original, resize_map(npy(res["map"]["npy"]), (451, 300)), atol=2e-5)
 
 
 def test_accept_png_returns_the_overlay(server, chelsea_png):

@@ -234,6 +234,20 @@ def test_resize_map_stays_in_unit_range():
     assert 0.0 < resized.mean() < 1.0
 
 
+@pytest.mark.parametrize("size", [(300, 451), (100, 150), (224, 100), (7, 9)])
+def test_the_workers_map_resize_is_pillows(size):
+    # engine.resize_maps resizes on the worker (torch) what encoding resized with Pillow: the same maps.
+    import torch
+
+    from service.engine import resize_maps
+
+    heat = torch.rand(2, 224, 224, generator=torch.Generator().manual_seed(0))
+    sized = resize_maps(heat, [size, None])
+    assert sized[1] is None and sized[0].shape == size
+    expected = resize_map(heat[0].numpy(), (size[1], size[0]))
+    assert np.abs(sized[0].numpy() - expected).max() < 5e-5
+
+
 # --- overlays --------------------------------------------------------------------------------------
 
 

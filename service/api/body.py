@@ -1,12 +1,12 @@
 """The two request forms of POST /v1/explain/{method} and /v1/jobs/{method}, parsed into one shape."""
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 from dataclasses import dataclass
 from typing import Any
 
+import pybase64
 from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -100,7 +100,7 @@ def parse_json(raw: bytes) -> ParsedBody:
     blobs = []
     for i, text in enumerate(req.images):
         try:
-            blobs.append(base64.b64decode(text, validate=True))
+            blobs.append(pybase64.b64decode(text, validate=True))
         except (binascii.Error, ValueError):
             raise ApiError(400, "bad_base64", f"images[{i}] is not valid base64") from None
     _check_outputs(list(req.outputs), req.size)

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 
+import pybase64
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
@@ -89,7 +89,7 @@ async def explain(method: str, request: Request, runtime: RuntimeDep):
     except Exception as exc:  # noqa: BLE001 - mapped onto the API's errors
         raise as_api_error(exc, log_unexpected=False) from None  # the job's task has logged it
     if png and len(body["results"]) == 1:
-        return Response(base64.b64decode(body["results"][0]["map"]["overlay"]), media_type="image/png")
+        return Response(pybase64.b64decode(body["results"][0]["map"]["overlay"]), media_type="image/png")
     return FastJSONResponse(body)
 
 
