@@ -373,3 +373,8 @@ def test_json_bodies_are_strict_json_even_with_non_finite_numbers():
     content = {"map": {"npy": "AAAA" * 10}, "diagnostics": {"gap": math.nan, "ratio": math.inf}, "p": 0.25}
     body = FastJSONResponse(content).body
     assert json.loads(body) == {**content, "diagnostics": {"gap": None, "ratio": None}}  # no NaN tokens
+    # Types orjson does not know natively still serialise (pydantic-core converts them).
+    params = METHODS["gradcam"].Params()
+    body = FastJSONResponse({"params": params, "scale": np.float32(0.5), "size": (3, 4), 7: "seven"}).body
+    assert json.loads(body) == {"params": params.model_dump(mode="json"), "scale": 0.5, "size": [3, 4],
+                                "7": "seven"}

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 import pybase64
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from starlette.concurrency import run_in_threadpool
 
 from ..jobs import Job
 from ..pipeline import prepare, resolve
@@ -38,10 +38,10 @@ async def start_call(request: Request, runtime: Runtime, method_name: str, *, pn
     body = await parse_body(request, runtime.settings)
     model, method, params = resolve(registry, runtime.settings, body.model, method_name, body.params)
     outputs = ["overlay"] if png else body.outputs
-    call = await run_in_threadpool(prepare, runtime.settings, model, method, params, body.blobs, body.targets,
-                                   outputs, body.size)
-    job = Job(method=method.name, model=model.name, total=[method.steps(params)] * len(call.images))
-    items = runtime.submit(call, job, deadline_s or runtime.settings.queue_deadline_s)
+    job = Job(method=method.name, model=model.name, total=[method.steps(params)] * len(body.blobs))
+    call, items = await runtime.enqueue(
+        partial(prepare, runtime.settings, model, method, params, body.blobs, body.targets, outputs, body.size),
+        job, deadline_s or runtime.settings.queue_deadline_s)
     job.task = asyncio.create_task(runtime.complete(call, job, items))
     job.task.add_done_callback(lambda t: t.cancelled() or t.exception())  # outcome lives on the job
     return job

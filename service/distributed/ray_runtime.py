@@ -16,12 +16,14 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from prometheus_client import Counter
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from starlette.concurrency import run_in_threadpool
 
 from ..api.errors import ApiError
 from ..jobs import Job
@@ -82,12 +84,18 @@ class RayRuntime(Runtime):
         for tasks in self._dispatches.values():
             for task in tasks:
                 task.cancel()
+        self._encoder.shutdown(wait=False)
 
     @property
     def workers_alive(self) -> bool:
         return self._explainers_up.is_set()
 
     # ------------------------------------------------------------------ work
+    async def enqueue(self, prepare: Callable[[], ExplainCall], job: Job, deadline_s: float
+                      ) -> tuple[ExplainCall, list[WorkItem]]:
+        call = await run_in_threadpool(prepare)
+        return call, self.submit(call, job, deadline_s)  # on the event loop: it schedules Ray calls there
+
     def submit(self, call: ExplainCall, job: Job, deadline_s: float) -> list[WorkItem]:
         handle = self.explainers.get(call.model.name)
         if handle is None:
