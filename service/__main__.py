@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .openmp import limit_openmp_spin
+import uvicorn
+
+from .app import create_app
 from .settings import Settings
 
 
@@ -25,17 +27,12 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {k: v for k, v in vars(args).items() if v is not None and k != "engine"}
     settings = Settings(**overrides)
     settings.check_bind()
-    limit_openmp_spin(settings.openmp_spin_count)  # before torch loads (below): libgomp reads it once
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if engine == "ray":
         from .distributed.app import serve_forever
 
         serve_forever(settings)
         return
-    import uvicorn
-
-    from .app import create_app
-
     # On SIGTERM uvicorn stops accepting, lets in-flight requests finish (up to the grace), then the
     # lifespan stops the worker and cancels jobs.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,

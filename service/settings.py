@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SALIENCY_", env_file=None, env_parse_none_str="null")
+    model_config = SettingsConfigDict(env_prefix="SALIENCY_", env_file=None)
 
     host: str = Field("127.0.0.1", description="address to bind (loopback by default)")
     port: int = Field(8000, ge=0, le=65535)
@@ -41,10 +41,6 @@ class Settings(BaseSettings):
 
     retain_host_memory: bool = Field(True, description="keep freed host memory for the next pass instead of "
                                      "returning it to the kernel (glibc only; see service/hostmem.py)")
-    openmp_spin_count: int | None = Field(10_000, ge=0, description="GOMP_SPINCOUNT for `python -m service`: how "
-                                          "long idle OpenMP threads spin after a parallel op (libgomp's default, "
-                                          "300,000, holds a core ~2 ms after each pass; see service/openmp.py). "
-                                          "null leaves libgomp's default; a GOMP_SPINCOUNT in the environment wins")
 
     watchdog_s: float = Field(1.0, gt=0, description="how often a dead worker thread is noticed and restarted")
 
