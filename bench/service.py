@@ -61,11 +61,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int) -> subprocess.Popen:
+def start_server(port: int, command: list[str] | None = None) -> subprocess.Popen:
+    """`python -m service` (or `command`) on `port`, once /readyz says ready."""
     # The result cache off: repeated photos must cost real passes, or the service would be flattered.
     env = {**os.environ, "SALIENCY_MODELS": '["efficientnet_lite0"]', "SALIENCY_LOG_LEVEL": "warning",
            "SALIENCY_CACHE_BYTES": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "service", "--port", str(port)], cwd=ROOT, env=env)
+    command = command or [sys.executable, "-m", "service", "--port", str(port)]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:

@@ -13,7 +13,6 @@ import argparse
 import functools
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -102,19 +101,12 @@ def main() -> None:
 
     import httpx
 
-    from bench.service import free_port, jpeg_bytes, photos, png_bytes, post
+    from bench.service import free_port, jpeg_bytes, photos, png_bytes, post, start_server
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port)], cwd=ROOT)
+    proc = start_server(port, [sys.executable, __file__, "--serve", str(port)])
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
         image = photos()[0]
         blob = png_bytes(image) if args.png else jpeg_bytes(image)
         spans: dict[str, list[float]] = {}
