@@ -14,7 +14,7 @@ from torch import nn
 from .base import Attribution, MethodParams, SinglePassMethod
 from .gradients import class_scores, resolve_targets
 from .hooks import ClampCapture, GradientCapture
-from .postprocess import minmax, minmax_channel_sum, upsample
+from .postprocess import minmax, minmax_channel_sum, per_image_sum, upsample
 
 COMPLETE_TOLERANCE = 1e-3  # relative gap under which the decomposition counts as complete (float32 noise)
 
@@ -89,10 +89,10 @@ class FullGrad(SinglePassMethod):
             score = class_scores(logits, targets)
             (grad_x,) = torch.autograd.grad(score.sum(), xg)  # fires the tensor hooks of every bias layer
         input_term = grad_x * x
-        total = input_term.flatten(1).sum(1)
+        total = per_image_sum(input_term)
         saliency = minmax_channel_sum(input_term.abs())
         for term in _bias_terms(capture.records, clamps.records, biases, x.dtype):
-            total = total + term.flatten(1).sum(1)
+            total = total + per_image_sum(term)
             if term.dim() == 4:
                 # Channel sum before upsampling: bilinear interpolation is linear, so this equals the
                 # reference's upsample-then-sum without a (B, C, H, W) tensor per layer.

@@ -104,8 +104,8 @@ def load_model(card: ModelCard, models_dir: Path, device: torch.device) -> Loade
     apply_state_dict(module, read_state_dict(weights, card.name), card)
     module.eval().requires_grad_(False).to(device)
     # NHWC is the layout of cuDNN's and oneDNN's fastest convolution kernels (inputs are converted as they
-    # enter the first convolution). On the CPU too: EfficientNet-Lite0 Grad-CAM 14-25 % and IG 18 % faster,
-    # FullGrad 15 % slower (its per-channel bias sums stride across NHWC); bench/memory_format.py.
+    # enter the first convolution). On the CPU too: EfficientNet-Lite0 Grad-CAM 12-24 %, IG 14-22 % faster,
+    # FullGrad about even (bench/memory_format.py).
     module.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
