@@ -56,8 +56,7 @@ def load(arch: str, device):
         import torchvision
 
         module = torchvision.models.resnet50().eval().requires_grad_(False).to(device)
-        if device.type == "cuda":
-            module.to(memory_format=torch.channels_last)
+        module.to(memory_format=torch.channels_last)  # as service/zoo/registry.py loads every model
         model.module = module
         model.cam_layers = {"layer4": (2048, 7, 7)}
         model.card = model.card.model_copy(update={"cam": model.card.cam.model_copy(update={"target_layer": "layer4"})})

@@ -2,6 +2,8 @@
 same work in-process one image at a time (pytorch-grad-cam for Grad-CAM, Captum for IG), as ratios.
 
     .venv/bin/python bench/service.py [--quick]
+    python bench/service.py --device cuda --ig-steps 50 --scale 10    # on a GPU machine
+
 
 The server runs as a separate process (`python -m service`) on a loopback port; the peers run in this
 process on the same model and the same preprocessed photos. Also prints the service overhead: p50 latency
@@ -33,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from service.engine import explain  # noqa: E402
 from service.methods import METHODS  # noqa: E402
-from service.zoo import ModelRegistry  # noqa: E402
+from service.zoo import ModelRegistry, resolve_device  # noqa: E402
 
 
 def photos() -> list[Image.Image]:
@@ -61,11 +63,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, command: list[str] | None = None) -> subprocess.Popen:
+def start_server(port: int, command: list[str] | None = None, device: str = "auto") -> subprocess.Popen:
     """`python -m service` (or `command`) on `port`, once /readyz says ready."""
     # The result cache off: repeated photos must cost real passes, or the service would be flattered.
     env = {**os.environ, "SALIENCY_MODELS": '["efficientnet_lite0"]', "SALIENCY_LOG_LEVEL": "warning",
-           "SALIENCY_CACHE_BYTES": "0"}
+           "SALIENCY_CACHE_BYTES": "0", "SALIENCY_DEVICE": device}
     command = command or [sys.executable, "-m", "service", "--port", str(port)]
     proc = subprocess.Popen(command, cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -107,8 +109,9 @@ def load(base: str, method: str, blobs: list[bytes], params: dict, clients: int,
 
 def idle_overhead(base: str, model, image: Image.Image, rounds: int) -> dict[str, dict[str, float]]:
     """One Grad-CAM request at a time on an idle server, per upload format, interleaved with the same
-    explanation in this process so that both see the same machine. Medians in ms."""
-    x = model.preprocess(image).unsqueeze(0)
+    explanation in this process so that both see the same machine. Medians in ms. (explain returns maps
+    copied to the CPU, so its time includes the device's work.)"""
+    x = model.preprocess(image).unsqueeze(0).to(model.device)
     uploads = {"png": png_bytes(image), "jpeg": jpeg_bytes(image)}
     latency = {kind: [] for kind in uploads}
     server_compute = {kind: [] for kind in uploads}
@@ -162,12 +165,15 @@ def peer_ig(model, xs: list[torch.Tensor], n_steps: int, repeats: int) -> float:
 
     ig = IntegratedGradients(model.module)
     black = model.preprocess.normalize(torch.zeros_like(xs[0]))
+    ig.attribute(xs[0], baselines=black, target=0, n_steps=n_steps)  # warm-up (cuDNN picks its kernels)
     t = time.perf_counter()
     for _ in range(repeats):
         for x in xs:
             with torch.no_grad():
                 target = int(model.module(x).argmax())
             ig.attribute(x, baselines=black, target=target, n_steps=n_steps, return_convergence_delta=True)
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
     return (time.perf_counter() - t) / (repeats * len(xs))
 
 
@@ -186,26 +192,31 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     parser.add_argument("--ig-steps", type=int, default=16, help="IG n_steps for both sides (CPU: keep it small)")
     parser.add_argument("--overhead-only", action="store_true", help="only the idle-server overhead")
+    parser.add_argument("--device", default="auto", help="the server's and the peers' device (auto: CUDA if any)")
+    parser.add_argument("--scale", type=int, default=None,
+                        help="requests per client and timing rounds (default 3, --quick 1; a GPU wants ~10)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    scale = 1 if args.quick else 3
-    registry = ModelRegistry.from_dir(ROOT / "models", torch.device("cpu"), only={"efficientnet_lite0"})
+    scale = args.scale or (1 if args.quick else 3)
+    device = resolve_device(args.device)
+    registry = ModelRegistry.from_dir(ROOT / "models", device, only={"efficientnet_lite0"})
     model = registry.models["efficientnet_lite0"]
     images = photos()
     blobs = [png_bytes(im) for im in images]
-    xs = [model.preprocess(im).unsqueeze(0) for im in images]
+    xs = [model.preprocess(im).unsqueeze(0).to(device) for im in images]
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads; python {platform.python_version()}")
+          f"{torch.__version__}, {torch.get_num_threads()} threads; python {platform.python_version()}; "
+          f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     cases = {"gradcam": ({}, lambda: peer_gradcam(model, xs, scale), "pytorch-grad-cam GradCAM"),
              "integrated-gradients": ({"n_steps": args.ig_steps},
-                                      lambda: peer_ig(model, xs, args.ig_steps, 1), "Captum IntegratedGradients")}
+                                      lambda: peer_ig(model, xs, args.ig_steps, 1 if device.type == "cpu" else scale), "Captum IntegratedGradients")}
     if args.overhead_only:
         cases = {}
     peer_s = {name: fn() for name, (_, fn, _) in cases.items()}
 
     port = free_port()
-    proc = start_server(port)
+    proc = start_server(port, device=str(device))
     base = f"http://127.0.0.1:{port}"
     rows = []
     try:

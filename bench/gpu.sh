@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU half of issue 5 in as few device calls as possible: each stage's full output goes to $OUT/<stage>.log
+# (or ./gpu-logs), and a stage that hangs is cut off by its own timeout instead of taking the rest with it.
+#
+#   bash bench/gpu.sh limit      # the CUDA tests and the yardstick (raw fwd+bwd, method efficiency)
+#   bash bench/gpu.sh methods    # engine vs peers on ResNet-50 and EfficientNet-Lite0, fp32 and bf16
+#   bash bench/gpu.sh service    # MoreauGrad 200 x 32 on ResNet-50, the service under load
+#
+# On the lent GPU machine (Python 3.12 with torch, no registry), first install the wheels that
+# ../shared/gpu/fetch-wheels.sh put in .whl (it prints the line); the stages only need `python3`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-logs}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+
+stage() {  # stage NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name: $*" | tee -a "$out/summary.log"
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name: rc $rc in $((SECONDS - start)) s" | tee -a "$out/summary.log"
+  # The tables (markdown rows) and check lines, for the call's short reply.
+  grep -E '^\||check|FAILED|passed|failed|error|Error' "$out/$name.log" | tail -40 >>"$out/summary.log"
+}
+
+case ${1:-limit} in
+  limit)  # about 5 minutes on an H100
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$out/gpu.txt" 2>&1
+    stage tests 200 $py -m pytest -q -m gpu tests/test_calibrate.py tests/test_precision.py
+    stage limit_lite0 120 $py bench/limit.py --device cuda --batch-sizes 1,8,32,64,128
+    stage limit_r50 120 $py bench/limit.py --device cuda --arch resnet50 --batch-sizes 1,8,32,64,128,256
+    stage limit_r50_bf16 120 $py bench/limit.py --device cuda --arch resnet50 --precision bf16 \
+      --batch-sizes 1,8,32,64,128,256
+    ;;
+  methods)  # engine vs peers at the service's defaults, float32 and bf16 against the float32 peers
+    for arch in r50 lite0; do
+      model=(--arch resnet50)
+      [ $arch = lite0 ] && model=(--model efficientnet_lite0)
+      for precision in fp32 bf16; do
+        stage "methods_${arch}_$precision" 140 $py bench/methods.py "${model[@]}" --device cuda \
+          --batch-sizes 1,8,32 --ig-steps 50 --sg-samples 25 --moreau-iterations 10 --moreau-samples 32 \
+          --repeats 5 --budget 5 --precision $precision
+      done
+    done
+    ;;
+  service)
+    stage moreau_r50_bf16 200 $py bench/methods.py --arch resnet50 --device cuda --methods moreaugrad \
+      --batch-sizes 8 --moreau-iterations 200 --moreau-samples 32 --repeats 1 --precision bf16
+    stage service 300 $py bench/service.py --device cuda --ig-steps 50 --scale 10
+    ;;
+  *) echo "unknown stage set: $1" >&2; exit 2 ;;
+esac
+cat "$out/summary.log"
