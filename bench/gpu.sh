@@ -27,6 +27,19 @@ stage() {  # stage NAME SECONDS COMMAND...
   grep -E '^\||check|FAILED|passed|failed|error|Error' "$out/$name.log" | tail -40 >>"$out/summary.log"
 }
 
+engine_vs_peers() {  # engine_vs_peers r50|lite0 fp32|bf16
+  local model=(--arch resnet50)
+  [ "$1" = lite0 ] && model=(--model efficientnet_lite0)
+  stage "methods_$1_$2" 120 $py bench/methods.py "${model[@]}" --device cuda --batch-sizes 1,8,32 \
+    --ig-steps 50 --sg-samples 25 --moreau-iterations 10 --moreau-samples 32 --repeats 5 --budget 3 \
+    --precision "$2"
+}
+
+moreau() {  # the MoreauGrad target: 200 x 32 on ResNet-50 at batch 8, passes of 256 images
+  stage "moreau_r50_$1" 150 $py bench/methods.py --arch resnet50 --device cuda --methods moreaugrad \
+    --batch-sizes 8 --moreau-iterations 200 --moreau-samples 32 --repeats 1 --max-batch 256 --precision "$1"
+}
+
 case ${1:-limit} in
   limit)  # about 5 minutes on an H100
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$out/gpu.txt" 2>&1
@@ -37,20 +50,15 @@ case ${1:-limit} in
       --batch-sizes 1,8,32,64,128,256
     ;;
   methods)  # engine vs peers at the service's defaults, float32 and bf16 against the float32 peers
-    for arch in r50 lite0; do
-      model=(--arch resnet50)
-      [ $arch = lite0 ] && model=(--model efficientnet_lite0)
-      for precision in fp32 bf16; do
-        stage "methods_${arch}_$precision" 140 $py bench/methods.py "${model[@]}" --device cuda \
-          --batch-sizes 1,8,32 --ig-steps 50 --sg-samples 25 --moreau-iterations 10 --moreau-samples 32 \
-          --repeats 5 --budget 5 --precision $precision
-      done
+    for run in r50:fp32 r50:bf16 lite0:fp32; do
+      engine_vs_peers "${run%:*}" "${run#*:}"
     done
+    moreau fp32
     ;;
   service)
-    stage moreau_r50_bf16 200 $py bench/methods.py --arch resnet50 --device cuda --methods moreaugrad \
-      --batch-sizes 8 --moreau-iterations 200 --moreau-samples 32 --repeats 1 --precision bf16
+    moreau bf16
     stage service 300 $py bench/service.py --device cuda --ig-steps 50 --scale 10
+    engine_vs_peers lite0 bf16
     ;;
   *) echo "unknown stage set: $1" >&2; exit 2 ;;
 esac
