@@ -24,7 +24,7 @@ stage() {  # stage NAME SECONDS COMMAND...
   local rc=$?
   echo "=== $name: rc $rc in $((SECONDS - start)) s" | tee -a "$out/summary.log"
   # The tables (markdown rows) and check lines, for the call's short reply.
-  grep -E '^\||check|FAILED|passed|failed|error|Error' "$out/$name.log" | tail -40 >>"$out/summary.log"
+  grep -E '\| [0-9]|^\||check|FAILED|passed|failed|error|Error' "$out/$name.log" | tail -40 >>"$out/summary.log"
 }
 
 engine_vs_peers() {  # engine_vs_peers r50|lite0 fp32|bf16
@@ -56,9 +56,14 @@ case ${1:-limit} in
     moreau fp32
     ;;
   service)
+    stage service 240 $py bench/service.py --device cuda --ig-steps 50 --scale 10
+    for precision in fp32 bf16; do  # rows print as measured (a time limit keeps them); no FullGrad peer:
+      # pytorch-grad-cam's FullGrad takes minutes per batch on this GPU
+      stage "methods_r50_${precision}_b" 100 $py bench/methods.py --arch resnet50 --device cuda \
+        --batch-sizes 1,8 --methods gradcam,integrated-gradients,smoothgrad,gradient --ig-steps 50 \
+        --sg-samples 25 --repeats 3 --budget 2 --precision $precision
+    done
     moreau bf16
-    stage service 300 $py bench/service.py --device cuda --ig-steps 50 --scale 10
-    engine_vs_peers lite0 bf16
     ;;
   *) echo "unknown stage set: $1" >&2; exit 2 ;;
 esac

@@ -601,6 +601,9 @@ def main(argv: list[str] | None = None) -> int:
             ours_s, peer_s, calls = time_pair(lambda comp=comp: comp.ours(x, targets), peer, args.repeats,
                                               sync, args.budget, clock)
             rows.append(Row(comp, b, ours_s / b * 1e3, None if peer_s is None else peer_s / b * 1e3, calls))
+            row = rows[-1]  # also now, so a run cut off by a time limit keeps what it measured
+            progress(f"| {comp.label} | {b} | {row.ours_ms:.1f} | "
+                     f"{'—' if row.peer_ms is None else f'{row.peer_ms:.1f}'} | {row.ratio} |")
     for comp in comparisons:
         for release in comp.release:
             release()
