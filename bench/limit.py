@@ -29,7 +29,7 @@ from service.engine import AUTOCAST, explain  # noqa: E402
 from service.methods import METHODS  # noqa: E402
 from service.methods.gradients import input_gradients  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from service.zoo import ModelRegistry, resolve_device  # noqa: E402
+from service.zoo import ModelRegistry, resolve_device, set_cudnn_autotuning  # noqa: E402
 
 
 def sync(device):
@@ -76,6 +76,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    set_cudnn_autotuning(device.type == "cuda")  # fixed shapes: the yardstick takes cuDNN's fastest kernels
     model = load(args.arch, device)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     if args.quick:

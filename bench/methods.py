@@ -45,7 +45,8 @@ from service.methods.base import Explainee  # noqa: E402
 from service.methods.fullgrad import COMPLETE_TOLERANCE, bias_layers, clamp_layers  # noqa: E402
 from service.methods.integrated_gradients import make_baseline  # noqa: E402
 from service.methods.postprocess import heatmap  # noqa: E402
-from service.zoo import ModelRegistry, Preprocessor, read_card, resolve_device  # noqa: E402
+from service.zoo import (ModelRegistry, Preprocessor, read_card, resolve_device,  # noqa: E402
+                         set_cudnn_autotuning)
 from service.zoo.reshape import identity  # noqa: E402
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")  # skimage.data, repeated in order to fill a batch
@@ -167,8 +168,6 @@ def load_subject(args: argparse.Namespace, device: torch.device, photos: list) -
             module(torch.stack([preprocess(p) for p in photos]).to(device))
         module.eval().requires_grad_(False)
         module.to(memory_format=torch.channels_last)  # as service/zoo/registry.py loads every model
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
         explainee = Explainee(module=module, normalize=preprocess.normalize, cam_layer=card.cam.target_layer,
                               reshape=identity, max_batch=args.max_batch)
         return Subject("resnet50 (torchvision, random weights, BatchNorm calibrated on the photos)",
@@ -572,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
         pass_batch_source = "the service's default on this device"
     machine = machine_lines(device)  # before the work, so the load average is the machine's, not ours
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    # Fixed shapes here, both sides alike: cuDNN's autotuning pays (the service leaves it off by default).
+    set_cudnn_autotuning(device.type == "cuda")
     started = time.perf_counter()
     photos = load_photos()
     subject = load_subject(args, device, photos)

@@ -23,7 +23,7 @@ from .metrics import Metrics
 from .pipeline import ExplainCall, encode_result, response_body
 from .settings import Settings
 from .worker import DeadlineExceeded, QueueFull, WorkerPool, WorkerStopped, WorkItem
-from .zoo import ModelRegistry, resolve_device
+from .zoo import ModelRegistry, resolve_device, set_cudnn_autotuning
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class Runtime:
         """Load models in the background (so /healthz answers and /readyz says 503 meanwhile)."""
         if self.settings.retain_host_memory:
             retain_freed_memory()
+        set_cudnn_autotuning(self.settings.cudnn_benchmark)
         for pool in self.pools:
             pool.start()
         if self.registry is not None:

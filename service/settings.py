@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     bulk_cost: int = Field(2000, ge=1, description="images costing more passes than this run on the bulk lane, "
                                                    "a second worker, so they never hold up interactive work")
 
+    cudnn_benchmark: bool = Field(False, description="let cuDNN autotune each new input shape: a batching server "
+                                  "sees new pass sizes all the time, and each one stalls the worker while it is "
+                                  "timed (service/zoo/registry.py set_cudnn_autotuning)")
     retain_host_memory: bool = Field(True, description="keep freed host memory for the next pass instead of "
                                      "returning it to the kernel (glibc only; see service/hostmem.py)")
 

@@ -23,7 +23,7 @@ from ..methods import get_method
 from ..runtime import Cancelled
 from ..settings import Settings
 from ..worker import WorkItem, collate
-from ..zoo import ModelRegistry, resolve_device
+from ..zoo import ModelRegistry, resolve_device, set_cudnn_autotuning
 from .messages import CANCELLED, DEADLINE, INTERNAL, INVALID, Outcome, Task, batch_cost
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ class Explainer:
             torch.set_num_threads(threads)
         if self.settings.retain_host_memory:
             retain_freed_memory()
+        set_cudnn_autotuning(self.settings.cudnn_benchmark)
         self.device = resolve_device(self.settings.device)
         registry = ModelRegistry.from_dir(self.settings.models_dir, self.device, only={model})
         self.model = registry.get(model)  # unavailable: the replica fails to start and Serve reports why

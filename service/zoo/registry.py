@@ -56,6 +56,14 @@ def resolve_device(setting: str = "auto") -> torch.device:
     return torch.device(setting)
 
 
+def set_cudnn_autotuning(enabled: bool) -> None:
+    """cuDNN's benchmark mode: it times every kernel for each new input shape and keeps the fastest. That
+    pays for fixed shapes (the benchmarks), not for a batching server, whose pass sizes change with the load
+    and the method (1-32 requests, IG passes of n_steps x images cut to the pass batch), so each new size
+    stalls the worker while it is timed (the service run on an H100, docs/benchmarks.md). Process-wide."""
+    torch.backends.cudnn.benchmark = enabled
+
+
 def build_architecture(card: ModelCard) -> nn.Module:
     """An untrained module of the card's architecture (weights come only from the card's file)."""
     try:
@@ -107,8 +115,6 @@ def load_model(card: ModelCard, models_dir: Path, device: torch.device) -> Loade
     # enter the first convolution). On the CPU too: EfficientNet-Lite0 Grad-CAM 12-24 %, IG 14-22 % faster,
     # FullGrad about even (bench/memory_format.py).
     module.to(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     reshape = RESHAPES[card.cam.reshape]
     layers = find_cam_layers(module, card.preprocess.input_size, reshape, device)
     if card.cam.target_layer not in layers:
