@@ -7,7 +7,12 @@
 #   bash bench/gpu.sh service    # MoreauGrad 200 x 32 on ResNet-50, the service under load
 #
 # On the lent GPU machine (Python 3.12 with torch, no registry), first install the wheels that
-# ../shared/gpu/fetch-wheels.sh put in .whl (it prints the line); the stages only need `python3`.
+# ../shared/gpu/fetch-wheels.sh put in .whl (it prints the line); the stages only need `python3`. Beyond its
+# list this project needs (versions as in .venv):
+#   bash ../shared/gpu/fetch-wheels.sh orjson==3.13.0 pybase64==1.5.1 ttach==0.0.3 opentelemetry-api==1.45.2
+#   .venv/bin/pip wheel -q --no-deps grad-cam==1.5.7 -w .whl     # sdist only on PyPI: build it here
+# (fastapi >= 0.16x imports opentelemetry; without it the server does not start there.) Stage timeouts keep
+# each set under the device's 10-minute call; the first two sets took 470 and 430 s on an H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-logs}
