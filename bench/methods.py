@@ -636,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         peer_cell = "—" if r.peer_ms is None else f"{r.peer_ms:.1f}"
         print(f"| {r.comparison.label} | {r.batch} | {r.ours_ms:.1f} | {peer_cell} | {r.ratio} |")
     print("\nSettings and checks:\n")
-    print(f"- Reduced settings for this CPU, identical on both sides: IG n_steps={args.ig_steps} (service "
+    print(f"- Settings, identical on both sides: IG n_steps={args.ig_steps} (service "
           f"default 50, gausslegendre), SmoothGrad {args.sg_samples} samples (default 25), MoreauGrad "
           f"{args.moreau_iterations} iterations x {args.moreau_samples} samples (default 200 x 32). Our "
           f"max_batch (images per pass) = {args.max_batch} ({pass_batch_source}); Captum IG gets the same "
