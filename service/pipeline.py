@@ -122,10 +122,11 @@ def encode_result(call: ExplainCall, index: int, result: ImageExplanation, queue
     """One image's entry of the response (JSON-ready)."""
     image = call.images[index]
     heat = result.heatmap.numpy()
-    if call.size == "original" and heat.shape != (image.height, image.width):
+    size = call.original_size(index)
+    if size is not None and heat.shape != size:
         sized = result.sized_heatmap  # resized by the worker; None from the cache of a size=input call
-        heat = (sized.numpy() if sized is not None and sized.shape == (image.height, image.width)
-                else imaging.resize_map(heat, (image.width, image.height)))
+        heat = (sized.numpy() if sized is not None and sized.shape == size
+                else imaging.resize_map(heat, (size[1], size[0])))
     out_map: dict[str, Any] = {"height": heat.shape[0], "width": heat.shape[1]}
     if "npy" in call.outputs:
         out_map["npy"] = _b64(imaging.encode_npy(heat))

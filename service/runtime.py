@@ -10,7 +10,6 @@ from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from typing import Any
 
 import torch
-
 from starlette.concurrency import run_in_threadpool
 
 from .api.errors import ApiError
