@@ -63,11 +63,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, command: list[str] | None = None, device: str = "auto") -> subprocess.Popen:
+def start_server(port: int, command: list[str] | None = None, device: str = "auto", worker: str = "auto"
+                 ) -> subprocess.Popen:
     """`python -m service` (or `command`) on `port`, once /readyz says ready."""
     # The result cache off: repeated photos must cost real passes, or the service would be flattered.
     env = {**os.environ, "SALIENCY_MODELS": '["efficientnet_lite0"]', "SALIENCY_LOG_LEVEL": "warning",
-           "SALIENCY_CACHE_BYTES": "0", "SALIENCY_DEVICE": device}
+           "SALIENCY_CACHE_BYTES": "0", "SALIENCY_DEVICE": device, "SALIENCY_WORKER": worker}
     command = command or [sys.executable, "-m", "service", "--port", str(port)]
     proc = subprocess.Popen(command, cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -195,6 +196,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="the server's and the peers' device (auto: CUDA if any)")
     parser.add_argument("--scale", type=int, default=None,
                         help="requests per client and timing rounds (default 3, --quick 1; a GPU wants ~10)")
+    parser.add_argument("--workers", default="auto", help="comma-separated SALIENCY_WORKER values: one server per "
+                        "value (thread, process, auto), each measured against the same peer figures")
     args = parser.parse_args()
     torch.manual_seed(0)
     scale = args.scale or (1 if args.quick else 3)
@@ -215,44 +218,48 @@ def main() -> None:
         cases = {}
     peer_s = {name: fn() for name, (_, fn, _) in cases.items()}
 
-    port = free_port()
-    proc = start_server(port, device=str(device))
-    base = f"http://127.0.0.1:{port}"
-    rows = []
-    try:
-        load(base, "gradcam", blobs, {}, 1, 4)  # warm-up
-        for name, (params, _, peer_name) in cases.items():
-            per_client = (8 if name == "gradcam" else 2) * scale
-            for clients in (1, 4, 16):
-                n = max(per_client * min(clients, 4), clients)
-                latencies, wall = load(base, name, blobs, params, clients, n)
-                throughput = n / wall
-                peer_tp = 1 / peer_s[name]
-                p50 = statistics.median(latencies) * 1000
-                p95 = float(np.percentile(latencies, 95)) * 1000
-                rows.append((name, clients, n, throughput, p50, p95, peer_tp, throughput / peer_tp, peer_name))
-        overhead = idle_overhead(base, model, images[0], 15 * scale)
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    rows, overheads = [], {}
+    for worker in args.workers.split(","):
+        port = free_port()
+        proc = start_server(port, device=str(device), worker=worker)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            load(base, "gradcam", blobs, {}, 1, 4)  # warm-up
+            for name, (params, _, peer_name) in cases.items():
+                per_client = (8 if name == "gradcam" else 2) * scale
+                for clients in (1, 4, 16):
+                    n = max(per_client * min(clients, 4), clients)
+                    latencies, wall = load(base, name, blobs, params, clients, n)
+                    throughput = n / wall
+                    peer_tp = 1 / peer_s[name]
+                    p50 = statistics.median(latencies) * 1000
+                    p95 = float(np.percentile(latencies, 95)) * 1000
+                    rows.append((worker, name, clients, n, throughput, p50, p95, peer_tp, throughput / peer_tp,
+                                 peer_name))
+            overheads[worker] = idle_overhead(base, model, images[0], 15 * scale)
+        finally:
+            proc.terminate()
+            proc.wait(30)
 
     print(f"\nIG n_steps = {args.ig_steps} on both sides; images: skimage chelsea, coffee, astronaut, rocket\n")
-    print("| method | clients | requests | service img/s | p50 ms | p95 ms | peer in-process img/s | ratio | peer |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, clients, n, tp, p50, p95, peer_tp, ratio, peer_name in rows:
-        print(f"| {name} | {clients} | {n} | {tp:.2f} | {p50:.0f} | {p95:.0f} | {peer_tp:.2f} | {ratio:.2f}x | "
-              f"{peer_name} |")
+    print("| worker | method | clients | requests | service img/s | p50 ms | p95 ms | peer in-process img/s | ratio "
+          "| peer |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for worker, name, clients, n, tp, p50, p95, peer_tp, ratio, peer_name in rows:
+        print(f"| {worker} | {name} | {clients} | {n} | {tp:.2f} | {p50:.0f} | {p95:.0f} | {peer_tp:.2f} | "
+              f"{ratio:.2f}x | {peer_name} |")
     print("\nService overhead: one Grad-CAM request (chelsea, 451x300, map as .npy at the original size) on an idle "
           "server;\noverhead = p50 latency - the same explanation in this process (engine.explain on the "
           "preprocessed tensor).\nDecoding, preprocessing, encoding and HTTP all count as overhead. The last "
           "column pairs each request's latency\nwith the compute the server reports for it (timing_ms.compute): "
           "the time spent around the model pass.\n")
-    print("| upload | p50 latency ms | in-process compute ms | overhead ms | server's own compute ms | "
+    print("| worker | upload | p50 latency ms | in-process compute ms | overhead ms | server's own compute ms | "
           "p50 latency - own compute ms |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for kind, row in overhead.items():
-        print(f"| {kind} | {row['p50']:.1f} | {row['in_process']:.1f} | {row['overhead']:.1f} | "
-              f"{row['server_compute']:.1f} | {row['around_compute']:.1f} |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for worker, overhead in overheads.items():
+        for kind, row in overhead.items():
+            print(f"| {worker} | {kind} | {row['p50']:.1f} | {row['in_process']:.1f} | {row['overhead']:.1f} | "
+                  f"{row['server_compute']:.1f} | {row['around_compute']:.1f} |")
 
 
 if __name__ == "__main__":

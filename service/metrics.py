@@ -36,7 +36,7 @@ class Metrics:
         self.jobs = Gauge("saliency_jobs", "jobs held, by status", ["status"], registry=r)
         self.device_memory = Gauge("saliency_device_memory_bytes", "allocated device memory (CUDA), or the "
                                    "process RSS on the CPU", ["device"], registry=r)
-        self.worker_restarts = Gauge("saliency_worker_restarts", "worker threads restarted", ["worker"],
+        self.worker_restarts = Gauge("saliency_worker_restarts", "worker threads and engine processes restarted", ["worker"],
                                      registry=r)
 
     def sample_device(self, device) -> None:

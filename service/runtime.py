@@ -16,6 +16,7 @@ from .api.errors import ApiError
 from .cache import ResultCache
 from .calibrate import calibrate
 from .engine import ImageExplanation, explain
+from .engine_process import Batch, EngineProcess, EngineProcessDied
 from .hostmem import retain_freed_memory
 from .jobs import Job, JobStore
 from .metrics import Metrics
@@ -49,19 +50,30 @@ class Runtime:
         self.jobs = JobStore(settings.max_jobs, settings.job_ttl_s)
         self.cache = ResultCache(settings.cache_bytes)
         self._encoder = ThreadPoolExecutor(thread_name_prefix="encode")  # maps -> .npy/PNG/base64, per image
+        # Where the passes run: a thread of this process, or a child process per lane (service/engine_process.py).
+        self.isolated = self._isolate(settings)
+        if self.isolated and registry is not None:
+            raise ValueError("worker=process: the engine processes load the models from models_dir; pass no registry")
+        lanes = ("worker", "bulk")
+        self.engines = ({lane: EngineProcess(settings.model_dump_json(), f"engine-{lane}-{self.device}")
+                         for lane in lanes} if self.isolated else {})
         # Two lanes on the device: long work (a MoreauGrad image is thousands of passes) runs on its own
         # worker so it never holds up interactive requests queued behind it.
         self.pool, self.bulk_pool = (
-            WorkerPool(self._run_batch, max_queue=settings.max_queue, max_cost=settings.max_batch_cost,
-                       max_items=settings.max_batch_items, max_wait=settings.max_wait_ms / 1000,
+            WorkerPool(lambda items, lane=lane: self._run_batch(items, lane), max_queue=settings.max_queue,
+                       max_cost=settings.max_batch_cost, max_items=settings.max_batch_items,
+                       max_wait=settings.max_wait_ms / 1000,
                        name=f"{lane}-{self.device}", on_batch=self._on_batch,
                        watchdog_interval=settings.watchdog_s)
-            for lane in ("worker", "bulk"))
+            for lane in lanes)
         self.load_error: str | None = None
         self.pass_batch: dict[str, int] = {}  # images per forward pass, per model (measured on a GPU)
         self._loaded = threading.Event()
         # Fault injection for tests: called with each batch before it runs (may raise, e.g. a fake CUDA OOM).
         self.fault_hook: Callable[[list[WorkItem]], None] | None = None
+
+    def _isolate(self, settings: Settings) -> bool:
+        return settings.worker == "process" or (settings.worker == "auto" and self.device.type == "cuda")
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -81,9 +93,14 @@ class Runtime:
     def _load(self) -> None:
         try:
             only = set(self.settings.models) if self.settings.models else None
-            self.registry = ModelRegistry.from_dir(self.settings.models_dir, self.device, only)
-            self.pass_batch = calibrate(self.registry.models, self.settings.max_pass_batch,
-                                        self.settings.cpu_pass_batch)
+            if self.isolated:  # the models here only serve validation and preprocessing: keep them off the device
+                self.registry = ModelRegistry.from_dir(self.settings.models_dir, torch.device("cpu"), only)
+                with ThreadPoolExecutor(len(self.engines)) as starting:
+                    self.pass_batch = list(starting.map(EngineProcess.start, self.engines.values()))[0]
+            else:
+                self.registry = ModelRegistry.from_dir(self.settings.models_dir, self.device, only)
+                self.pass_batch = calibrate(self.registry.models, self.settings.max_pass_batch,
+                                            self.settings.cpu_pass_batch)
             log.info("models ready: %s; unavailable: %s", sorted(self.registry.models),
                      sorted(self.registry.unavailable))
         except Exception as exc:  # noqa: BLE001 - reported by /readyz
@@ -97,6 +114,8 @@ class Runtime:
             job.cancel_event.set()
         for pool in self.pools:
             pool.stop(grace)
+        for engine in self.engines.values():
+            engine.stop(grace)
         self._encoder.shutdown(wait=False)  # encodings under way finish; their callers are answered
 
     @property
@@ -123,8 +142,8 @@ class Runtime:
         return self.registry
 
     # ------------------------------------------------------------------ worker side
-    def _run_batch(self, items: list[WorkItem]) -> list[Any]:
-        """Runs on the worker thread: items share model, method and params (their key says so)."""
+    def _run_batch(self, items: list[WorkItem], lane: str) -> list[Any]:
+        """Runs on the lane's worker thread: items share model, method and params (their key says so)."""
         call = items[0].payload.call
         jobs = [item.payload.job for item in items]
 
@@ -137,12 +156,18 @@ class Runtime:
         if self.fault_hook is not None:
             self.fault_hook(items)
         x = torch.stack([item.payload.call.pixels[item.payload.index] for item in items])
-        if self.device.type == "cuda":
-            x = x.pin_memory()  # page-locked, so the copy to the device below does not block this thread
         targets = [item.payload.call.targets[item.payload.index] for item in items]
         raw = ["raw" in item.payload.call.outputs for item in items]
         sizes = [item.payload.call.original_size(item.payload.index) for item in items]
         started = time.monotonic()
+        if self.isolated:
+            batch = Batch(call.model.name, call.method.name, call.params, x.numpy(), targets, raw, sizes)
+            results = self.engines[lane].run(batch, progress)
+            for item in items:
+                item.payload.compute_s = time.monotonic() - started
+            return results
+        if self.device.type == "cuda":
+            x = x.pin_memory()  # page-locked, so the copy to the device below does not block this thread
         try:
             results = explain(call.model, call.method, x, targets, call.params, progress=progress,
                               top_k=self.settings.top_k, keep_attribution=raw, map_sizes=sizes,
@@ -153,6 +178,19 @@ class Runtime:
         for item in items:  # recorded before the pool resolves the futures: encoding reads it
             item.payload.compute_s = time.monotonic() - started
         return results
+
+    def worker_restarts(self, lane: str) -> int:
+        """Worker threads of the lane restarted, plus its engine processes started again."""
+        pool = self.bulk_pool if lane == "bulk" else self.pool
+        engine = self.engines.get(lane)
+        return pool.stats.restarts + (engine.restarts if engine else 0)
+
+    def record_device_memory(self) -> None:
+        if self.isolated:  # the engine processes report theirs with each batch; this process holds no device
+            self.metrics.device_memory.labels(str(self.device)).set(
+                sum(engine.device_memory for engine in self.engines.values()))
+        else:
+            self.metrics.sample_device(self.device)
 
     def _on_batch(self, items: list[WorkItem], duration: float) -> None:
         method = items[0].payload.call.method.name
@@ -320,6 +358,8 @@ def as_api_error(exc: BaseException, log_unexpected: bool = True) -> ApiError:
     if isinstance(exc, DeadlineExceeded):
         return ApiError(504, "deadline_exceeded", "the work could not start before its deadline; the service "
                                                   "is overloaded, retry later")
+    if isinstance(exc, EngineProcessDied):
+        return ApiError(500, "engine_crashed", f"{exc}; another engine process takes the next request")
     if isinstance(exc, WorkerStopped):
         return ApiError(503, "shutting_down", "the service is shutting down")
     if isinstance(exc, (ValueError, LookupError)):

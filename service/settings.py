@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     bulk_cost: int = Field(2000, ge=1, description="images costing more passes than this run on the bulk lane, "
                                                    "a second worker, so they never hold up interactive work")
 
+    worker: Literal["auto", "thread", "process"] = Field(
+        "auto", description="where each lane runs its model passes: a thread of the server process, or a child "
+                            "process of its own, whose GIL no HTTP work contends for (service/engine_process.py); "
+                            "auto: process on a GPU, thread on a CPU (docs/benchmarks.md)")
     cudnn_benchmark: bool = Field(False, description="let cuDNN autotune each new input shape: a batching server "
                                   "sees new pass sizes all the time, and each one stalls the worker while it is "
                                   "timed (service/zoo/registry.py set_cudnn_autotuning)")

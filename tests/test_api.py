@@ -42,13 +42,19 @@ def random_image(seed: int, size=(64, 64)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
 
 
-@pytest.fixture(scope="module", params=["embedded", pytest.param("ray", marks=pytest.mark.ray)])
+@pytest.fixture(scope="module", params=["embedded", "process", pytest.param("ray", marks=pytest.mark.ray)])
 def server(request, registry):
-    """The API contract runs against both engines: the in-process queue and Ray Serve (tests/ray_server.py)."""
+    """The API contract runs against every engine: the in-process queue with its passes on a thread, or in
+    child processes (service/engine_process.py), and Ray Serve (tests/ray_server.py)."""
     if request.param == "ray":
         yield request.getfixturevalue("ray_server")
         return
-    with running_server(Settings(max_wait_ms=20, cache_bytes=0), registry) as (base, app):  # every call computes
+    settings = Settings(max_wait_ms=20, cache_bytes=0)  # every call computes
+    if request.param == "process":
+        with running_server(settings.model_copy(update={"worker": "process"})) as (base, app):
+            yield base, app
+        return
+    with running_server(settings, registry) as (base, app):
         yield base, app
 
 

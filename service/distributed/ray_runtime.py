@@ -57,6 +57,9 @@ class RayRuntime(Runtime):
                                     "(each was sent again, or failed with 503 replica_lost)",
                                     registry=self.metrics.registry)
 
+    def _isolate(self, settings: Settings) -> bool:
+        return False  # the explainer replicas are processes of their own already
+
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         if self.registry is None:

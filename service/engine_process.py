@@ -1,0 +1,319 @@
+"""The model passes of one worker lane in a child process of their own (`SALIENCY_WORKER=process`).
+
+Why: every torch op releases the GIL while it runs and has to take it back when it returns. In one process
+the worker's passes queue for the GIL behind the HTTP side (event loop, decoding, encoding): on the 2-core
+CPU the worker waited for it in 19 % of its busy time under 16 clients, and a pass beside a thread running
+Python all the time took 75x as long (bench/gil.py, docs/benchmarks.md). A GPU pass is hundreds of
+microsecond launches, each one such round trip. A child process has a GIL of its own.
+
+The split: the server process keeps the queue, batching, deadlines and the failure policy (the same
+`WorkerPool`), and its models on the CPU for validation and preprocessing. The child loads the models on
+the device and runs `engine.explain` for each batch it is sent. Tensors cross the pipe as numpy arrays
+(copied, no shared-memory handles to leak); results, progress and errors come back as plain messages. A
+child that dies is started again for the next batch; the batch it died in fails with the exit code, and
+the pool reruns its images one by one so only the one that kills it fails.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import multiprocessing
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+import numpy as np
+import torch
+
+from .engine import ImageExplanation
+from .methods import MethodParams, Progress
+
+log = logging.getLogger(__name__)
+
+# Errors cross the pipe as (kind, message): the server process raises its own exception for each kind.
+INVALID, CANCELLED, OUT_OF_MEMORY, INTERNAL = "invalid", "cancelled", "out_of_memory", "internal"
+_START_TIMEOUT_S = 600.0  # loading and calibrating the models (large models on a cold disk take minutes)
+
+
+@dataclass
+class Batch:
+    """One engine batch: images that share model, method and params (the queue's batch key says so)."""
+
+    model: str
+    method: str
+    params: MethodParams
+    pixels: np.ndarray  # (B, 3, H, W) float32, preprocessed
+    targets: list[int | None]
+    raw: list[bool]  # per image: send back the signed attribution
+    sizes: list[tuple[int, int] | None]  # per image: also resize its map to this (height, width)
+
+
+class EngineProcessDied(RuntimeError):
+    """The child process exited while running a batch (killed, out of host memory, a crash in native code)."""
+
+
+class EngineOutOfMemory(MemoryError):
+    """The device ran out of memory in the child: the pool halves the batch and retries (it is a MemoryError)."""
+
+
+class EngineProcess:
+    """A child process owning the device for one lane; `run` is called by that lane's worker thread only."""
+
+    def __init__(self, settings_json: str, name: str):
+        self.settings_json, self.name = settings_json, name
+        self._context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+        # Set by the server side, read by the child between passes: one byte of shared memory (an Event would be
+        # semaphores, which the resource tracker reports as leaked when the server exits without collecting us).
+        self._cancel = self._context.RawValue(ctypes.c_bool, False)
+        self._lock = threading.Lock()  # start/stop against run's restart
+        self._stopped = False
+        self.pass_batch: dict[str, int] = {}
+        self.device_memory = 0.0  # allocated device memory (CUDA) or RSS (CPU) the child reported last
+        self.starts = 0
+
+    @property
+    def restarts(self) -> int:
+        return max(0, self.starts - 1)
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def start(self) -> dict[str, int]:
+        """Spawn the child and wait until its models are loaded; RuntimeError if they could not be."""
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError(f"{self.name} is stopped")
+            self._spawn_locked()
+            return self.pass_batch
+
+    def _spawn_locked(self) -> None:
+        self._close_locked()
+        ours, theirs = self._context.Pipe()
+        process = self._context.Process(target=serve, args=(theirs, self._cancel, self.settings_json),
+                                        name=self.name, daemon=True)
+        process.start()
+        theirs.close()  # the child holds its end: EOF here when it exits
+        self._process, self._conn = process, ours
+        self.starts += 1
+        if not ours.poll(_START_TIMEOUT_S):
+            self._close_locked()
+            raise RuntimeError(f"{self.name}: the engine process did not load its models in {_START_TIMEOUT_S:.0f} s")
+        try:
+            message = ours.recv()
+        except (EOFError, OSError):
+            code = self._exit_code()
+            self._close_locked()
+            raise RuntimeError(f"{self.name}: the engine process exited with code {code} while loading") from None
+        if message[0] != "ready":
+            self._close_locked()
+            raise RuntimeError(f"{self.name}: the engine process could not load its models: {message[1]}")
+        self.pass_batch = message[1]
+        log.info("%s: engine process %d ready (pass batch %s)", self.name, process.pid, self.pass_batch)
+
+    def run(self, batch: Batch, progress: Progress) -> list[ImageExplanation]:
+        """Run `batch` in the child. `progress(done, total)` may raise to cancel; the child then stops at its
+        next pass and this raises what `progress` raised."""
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError(f"{self.name} is stopped")
+            if not self.alive:
+                log.warning("%s: engine process gone (exit code %s), starting another", self.name,
+                            self._exit_code())
+                self._spawn_locked()
+            conn = self._conn
+            self._cancel.value = False
+        conn.send(batch)
+        stop_reason: BaseException | None = None
+        try:
+            while True:
+                message = conn.recv()
+                kind = message[0]
+                if kind == "progress":
+                    if stop_reason is None:
+                        try:
+                            progress(message[1], message[2])
+                        except BaseException as exc:  # noqa: BLE001 - re-raised once the child has stopped
+                            stop_reason = exc
+                            self._cancel.value = True
+                    continue
+                if kind == "done":
+                    _, results, self.device_memory = message
+                    return [from_wire(result) for result in results]
+                _, error, text, self.device_memory = message
+                if error == CANCELLED and stop_reason is not None:
+                    raise stop_reason
+                raise _exception(error, text)
+        except (EOFError, OSError):
+            code = self._exit_code()
+            raise EngineProcessDied(f"the engine process exited (code {code}) while running this batch") from None
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Ask the child to finish its batch and exit; kill it after `grace` seconds."""
+        with self._lock:
+            self._stopped = True
+            process, conn = self._process, self._conn
+        if process is None:
+            return
+        self._cancel.value = True
+        try:
+            if conn is not None:
+                conn.send(None)
+        except OSError:
+            pass
+        process.join(grace)
+        if process.is_alive():
+            process.kill()
+            process.join(5)
+        with self._lock:
+            self._close_locked()
+
+    def _exit_code(self) -> int | None:
+        if self._process is None:
+            return None
+        self._process.join(1.0)  # the pipe closes a moment before the process is reaped
+        return self._process.exitcode
+
+    def _close_locked(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        if self._process is not None and self._process.is_alive():
+            self._process.kill()
+            self._process.join(5)
+        self._conn = None
+
+
+def _exception(kind: str, text: str) -> Exception:
+    if kind == INVALID:
+        return ValueError(text)  # the API answers 422 with it
+    if kind == OUT_OF_MEMORY:
+        return EngineOutOfMemory(text)
+    if kind == CANCELLED:
+        from .runtime import Cancelled
+
+        return Cancelled(text)
+    return RuntimeError(text)
+
+
+def to_wire(result: ImageExplanation) -> ImageExplanation:
+    """Tensors as numpy arrays: plain pickling, no shared-memory handles between the processes."""
+    return dataclasses.replace(
+        result, heatmap=result.heatmap.numpy(),
+        attribution=None if result.attribution is None else result.attribution.numpy(),
+        sized_heatmap=None if result.sized_heatmap is None else result.sized_heatmap.numpy())
+
+
+def from_wire(result: ImageExplanation) -> ImageExplanation:
+    return dataclasses.replace(
+        result, heatmap=torch.from_numpy(result.heatmap),
+        attribution=None if result.attribution is None else torch.from_numpy(result.attribution),
+        sized_heatmap=None if result.sized_heatmap is None else torch.from_numpy(result.sized_heatmap))
+
+
+# ---------------------------------------------------------------------------------------------- the child
+def serve(conn: Connection, cancel, settings_json: str) -> None:
+    """The child's main: load the models on the device, then run batches until told to stop or orphaned."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server stops us
+    from .calibrate import calibrate
+    from .hostmem import retain_freed_memory
+    from .settings import Settings
+    from .zoo import ModelRegistry, resolve_device, set_cudnn_autotuning
+
+    settings = Settings.model_validate_json(settings_json)
+    _exit_with_parent()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if settings.retain_host_memory:
+            retain_freed_memory()
+        set_cudnn_autotuning(settings.cudnn_benchmark)
+        device = resolve_device(settings.device)
+        only = set(settings.models) if settings.models else None
+        registry = ModelRegistry.from_dir(settings.models_dir, device, only)
+        pass_batch = calibrate(registry.models, settings.max_pass_batch, settings.cpu_pass_batch)
+    except Exception as exc:  # noqa: BLE001 - the server process reports it on /readyz
+        conn.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ready", pass_batch))
+    while True:
+        try:
+            batch = conn.recv()
+        except (EOFError, OSError):
+            return  # the server process is gone
+        if batch is None:
+            return
+        try:
+            conn.send(_run(batch, registry, pass_batch, settings, device, conn, cancel))
+        except (BrokenPipeError, OSError):
+            return
+
+
+def _exit_with_parent(interval: float = 1.0) -> None:
+    """Exit when the server process is gone, even in the middle of a long batch (when idle, the pipe's EOF says
+    so first). prctl's parent-death signal would fire when the *thread* that spawned us ends: not usable here."""
+    import os
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _run(batch: Batch, registry, pass_batch: dict[str, int], settings, device: torch.device, conn: Connection,
+         cancel) -> tuple:
+    from .engine import explain
+    from .methods import get_method
+    from .runtime import Cancelled
+
+    last = 0.0
+
+    def progress(done: int, total: int) -> None:
+        nonlocal last
+        if cancel.value:
+            raise Cancelled("cancelled")
+        now = time.monotonic()
+        if done >= total or now - last >= 0.05:  # at most ~20 reports a second cross the pipe
+            last = now
+            conn.send(("progress", done, total))
+
+    try:
+        model = registry.get(batch.model)
+        x = torch.from_numpy(batch.pixels)
+        if device.type == "cuda":
+            x = x.pin_memory()
+        results = explain(model, get_method(batch.method), x, batch.targets, batch.params, progress=progress,
+                          top_k=settings.top_k, keep_attribution=batch.raw, map_sizes=batch.sizes,
+                          max_batch=pass_batch.get(batch.model, settings.max_pass_batch))
+        return "done", [to_wire(result) for result in results], _memory(device)
+    except Cancelled as exc:
+        return "error", CANCELLED, str(exc), _memory(device)
+    except torch.cuda.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
+        return "error", OUT_OF_MEMORY, str(exc), _memory(device)
+    except (ValueError, LookupError) as exc:
+        return "error", INVALID, str(exc), _memory(device)
+    except Exception as exc:  # noqa: BLE001 - the server process fails the batch with it
+        log.exception("explain failed in the engine process")
+        return "error", INTERNAL, f"{type(exc).__name__}: {exc}", _memory(device)
+
+
+def _memory(device: torch.device) -> float:
+    if device.type == "cuda":
+        return float(torch.cuda.memory_allocated(device))
+    from .metrics import _rss_bytes
+
+    return _rss_bytes()
+

@@ -1,0 +1,132 @@
+"""The engine in child processes (SALIENCY_WORKER=process): crashes, cancellation, errors across the pipe.
+
+The whole API contract also runs against it (tests/test_api.py's `server` fixture); the maps it returns are
+compared there and here with the engine run in this process.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.engine import explain
+from service.engine_process import (CANCELLED, INTERNAL, INVALID, OUT_OF_MEMORY, EngineOutOfMemory, _exception)
+from service.methods import METHODS
+from service.runtime import Cancelled, Runtime
+from service.settings import Settings
+from service.worker.pool import default_is_oom
+from tests.server import running_server
+
+
+def png(seed: int, size: int = 48) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server():
+    settings = Settings(worker="process", models=["tiny_cnn"], default_model="tiny_cnn", cache_bytes=0,
+                        max_wait_ms=20, bulk_cost=500)  # MoreauGrad of more than 500 passes runs on the bulk lane
+    with running_server(settings) as (base, app):
+        yield base, app.state.runtime
+
+
+def post(base: str, method: str, blob: bytes, timeout: float = 60, **fields) -> httpx.Response:
+    return httpx.post(f"{base}/v1/explain/{method}", files=[("image", ("x.png", blob, "image/png"))],
+                      data={"size": "input", "outputs": "npy,raw", **fields}, timeout=timeout)
+
+
+def test_maps_equal_the_engine_run_in_this_process(server, registry):
+    base, runtime = server
+    assert runtime.isolated and all(engine.alive for engine in runtime.engines.values())
+    assert runtime.engines["worker"].pid != os.getpid()
+    model = registry.models["tiny_cnn"]
+    blob = png(1)
+    x = model.preprocess(Image.open(io.BytesIO(blob)).convert("RGB")).unsqueeze(0)
+    for method, fields in (("gradcam", {}), ("integrated-gradients", {"n_steps": "8"}), ("fullgrad", {})):
+        r = post(base, method, blob, **fields)
+        assert r.status_code == 200, r.text
+        got = r.json()["results"][0]
+        params = METHODS[method].Params.model_validate({k: int(v) for k, v in fields.items()})
+        want = explain(model, METHODS[method], x, [None], params)[0]
+        assert got["target"] == want.target and got["label"] == want.label
+        heat = np.load(io.BytesIO(base64.b64decode(got["map"]["npy"])))
+        np.testing.assert_allclose(heat, want.heatmap.numpy(), atol=1e-5)
+        raw = np.load(io.BytesIO(base64.b64decode(got["raw"])))
+        np.testing.assert_allclose(raw, want.attribution.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_cancelled_job_stops_the_engine_process_which_stays_up(server):
+    base, runtime = server
+    pid = runtime.engines["bulk"].pid
+    r = httpx.post(f"{base}/v1/jobs/moreaugrad", data={"iterations": "2000", "n_samples": "8"},
+                   files=[("image", ("x.png", png(2), "image/png"))])
+    job_id = r.json()["id"]
+    while httpx.get(f"{base}/v1/jobs/{job_id}").json()["progress"]["done"] < 5:  # progress crosses the pipe
+        time.sleep(0.02)
+    assert httpx.delete(f"{base}/v1/jobs/{job_id}").status_code == 200
+    for _ in range(300):
+        job = httpx.get(f"{base}/v1/jobs/{job_id}").json()
+        if job["status"] == "cancelled":
+            break
+        time.sleep(0.02)
+    assert job["status"] == "cancelled" and job["progress"]["done"] < 2000
+    r = httpx.post(f"{base}/v1/jobs/moreaugrad", data={"iterations": "3", "n_samples": "2"},
+                   files=[("image", ("x.png", png(2), "image/png"))])
+    for _ in range(300):
+        job = httpx.get(f"{base}/v1/jobs/{r.json()['id']}").json()
+        if job["status"] == "succeeded":
+            break
+        time.sleep(0.02)
+    assert job["status"] == "succeeded" and runtime.engines["bulk"].pid == pid  # the same process served it
+
+
+def test_a_killed_engine_process_fails_its_request_and_is_replaced(server):
+    base, runtime = server
+    engine = runtime.engines["bulk"]
+    pid = engine.pid
+    r = httpx.post(f"{base}/v1/jobs/moreaugrad", data={"iterations": "2000", "n_samples": "8"},
+                   files=[("image", ("x.png", png(3), "image/png"))])
+    job_id = r.json()["id"]
+    while httpx.get(f"{base}/v1/jobs/{job_id}").json()["progress"]["done"] < 2:
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)  # as the kernel's OOM killer, or a crash in native code, would
+    for _ in range(500):
+        job = httpx.get(f"{base}/v1/jobs/{job_id}").json()
+        if job["status"] == "failed":
+            break
+        time.sleep(0.02)
+    assert job["status"] == "failed" and job["error"]["code"] == "engine_crashed"
+    assert f"code {-signal.SIGKILL}" in job["error"]["message"]
+    r = post(base, "moreaugrad", png(3), iterations="100", n_samples="8")  # the bulk lane: a new process takes it
+    assert r.status_code == 200, r.text
+    assert engine.pid != pid and engine.restarts == 1
+    metrics = httpx.get(f"{base}/metrics").text
+    assert 'saliency_worker_restarts{worker="bulk-cpu"} 1.0' in metrics
+    assert httpx.get(f"{base}/readyz").status_code == 200
+
+
+def test_errors_cross_the_pipe_as_the_exceptions_the_pool_and_api_expect():
+    assert isinstance(_exception(INVALID, "bad target"), ValueError)  # -> 422
+    oom = _exception(OUT_OF_MEMORY, "CUDA out of memory")
+    assert isinstance(oom, EngineOutOfMemory) and default_is_oom(oom)  # -> the pool halves the batch
+    assert isinstance(_exception(CANCELLED, "cancelled"), Cancelled)
+    assert type(_exception(INTERNAL, "boom")) is RuntimeError
+
+
+def test_a_registry_cannot_be_handed_to_a_process_worker(registry):
+    with pytest.raises(ValueError, match="models_dir"):
+        Runtime(Settings(worker="process"), registry)
+
+
+def test_auto_means_a_thread_on_the_cpu():
+    assert Runtime(Settings(worker="auto", device="cpu")).isolated is False
