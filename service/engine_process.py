@@ -8,8 +8,9 @@ microsecond launches, each one such round trip. A child process has a GIL of its
 
 The split: the server process keeps the queue, batching, deadlines and the failure policy (the same
 `WorkerPool`), and its models on the CPU for validation and preprocessing. The child loads the models on
-the device and runs `engine.explain` for each batch it is sent. Tensors cross the pipe as numpy arrays
-(copied, no shared-memory handles to leak); results, progress and errors come back as plain messages. A
+the device and runs `engine.explain` for each batch it is sent. Pixels and maps cross through a file in
+/dev/shm that both map (service/shared_arrays.py; through the pipe when that has no room); the rest, progress
+and errors are plain messages on the pipe. A
 child that dies is started again for the next batch; the batch it died in fails with the exit code, and
 the pool reruns its images one by one so only the one that kills it fails.
 """
@@ -19,6 +20,7 @@ import ctypes
 import dataclasses
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -30,6 +32,7 @@ import torch
 
 from .engine import ImageExplanation
 from .methods import MethodParams, Progress
+from .shared_arrays import ArrayReader, ArrayWriter, Shared, remove_files_of
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ class Batch:
     model: str
     method: str
     params: MethodParams
-    pixels: np.ndarray  # (B, 3, H, W) float32, preprocessed
+    pixels: np.ndarray  # (B, 3, H, W) float32, preprocessed (on the pipe: where to find it, `pack`)
     targets: list[int | None]
     raw: list[bool]  # per image: send back the signed attribution
     sizes: list[tuple[int, int] | None]  # per image: also resize its map to this (height, width)
@@ -75,6 +78,7 @@ class EngineProcess:
         self.pass_batch: dict[str, int] = {}
         self.device_memory = 0.0  # allocated device memory (CUDA) or RSS (CPU) the child reported last
         self.starts = 0
+        self._inputs, self._outputs = ArrayWriter("in"), ArrayReader()
 
     @property
     def restarts(self) -> int:
@@ -117,7 +121,7 @@ class EngineProcess:
         if message[0] != "ready":
             self._close_locked()
             raise RuntimeError(f"{self.name}: the engine process could not load its models: {message[1]}")
-        self.pass_batch = message[1]
+        self.pass_batch, self.device_memory = message[1], message[2]
         log.info("%s: engine process %d ready (pass batch %s)", self.name, process.pid, self.pass_batch)
 
     def run(self, batch: Batch, progress: Progress) -> list[ImageExplanation]:
@@ -132,7 +136,7 @@ class EngineProcess:
                 self._spawn_locked()
             conn = self._conn
             self._cancel.value = False
-        conn.send(batch)
+        conn.send(dataclasses.replace(batch, pixels=pack(self._inputs, [batch.pixels])))
         stop_reason: BaseException | None = None
         try:
             while True:
@@ -147,8 +151,8 @@ class EngineProcess:
                             self._cancel.value = True
                     continue
                 if kind == "done":
-                    _, results, self.device_memory = message
-                    return [from_wire(result) for result in results]
+                    _, results, arrays, self.device_memory = message
+                    return from_wire(results, unpack(self._outputs, arrays))
                 _, error, text, self.device_memory = message
                 if error == CANCELLED and stop_reason is not None:
                     raise stop_reason
@@ -176,6 +180,10 @@ class EngineProcess:
             process.join(5)
         with self._lock:
             self._close_locked()
+            try:
+                self._inputs.close()
+            except BufferError:  # a batch abandoned after the grace period still writes to it: unlink only
+                os.unlink(self._inputs.path) if self._inputs.path else None
 
     def _exit_code(self) -> int | None:
         if self._process is None:
@@ -186,9 +194,12 @@ class EngineProcess:
     def _close_locked(self) -> None:
         if self._conn is not None:
             self._conn.close()
-        if self._process is not None and self._process.is_alive():
-            self._process.kill()
-            self._process.join(5)
+        if self._process is not None:
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join(5)
+            remove_files_of(self._process.pid)  # its result file, when it could not delete it itself
+        self._outputs.close()
         self._conn = None
 
 
@@ -204,19 +215,38 @@ def _exception(kind: str, text: str) -> Exception:
     return RuntimeError(text)
 
 
-def to_wire(result: ImageExplanation) -> ImageExplanation:
-    """Tensors as numpy arrays: plain pickling, no shared-memory handles between the processes."""
-    return dataclasses.replace(
-        result, heatmap=result.heatmap.numpy(),
-        attribution=None if result.attribution is None else result.attribution.numpy(),
-        sized_heatmap=None if result.sized_heatmap is None else result.sized_heatmap.numpy())
+_TENSOR_FIELDS = ("heatmap", "attribution", "sized_heatmap")
 
 
-def from_wire(result: ImageExplanation) -> ImageExplanation:
-    return dataclasses.replace(
-        result, heatmap=torch.from_numpy(result.heatmap),
-        attribution=None if result.attribution is None else torch.from_numpy(result.attribution),
-        sized_heatmap=None if result.sized_heatmap is None else torch.from_numpy(result.sized_heatmap))
+def to_wire(results: list[ImageExplanation]) -> tuple[list[ImageExplanation], list[np.ndarray]]:
+    """The results with each tensor replaced by its index in one list of arrays (which travels apart)."""
+    arrays: list[np.ndarray] = []
+    stripped = []
+    for result in results:
+        indexes = {}
+        for name in _TENSOR_FIELDS:
+            tensor = getattr(result, name)
+            if tensor is not None:
+                indexes[name] = len(arrays)
+                arrays.append(tensor.numpy())
+        stripped.append(dataclasses.replace(result, **indexes))
+    return stripped, arrays
+
+
+def from_wire(results: list[ImageExplanation], arrays: list[np.ndarray]) -> list[ImageExplanation]:
+    return [dataclasses.replace(result, **{name: torch.from_numpy(arrays[getattr(result, name)])
+                                           for name in _TENSOR_FIELDS if getattr(result, name) is not None})
+            for result in results]
+
+
+def pack(writer: ArrayWriter, arrays: list[np.ndarray]) -> tuple[str, Shared | list[np.ndarray]]:
+    shared = writer.write(arrays)
+    return ("shared", shared) if shared is not None else ("inline", arrays)
+
+
+def unpack(reader: ArrayReader, packed: tuple[str, Shared | list[np.ndarray]]) -> list[np.ndarray]:
+    how, content = packed
+    return reader.read(content) if how == "shared" else content
 
 
 # ---------------------------------------------------------------------------------------------- the child
@@ -242,18 +272,24 @@ def serve(conn: Connection, cancel, settings_json: str) -> None:
     except Exception as exc:  # noqa: BLE001 - the server process reports it on /readyz
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", pass_batch))
-    while True:
-        try:
-            batch = conn.recv()
-        except (EOFError, OSError):
-            return  # the server process is gone
-        if batch is None:
-            return
-        try:
-            conn.send(_run(batch, registry, pass_batch, settings, device, conn, cancel))
-        except (BrokenPipeError, OSError):
-            return
+    conn.send(("ready", pass_batch, _memory(device)))
+    inputs, outputs = ArrayReader(), ArrayWriter("out")
+    try:
+        while True:
+            try:
+                batch = conn.recv()
+            except (EOFError, OSError):
+                return  # the server process is gone
+            if batch is None:
+                return
+            batch.pixels = unpack(inputs, batch.pixels)[0]
+            try:
+                conn.send(_run(batch, registry, pass_batch, settings, device, conn, cancel, outputs))
+            except (BrokenPipeError, OSError):
+                return
+    finally:
+        inputs.close()
+        outputs.close()
 
 
 def _exit_with_parent(interval: float = 1.0) -> None:
@@ -273,7 +309,7 @@ def _exit_with_parent(interval: float = 1.0) -> None:
 
 
 def _run(batch: Batch, registry, pass_batch: dict[str, int], settings, device: torch.device, conn: Connection,
-         cancel) -> tuple:
+         cancel, outputs: ArrayWriter) -> tuple:
     from .engine import explain
     from .methods import get_method
     from .runtime import Cancelled
@@ -297,7 +333,8 @@ def _run(batch: Batch, registry, pass_batch: dict[str, int], settings, device: t
         results = explain(model, get_method(batch.method), x, batch.targets, batch.params, progress=progress,
                           top_k=settings.top_k, keep_attribution=batch.raw, map_sizes=batch.sizes,
                           max_batch=pass_batch.get(batch.model, settings.max_pass_batch))
-        return "done", [to_wire(result) for result in results], _memory(device)
+        stripped, arrays = to_wire(results)
+        return "done", stripped, pack(outputs, arrays), _memory(device)
     except Cancelled as exc:
         return "error", CANCELLED, str(exc), _memory(device)
     except torch.cuda.OutOfMemoryError as exc:

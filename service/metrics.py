@@ -34,8 +34,8 @@ class Metrics:
         self.latency = Histogram("saliency_request_seconds", "explain latency, arrival to response", ["method"],
                                  registry=r, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300))
         self.jobs = Gauge("saliency_jobs", "jobs held, by status", ["status"], registry=r)
-        self.device_memory = Gauge("saliency_device_memory_bytes", "allocated device memory (CUDA), or the "
-                                   "process RSS on the CPU", ["device"], registry=r)
+        self.device_memory = Gauge("saliency_device_memory_bytes", "allocated device memory (CUDA), or on "
+                                   "the CPU the RSS of the process(es) running the passes", ["device"], registry=r)
         self.worker_restarts = Gauge("saliency_worker_restarts", "worker threads and engine processes restarted", ["worker"],
                                      registry=r)
 

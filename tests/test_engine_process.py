@@ -17,10 +17,12 @@ import pytest
 from PIL import Image
 
 from service.engine import explain
-from service.engine_process import (CANCELLED, INTERNAL, INVALID, OUT_OF_MEMORY, EngineOutOfMemory, _exception)
+from service.engine_process import (CANCELLED, INTERNAL, INVALID, OUT_OF_MEMORY, EngineOutOfMemory, _exception,
+                                    pack, unpack)
 from service.methods import METHODS
 from service.runtime import Cancelled, Runtime
 from service.settings import Settings
+from service.shared_arrays import ArrayReader, ArrayWriter
 from service.worker.pool import default_is_oom
 from tests.server import running_server
 
@@ -130,3 +132,30 @@ def test_a_registry_cannot_be_handed_to_a_process_worker(registry):
 
 def test_auto_means_a_thread_on_the_cpu():
     assert Runtime(Settings(worker="auto", device="cpu")).isolated is False
+
+
+def test_shared_arrays_round_trip_grow_and_fall_back_to_the_pipe(monkeypatch):
+    writer, reader = ArrayWriter("test"), ArrayReader()
+    rng = np.random.default_rng(0)
+    small = [rng.random((3, 5), dtype=np.float32), np.arange(7, dtype=np.int64), np.zeros((0, 4), np.float32)]
+    first = pack(writer, small)
+    assert first[0] == "shared"
+    for got, want in zip(unpack(reader, first), small):
+        np.testing.assert_array_equal(got, want)
+        assert got.dtype == want.dtype
+    big = [rng.random((1200, 1200), dtype=np.float32) for _ in range(4)]  # 23 MB: a new, larger file
+    second = pack(writer, big)
+    assert second[1][0] != first[1][0] and not os.path.exists(first[1][0])
+    for got, want in zip(unpack(reader, second), big):
+        np.testing.assert_array_equal(got, want)
+
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")  # as a full /dev/shm answers
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    huge = [np.ones((3000, 3000), np.float32)] * 2
+    inline = pack(writer, huge)
+    assert inline[0] == "inline" and unpack(reader, inline)[0] is huge[0]
+    writer.close()
+    reader.close()
+    assert not os.path.exists(second[1][0])
