@@ -5,7 +5,8 @@
 #   bash bench/gpu.sh limit      # the CUDA tests and the yardstick (raw fwd+bwd, method efficiency)
 #   bash bench/gpu.sh methods    # engine vs peers on ResNet-50 and EfficientNet-Lite0, fp32 and bf16
 #   bash bench/gpu.sh service    # MoreauGrad 200 x 32 on ResNet-50, the service under load
-#   bash bench/gpu.sh next       # the service with cuDNN autotuning off and on, the GIL probe
+#   bash bench/gpu.sh next       # the service with thread and process workers; the GIL probe
+#   bash bench/gpu.sh autotune   # the service with cuDNN autotuning on
 #
 # On the lent GPU machine (Python 3.12 with torch, no registry), first install the wheels that
 # ../shared/gpu/fetch-wheels.sh put in .whl (it prints the line); the stages only need `python3`. Beyond its
@@ -73,11 +74,13 @@ case ${1:-limit} in
     ;;
   next)  # what the first H100 run left open (docs/benchmarks.md, GPU): the service with and without cuDNN
     # autotuning, and how much a Python neighbour slows a GPU pass (the GIL round trip of every launch)
-    SALIENCY_CUDNN_BENCHMARK=false stage service_autotune_off 200 $py bench/service.py --device cuda \
-      --ig-steps 50 --scale 10
-    SALIENCY_CUDNN_BENCHMARK=true stage service_autotune_on 200 $py bench/service.py --device cuda \
-      --ig-steps 50 --scale 10
+    SALIENCY_CUDNN_BENCHMARK=false stage service_autotune_off 400 $py bench/service.py --device cuda \
+      --ig-steps 50 --scale 10 --workers thread,process
     stage gil 120 $py bench/gil.py --device cuda --duty 0.5
+    ;;
+  autotune)  # the same service run with cuDNN autotuning on (a separate call: each must end within 600 s)
+    SALIENCY_CUDNN_BENCHMARK=true stage service_autotune_on 200 $py bench/service.py --device cuda \
+      --ig-steps 50 --scale 10 --workers process
     ;;
   *) echo "unknown stage set: $1" >&2; exit 2 ;;
 esac
