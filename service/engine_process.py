@@ -295,8 +295,6 @@ def serve(conn: Connection, cancel, settings_json: str) -> None:
 def _exit_with_parent(interval: float = 1.0) -> None:
     """Exit when the server process is gone, even in the middle of a long batch (when idle, the pipe's EOF says
     so first). prctl's parent-death signal would fire when the *thread* that spawned us ends: not usable here."""
-    import os
-
     parent = os.getppid()
 
     def watch() -> None:

@@ -53,7 +53,8 @@ class Runtime:
         # Where the passes run: a thread of this process, or a child process per lane (service/engine_process.py).
         self.isolated = self._isolate(settings)
         if self.isolated and registry is not None:
-            raise ValueError("worker=process: the engine processes load the models from models_dir; pass no registry")
+            raise ValueError("worker=process: the engine processes load the models from models_dir; "
+                             "pass no registry")
         lanes = ("worker", "bulk")
         self.engines = ({lane: EngineProcess(settings.model_dump_json(), f"engine-{lane}-{self.device}")
                          for lane in lanes} if self.isolated else {})
