@@ -162,7 +162,8 @@ class EngineProcess:
             raise EngineProcessDied(f"the engine process exited (code {code}) while running this batch") from None
 
     def stop(self, grace: float = 10.0) -> None:
-        """Ask the child to finish its batch and exit; kill it after `grace` seconds."""
+        """Tell the child to exit; kill it after `grace` seconds. The pool has already waited for the batch in
+        flight, so one still running here was given up on: it is cancelled at its next pass."""
         with self._lock:
             self._stopped = True
             process, conn = self._process, self._conn
@@ -183,7 +184,8 @@ class EngineProcess:
             try:
                 self._inputs.close()
             except BufferError:  # a batch abandoned after the grace period still writes to it: unlink only
-                os.unlink(self._inputs.path) if self._inputs.path else None
+                if self._inputs.path is not None:
+                    os.unlink(self._inputs.path)
 
     def _exit_code(self) -> int | None:
         if self._process is None:
