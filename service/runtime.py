@@ -164,18 +164,16 @@ class Runtime:
         if self.isolated:
             batch = Batch(call.model.name, call.method.name, call.params, x.numpy(), targets, raw, sizes)
             results = self.engines[lane].run(batch, progress)
-            for item in items:
-                item.payload.compute_s = time.monotonic() - started
-            return results
-        if self.device.type == "cuda":
-            x = x.pin_memory()  # page-locked, so the copy to the device below does not block this thread
-        try:
-            results = explain(call.model, call.method, x, targets, call.params, progress=progress,
-                              top_k=self.settings.top_k, keep_attribution=raw, map_sizes=sizes,
-                              max_batch=self.pass_batch.get(call.model.name, self.settings.max_pass_batch))
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()  # the pool splits the batch and retries
-            raise
+        else:
+            if self.device.type == "cuda":
+                x = x.pin_memory()  # page-locked, so the copy to the device below does not block this thread
+            try:
+                results = explain(call.model, call.method, x, targets, call.params, progress=progress,
+                                  top_k=self.settings.top_k, keep_attribution=raw, map_sizes=sizes,
+                                  max_batch=self.pass_batch.get(call.model.name, self.settings.max_pass_batch))
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()  # the pool splits the batch and retries
+                raise
         for item in items:  # recorded before the pool resolves the futures: encoding reads it
             item.payload.compute_s = time.monotonic() - started
         return results
