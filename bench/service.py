@@ -63,11 +63,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(port: int, command: list[str] | None = None, device: str = "auto", worker: str = "auto"
-                 ) -> subprocess.Popen:
-    """`python -m service` (or `command`) on `port`, once /readyz says ready."""
+def start_server(port: int, command: list[str] | None = None, device: str = "auto", worker: str = "auto",
+                 model: str = "efficientnet_lite0") -> subprocess.Popen:
+    """`python -m service` (or `command`) on `port` serving only `model`, once /readyz says ready."""
     # The result cache off: repeated photos must cost real passes, or the service would be flattered.
-    env = {**os.environ, "SALIENCY_MODELS": '["efficientnet_lite0"]', "SALIENCY_LOG_LEVEL": "warning",
+    env = {**os.environ, "SALIENCY_MODELS": f'["{model}"]', "SALIENCY_DEFAULT_MODEL": model,
+           "SALIENCY_LOG_LEVEL": "warning",
            "SALIENCY_CACHE_BYTES": "0", "SALIENCY_DEVICE": device, "SALIENCY_WORKER": worker}
     command = command or [sys.executable, "-m", "service", "--port", str(port)]
     proc = subprocess.Popen(command, cwd=ROOT, env=env)

@@ -3,6 +3,11 @@
 At start-up on a GPU, each model runs forward+backward at two batch sizes; the peak memory gives a fixed
 cost and a per-image cost, and the largest batch that fits in a fraction of the free memory becomes the
 model's pass batch (capped by the `max_pass_batch` setting). On the CPU the setting is used as is.
+
+Two lanes (interactive and bulk) may each run a pass at the same moment on one device, so each gets half of
+the `gpu_memory_fraction` setting. An engine process (worker=process) is also held to its half by PyTorch's
+per-process cap: caching allocators do not share between processes, and without the cap one lane's cache,
+grown by a large pass and never returned, could leave the other lane's process nothing.
 """
 from __future__ import annotations
 
@@ -11,10 +16,12 @@ import logging
 import torch
 
 from .methods.gradients import input_gradients
+from .settings import Settings
 from .zoo import LoadedModel
 
 log = logging.getLogger(__name__)
 PROBE_SIZES = (1, 4)
+LANES = 2  # interactive and bulk: passes that may run at the same moment on one device
 
 
 def pass_batch_from_peaks(peaks: dict[int, int], free_bytes: int, fraction: float, cap: int) -> int:
@@ -54,3 +61,30 @@ def calibrate(models: dict[str, LoadedModel], cap: int, cpu_pass_batch: int | No
         out[name] = pass_batch_from_peaks(measure_peaks(model), free, fraction, cap)
         log.info("calibrated %s: %d images per pass (%.1f GiB free)", name, out[name], free / 2**30)
     return out
+
+
+def lane_share(settings: Settings) -> float:
+    """The fraction of free device memory one lane's passes may use."""
+    return settings.gpu_memory_fraction / LANES
+
+
+def calibrate_lane(models: dict[str, LoadedModel], settings: Settings) -> dict[str, int]:
+    """Pass batch per model for one lane under `settings`."""
+    return calibrate(models, settings.max_pass_batch, settings.cpu_pass_batch, lane_share(settings))
+
+
+def process_memory_fraction(reserved: int, free: int, total: int, share: float) -> float:
+    """The per-process cap, as a fraction of the device's total memory, that leaves this process what it holds
+    already (its weights) plus `share` of the memory still free."""
+    return min(1.0, (reserved + share * free) / total)
+
+
+def hold_process_to_lane_share(device: torch.device, settings: Settings) -> float | None:
+    """Cap this process's CUDA allocator at its lane's share (see the module's docstring); None on a CPU."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = process_memory_fraction(torch.cuda.memory_reserved(device), free, total, lane_share(settings))
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    log.info("this engine process may hold %.1f of %.1f GiB", fraction * total / 2**30, total / 2**30)
+    return fraction

@@ -255,7 +255,7 @@ def unpack(reader: ArrayReader, packed: tuple[str, Shared | list[np.ndarray]]) -
 def serve(conn: Connection, cancel, settings_json: str) -> None:
     """The child's main: load the models on the device, then run batches until told to stop or orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server stops us
-    from .calibrate import calibrate
+    from .calibrate import calibrate_lane, hold_process_to_lane_share
     from .hostmem import retain_freed_memory
     from .settings import Settings
     from .zoo import ModelRegistry, resolve_device, set_cudnn_autotuning
@@ -270,7 +270,8 @@ def serve(conn: Connection, cancel, settings_json: str) -> None:
         device = resolve_device(settings.device)
         only = set(settings.models) if settings.models else None
         registry = ModelRegistry.from_dir(settings.models_dir, device, only)
-        pass_batch = calibrate(registry.models, settings.max_pass_batch, settings.cpu_pass_batch)
+        hold_process_to_lane_share(device, settings)  # before the probes, so they run under the cap
+        pass_batch = calibrate_lane(registry.models, settings)
     except Exception as exc:  # noqa: BLE001 - the server process reports it on /readyz
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .api.errors import ApiError
 from .cache import ResultCache
-from .calibrate import calibrate
+from .calibrate import calibrate_lane
 from .engine import ImageExplanation, explain
 from .engine_process import Batch, EngineProcess, EngineProcessDied
 from .hostmem import retain_freed_memory
@@ -85,8 +85,7 @@ class Runtime:
         for pool in self.pools:
             pool.start()
         if self.registry is not None:
-            self.pass_batch = calibrate(self.registry.models, self.settings.max_pass_batch,
-                                        self.settings.cpu_pass_batch)
+            self.pass_batch = calibrate_lane(self.registry.models, self.settings)
             self._loaded.set()
             return
         threading.Thread(target=self._load, name="model-loader", daemon=True).start()
@@ -100,8 +99,7 @@ class Runtime:
                     self.pass_batch = list(starting.map(EngineProcess.start, self.engines.values()))[0]
             else:
                 self.registry = ModelRegistry.from_dir(self.settings.models_dir, self.device, only)
-                self.pass_batch = calibrate(self.registry.models, self.settings.max_pass_batch,
-                                            self.settings.cpu_pass_batch)
+                self.pass_batch = calibrate_lane(self.registry.models, self.settings)
             log.info("models ready: %s; unavailable: %s", sorted(self.registry.models),
                      sorted(self.registry.unavailable))
         except Exception as exc:  # noqa: BLE001 - reported by /readyz

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="default reduced precision of model passes (per-request parameter `precision`; how each "
                             "method applies it: service/engine.py precision_scope)")
+    gpu_memory_fraction: float = Field(0.8, gt=0, le=1, description="share of a GPU's free memory at start-up "
+                                       "that model passes may use; each of the two lanes sizes its passes to half "
+                                       "of it, and an engine process (worker=process) is held to its half")
     cache_bytes: int = Field(256 * 2**20, ge=0, description="result cache size (0 disables it)")
     cpu_pass_batch: int = Field(8, ge=1, description="images per forward pass on a CPU: measured on a 2-core "
                                                      "Xeon, the cost per image grows past 8 (docs/benchmarks.md)")

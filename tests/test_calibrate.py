@@ -3,7 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.calibrate import calibrate, measure_peaks, pass_batch_from_peaks
+from service.calibrate import (calibrate, calibrate_lane, hold_process_to_lane_share, lane_share, measure_peaks,
+                               pass_batch_from_peaks, process_memory_fraction)
+from service.settings import Settings
 
 
 def test_pass_batch_from_two_measurements():
@@ -15,9 +17,28 @@ def test_pass_batch_from_two_measurements():
     assert pass_batch_from_peaks(peaks, 100 * mb, 0.5, cap=64) == 1  # never below one image
 
 
+def test_each_lane_gets_half_of_the_memory_fraction():
+    # Two lanes can each be mid-pass at once: together they stay within the setting.
+    assert lane_share(Settings(gpu_memory_fraction=0.8)) == pytest.approx(0.4)
+    mb = 10**6
+    peaks = {1: 130 * mb, 4: 220 * mb}
+    one_lane = pass_batch_from_peaks(peaks, 8000 * mb, lane_share(Settings()), cap=1000)
+    assert one_lane == (0.4 * 8000 - 100) // 30
+    assert 2 * (100 + one_lane * 30) <= 0.8 * 8000
+
+
+def test_an_engine_process_keeps_its_weights_and_its_lane_share_of_the_free_memory():
+    gib = 2**30
+    # 80 GiB device, 2 GiB held by this process (weights, context), 70 GiB free: 2 + 0.4 * 70 = 30 GiB.
+    assert process_memory_fraction(2 * gib, 70 * gib, 80 * gib, 0.4) == pytest.approx(30 / 80)
+    assert process_memory_fraction(0, 80 * gib, 80 * gib, 1.0) == 1.0  # never above the whole device
+    assert hold_process_to_lane_share(torch.device("cpu"), Settings()) is None  # nothing to cap on a CPU
+
+
 def test_cpu_models_use_the_cpu_setting_within_the_cap(registry):
     assert calibrate(registry.models, cap=48, cpu_pass_batch=8) == {name: 8 for name in registry.models}
     assert calibrate(registry.models, cap=4, cpu_pass_batch=8) == {name: 4 for name in registry.models}
+    assert calibrate_lane(registry.models, Settings(cpu_pass_batch=6)) == {name: 6 for name in registry.models}
 
 
 @pytest.mark.gpu
@@ -46,3 +67,18 @@ def test_the_runtime_sets_cudnn_autotuning_from_its_setting(registry, enabled):
     finally:
         runtime.stop(grace=1)
         torch.backends.cudnn.benchmark = before
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_gpu_process_cap_leaves_room_for_the_other_lane():
+    device = torch.device("cuda")
+    try:
+        fraction = hold_process_to_lane_share(device, Settings(gpu_memory_fraction=0.5))
+        assert 0.0 < fraction < 0.5
+        free, total = torch.cuda.mem_get_info(device)
+        with pytest.raises(torch.OutOfMemoryError):  # more than this process's share: refused, not taken
+            torch.empty(int(0.6 * free), dtype=torch.uint8, device=device)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.empty_cache()

@@ -15,7 +15,7 @@ import time
 import torch
 from ray import serve
 
-from ..calibrate import calibrate
+from ..calibrate import calibrate_lane
 from ..engine import explain
 from ..hostmem import retain_freed_memory
 from ..metrics import _rss_bytes
@@ -43,8 +43,7 @@ class Explainer:
         registry = ModelRegistry.from_dir(self.settings.models_dir, self.device, only={model})
         self.model = registry.get(model)  # unavailable: the replica fails to start and Serve reports why
         # Images per forward pass: measured from free GPU memory, as the embedded runtime does (CPU: the setting).
-        self.pass_batch = calibrate({model: self.model}, self.settings.max_pass_batch,
-                                    self.settings.cpu_pass_batch)[model]
+        self.pass_batch = calibrate_lane({model: self.model}, self.settings)[model]
         self.state = state
         context = serve.get_replica_context()
         self.deployment, self.replica = context.deployment, context.replica_id.unique_id
