@@ -97,7 +97,7 @@ class Explainer:
             results = explain(self.model, get_method(first.method), torch.stack([t.pixels for t in tasks]),
                               [t.target for t in tasks], first.params, progress=_Reporter(self.state, tasks),
                               top_k=self.settings.top_k, max_batch=self.pass_batch,
-                              keep_attribution=[t.raw for t in tasks])
+                              keep_attribution=[t.raw for t in tasks], map_sizes=[t.size for t in tasks])
         except Cancelled:
             return [Outcome(error=(CANCELLED, "the job was cancelled"), replica=self.replica)] * len(tasks)
         except Exception as exc:  # noqa: BLE001 - reported per task

@@ -26,6 +26,7 @@ class Task:
     index: int  # the image's position in its request
     bulk: bool = False  # long work: the replica's second lane, as the embedded bulk worker
     raw: bool = False  # the caller asked for the signed attribution (else it is not sent back)
+    size: tuple[int, int] | None = None  # (height, width) the map is wanted at: resized on the replica
 
 
 # Errors cross the process boundary as (kind, message): exceptions with custom constructors do not pickle.

@@ -122,7 +122,7 @@ class RayRuntime(Runtime):
                 continue
             task = Task(key=key, method=call.method.name, params=call.params, pixels=call.pixels[i].clone(),
                         target=call.targets[i], cost=cost, deadline=deadline, job_id=job.id, index=i, bulk=bulk,
-                        raw="raw" in call.outputs)
+                        raw="raw" in call.outputs, size=call.original_size(i))
             self._dispatches.setdefault(job.id, []).append(loop.create_task(self._dispatch(handle, task, item)))
         return items
 
