@@ -7,6 +7,7 @@
 #   bash bench/gpu.sh service    # MoreauGrad 200 x 32 on ResNet-50, the service under load
 #   bash bench/gpu.sh next       # the service with thread and process workers; the GIL probe
 #   bash bench/gpu.sh autotune   # the service with cuDNN autotuning on
+#   bash bench/gpu.sh moreau     # MoreauGrad 200 x 32 on ResNet-50 at batch 8: fp32, and fp16 (whole pass)
 #
 # On the lent GPU machine (Python 3.12 with torch, no registry), first install the wheels that
 # ../shared/gpu/fetch-wheels.sh put in .whl (it prints the line); the stages only need `python3`. Beyond its
@@ -81,6 +82,12 @@ case ${1:-limit} in
   autotune)  # the same service run with cuDNN autotuning on (a separate call: each must end within 600 s)
     SALIENCY_CUDNN_BENCHMARK=true stage service_autotune_on 200 $py bench/service.py --device cuda \
       --ig-steps 50 --scale 10 --workers process
+    ;;
+  moreau)  # the MoreauGrad target; fp16 with this many draws runs whole-pass autocast
+    # (service/engine.py WHOLE_PASS_FP16_MIN_DRAWS), the only reduced precision that may speed up its forward
+    stage tests_fp16 150 $py -m pytest -q -m gpu tests/test_precision.py -k moreaugrad
+    moreau fp16
+    moreau fp32
     ;;
   *) echo "unknown stage set: $1" >&2; exit 2 ;;
 esac

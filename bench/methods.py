@@ -338,7 +338,7 @@ class Context:
 
         def run(x, targets):
             # The precision context engine.explain puts around a method (fp32: none).
-            scope, _ = precision_scope(key, params.precision or "fp32", self.subject.device)
+            scope, _ = precision_scope(key, params, self.subject.device)
             with scope:
                 result = method.attribute(explainee, x, targets, params)
             # What engine.explain does with the result (no-ops on the CPU).

@@ -10,6 +10,7 @@ FLOPs (forward and backward, counted per dtype) that ran in the reduced dtype un
     .venv/bin/python bench/precision.py               # the QUICK settings of tests/test_precision.py
     .venv/bin/python bench/precision.py --defaults    # also default / moderate settings (slower)
     .venv/bin/python bench/precision.py --diagnose    # where the bf16 error enters the gradient map
+    .venv/bin/python bench/precision.py --moreau-fp16 # whole-pass fp16 MoreauGrad by draws, on four photos
 """
 from __future__ import annotations
 
@@ -188,11 +189,31 @@ def diagnose(model, x: torch.Tensor) -> None:
         print(f"| {label} | {correlation(ref, hm):.4f} | {'—' if share != share else f'{share:.0%}'} |")
 
 
+def moreau_fp16_table(model) -> None:
+    """MoreauGrad under whole-pass fp16 autocast against float32, by iterations x samples: the measurement
+    behind engine.WHOLE_PASS_FP16_MIN_DRAWS."""
+    from PIL import Image
+    from skimage import data
+
+    print("| photo | iterations x samples | whole-pass fp16 | engine fp16 ran forward in |\n|---|---|---:|---|")
+    for photo in ("chelsea", "coffee", "astronaut", "rocket"):
+        x = model.preprocess(Image.fromarray(getattr(data, photo)()).convert("RGB")).unsqueeze(0)
+        for settings in ({"iterations": 4, "n_samples": 2}, {"iterations": 20, "n_samples": 4},
+                         {"iterations": 50, "n_samples": 8}):
+            ref = engine_map(model, x, "moreaugrad", "fp32", settings).heatmap
+            whole = correlation(ref, autocast_map(model, x, "moreaugrad", "fp16", settings))
+            ran = engine_map(model, x, "moreaugrad", "fp16", settings).diagnostics["precision_forward"]
+            print(f"| {photo} | {settings['iterations']} x {settings['n_samples']} | {whole:.4f} | {ran} |",
+                  flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--defaults", action="store_true", help="also default / moderate settings")
     parser.add_argument("--diagnose", action="store_true",
                         help="where the bf16 error enters the gradient map")
+    parser.add_argument("--moreau-fp16", action="store_true",
+                        help="only the whole-pass fp16 MoreauGrad table (four photos, three draw counts)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -204,6 +225,9 @@ def main() -> None:
     x = model.preprocess(Image.fromarray(data.chelsea())).unsqueeze(0)
     print(f"EfficientNet-Lite0, chelsea, CPU, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s)\n")
+    if args.moreau_fp16:
+        moreau_fp16_table(model)
+        return
     method_table(model, x, [(name, QUICK.get(name, {})) for name in sorted(METHODS)])
     if args.defaults:
         print()

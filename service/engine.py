@@ -50,6 +50,12 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # the forward in float32 and only the backward's conv/linear input-gradients in the reduced dtype; Grad-CAM
 # and FullGrad keep >= 0.99 under plain autocast, which reduces both passes.
 FP32_FORWARD = frozenset({"gradient", "integrated-gradients", "smoothgrad", "moreaugrad"})
+# The exception: MoreauGrad's map averages iterations x n_samples noisy gradients, and the flips of a whole-pass
+# fp16 forward average out with them. Measured on EfficientNet-Lite0 (CPU, bench/precision.py --moreau-fp16):
+# 0.988 at 4 x 2 draws, 0.995-0.996 at 20 x 4 on three photos, 0.9987 at 50 x 8; bf16, three mantissa bits
+# shorter, gave 0.96 at 20 x 4. So fp16 MoreauGrad with at least this many draws per image runs whole-pass
+# autocast, which lets the forward use the fast half-precision kernels too (the default is 200 x 32 = 6400).
+WHOLE_PASS_FP16_MIN_DRAWS = 64
 
 
 class _Conv2dReducedGrad(torch.autograd.Function):
@@ -115,13 +121,21 @@ class ReducedBackward(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def precision_scope(method: str, precision: str, device: torch.device
+def forward_in_fp32(method: str, params: MethodParams) -> bool:
+    """Whether a reduced-precision request for `method` keeps its forward in float32 (see FP32_FORWARD)."""
+    if method == "moreaugrad" and getattr(params, "precision", None) == "fp16":
+        return params.iterations * params.n_samples < WHOLE_PASS_FP16_MIN_DRAWS
+    return method in FP32_FORWARD
+
+
+def precision_scope(method: str, params: MethodParams, device: torch.device
                     ) -> tuple[AbstractContextManager, dict[str, str]]:
-    """The context a method's passes run in for a `precision` request, and diagnostics saying what ran."""
+    """The context a method's passes run in for the request's `precision`, and diagnostics saying what ran."""
+    precision = getattr(params, "precision", None) or "fp32"
     if precision == "fp32":
         return nullcontext(), {}
     dtype = AUTOCAST[precision]
-    if method in FP32_FORWARD:
+    if forward_in_fp32(method, params):
         return ReducedBackward(dtype), {"precision_forward": "fp32", "precision_backward": precision}
     ran = {"precision_forward": precision, "precision_backward": precision}
     return torch.autocast(device.type, dtype=dtype), ran
@@ -140,7 +154,7 @@ def explain(model: LoadedModel, method: Method, x: torch.Tensor, targets: list[i
     check_targets(model, targets)
     x = x.to(model.device, non_blocking=True)
     wanted = torch.tensor([-1 if t is None else t for t in targets], device=model.device)
-    scope, ran = precision_scope(method.name, getattr(params, "precision", None) or "fp32", model.device)
+    scope, ran = precision_scope(method.name, params, model.device)
     with scope:
         result = method.attribute(model.explainee(max_batch), x, wanted, params, progress)
     probabilities = result.logits.float().softmax(1)

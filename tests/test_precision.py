@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from service.engine import FP32_FORWARD, ReducedBackward, explain
+from service.engine import FP32_FORWARD, WHOLE_PASS_FP16_MIN_DRAWS, ReducedBackward, explain, forward_in_fp32
 from service.methods import METHODS
 from tests.conftest import MODELS
 
@@ -82,6 +82,26 @@ def test_precision_policy(default_model, chelsea_batch, name):
         assert ("convolution_backward", "float32") not in seen, seen
 
 
+MANY_DRAWS = {"iterations": 20, "n_samples": 4}  # 80 noisy gradients per image, past WHOLE_PASS_FP16_MIN_DRAWS
+
+
+def test_fp16_moreaugrad_with_many_draws_runs_whole_pass_and_keeps_the_map(default_model, chelsea_batch):
+    """Whole-pass fp16 flips ReLU6 masks as bf16 does, but fewer, and MoreauGrad averages them out over its
+    draws: with enough of them the forward runs in fp16 too (the GPU's fast path) and the map still agrees."""
+    assert 4 * 2 < WHOLE_PASS_FP16_MIN_DRAWS <= 20 * 4
+    params = {name: METHODS["moreaugrad"].Params(precision=name, **MANY_DRAWS) for name in ("fp32", "fp16")}
+    assert not forward_in_fp32("moreaugrad", params["fp16"])
+    assert forward_in_fp32("moreaugrad", METHODS["moreaugrad"].Params(precision="fp16", **QUICK["moreaugrad"]))
+    assert forward_in_fp32("moreaugrad", METHODS["moreaugrad"].Params(precision="bf16", **MANY_DRAWS))
+    assert forward_in_fp32("smoothgrad", METHODS["smoothgrad"].Params(precision="fp16", n_samples=256))
+    with ConvDtypes() as ops:
+        (half,) = explain(default_model, METHODS["moreaugrad"], chelsea_batch, [None], params["fp16"])
+    (full,) = explain(default_model, METHODS["moreaugrad"], chelsea_batch, [None], params["fp32"])
+    assert half.diagnostics["precision_forward"] == half.diagnostics["precision_backward"] == "fp16"
+    assert ("convolution", torch.float16) in ops.seen and ("convolution_backward", torch.float16) in ops.seen
+    assert correlation(full.heatmap, half.heatmap) >= 0.99, correlation(full.heatmap, half.heatmap)
+
+
 def test_reduced_backward_is_the_gradient():
     """On a small conv/linear net: the same forward, the float32 input gradient to bf16 accuracy; weights
     that want gradients are left to the plain ops."""
@@ -112,3 +132,8 @@ def test_autocast_matches_fp32_on_gpu(registry, chelsea, name, precision):
     x = model.preprocess(chelsea).unsqueeze(0)
     for a, b in zip(maps(model, x, name, "fp32"), maps(model, x, name, precision)):
         assert correlation(a, b) >= 0.99, f"{name} {precision}: {correlation(a, b):.4f}"
+    if name == "moreaugrad" and precision == "fp16":  # the whole-pass fp16 case too
+        full, half = (explain(model, METHODS[name], x, [None], METHODS[name].Params(precision=p, **MANY_DRAWS))[0]
+                      for p in ("fp32", "fp16"))
+        assert half.diagnostics["precision_forward"] == "fp16"
+        assert correlation(full.heatmap, half.heatmap) >= 0.99, f"whole-pass: {correlation(full.heatmap, half.heatmap):.4f}"
