@@ -82,6 +82,8 @@ case ${1:-limit} in
   autotune)  # the same service run with cuDNN autotuning on (a separate call: each must end within 600 s)
     SALIENCY_CUDNN_BENCHMARK=true stage service_autotune_on 200 $py bench/service.py --device cuda \
       --ig-steps 50 --scale 10 --workers process
+    # this machine's host-side ceiling (the tiny CNN on its CPU): the event loop's CPU per request
+    stage host 120 $py bench/host.py --workers thread,process --upload png
     ;;
   moreau)  # the MoreauGrad target; fp16 with this many draws runs whole-pass autocast
     # (service/engine.py WHOLE_PASS_FP16_MIN_DRAWS), the only reduced precision that may speed up its forward
