@@ -29,7 +29,7 @@ def test_each_lane_gets_half_of_the_memory_fraction():
 
 def test_an_engine_process_keeps_its_weights_and_its_lane_share_of_the_free_memory():
     gib = 2**30
-    # 80 GiB device, 2 GiB held by this process (weights, context), 70 GiB free: 2 + 0.4 * 70 = 30 GiB.
+    # 80 GiB device, 2 GiB in this process's allocator (its weights), 70 GiB free: 2 + 0.4 * 70 = 30 GiB.
     assert process_memory_fraction(2 * gib, 70 * gib, 80 * gib, 0.4) == pytest.approx(30 / 80)
     assert process_memory_fraction(0, 80 * gib, 80 * gib, 1.0) == 1.0  # never above the whole device
     assert hold_process_to_lane_share(torch.device("cpu"), Settings()) is None  # nothing to cap on a CPU
