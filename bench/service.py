@@ -73,9 +73,11 @@ def start_server(port: int, command: list[str] | None = None, device: str = "aut
     command = command or [sys.executable, "-m", "service", "--port", str(port)]
     proc = subprocess.Popen(command, cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"
-    for _ in range(300):
+    started = time.perf_counter()
+    while time.perf_counter() - started < 240:  # a GPU server warms every batch size first (gpu_warmup)
         try:
             if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                print(f"server ready in {time.perf_counter() - started:.1f} s", flush=True)
                 return proc
         except httpx.TransportError:
             pass
@@ -199,6 +201,9 @@ def main() -> None:
                         help="requests per client and timing rounds (default 3, --quick 1; a GPU wants ~10)")
     parser.add_argument("--workers", default="auto", help="comma-separated SALIENCY_WORKER values: one server per "
                         "value (thread, process, auto), each measured against the same peer figures")
+    parser.add_argument("--methods", default="gradcam,integrated-gradients", help="comma-separated methods to load")
+    parser.add_argument("--clients", default="1,4,16", help="comma-separated client counts, run in this order on "
+                        "one server (repeat a count to see whether a tail is first-time work)")
     args = parser.parse_args()
     torch.manual_seed(0)
     scale = args.scale or (1 if args.quick else 3)
@@ -215,6 +220,7 @@ def main() -> None:
     cases = {"gradcam": ({}, lambda: peer_gradcam(model, xs, scale), "pytorch-grad-cam GradCAM"),
              "integrated-gradients": ({"n_steps": args.ig_steps},
                                       lambda: peer_ig(model, xs, args.ig_steps, 1 if device.type == "cpu" else scale), "Captum IntegratedGradients")}
+    cases = {name: case for name, case in cases.items() if name in args.methods.split(",")}
     if args.overhead_only:
         cases = {}
     peer_s = {name: fn() for name, (_, fn, _) in cases.items()}
@@ -228,13 +234,16 @@ def main() -> None:
             load(base, "gradcam", blobs, {}, 1, 4)  # warm-up
             for name, (params, _, peer_name) in cases.items():
                 per_client = (8 if name == "gradcam" else 2) * scale
-                for clients in (1, 4, 16):
+                for clients in map(int, args.clients.split(",")):
                     n = max(per_client * min(clients, 4), clients)
                     latencies, wall = load(base, name, blobs, params, clients, n)
                     throughput = n / wall
                     peer_tp = 1 / peer_s[name]
                     p50 = statistics.median(latencies) * 1000
                     p95 = float(np.percentile(latencies, 95)) * 1000
+                    slowest = sorted(latencies)[-5:]
+                    print(f"{worker} {name} {clients} clients: slowest {[round(t * 1000) for t in slowest]} ms, "
+                          f"mean {statistics.mean(latencies) * 1000:.0f} ms", flush=True)
                     rows.append((worker, name, clients, n, throughput, p50, p95, peer_tp, throughput / peer_tp,
                                  peer_name))
             overheads[worker] = idle_overhead(base, model, images[0], 15 * scale)

@@ -85,6 +85,8 @@ def hold_process_to_lane_share(device: torch.device, settings: Settings) -> floa
         return None
     free, total = torch.cuda.mem_get_info(device)
     fraction = process_memory_fraction(torch.cuda.memory_reserved(device), free, total, lane_share(settings))
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    # the allocator wants an indexed device; a bare 'cuda' means the current one
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
     log.info("this engine process may hold %.1f of %.1f GiB", fraction * total / 2**30, total / 2**30)
     return fraction

@@ -80,5 +80,22 @@ def test_gpu_process_cap_leaves_room_for_the_other_lane():
         with pytest.raises(torch.OutOfMemoryError):  # more than this process's share: refused, not taken
             torch.empty(int(0.6 * free), dtype=torch.uint8, device=device)
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
         torch.cuda.empty_cache()
+
+
+def test_the_process_cap_names_the_device_by_index(monkeypatch):
+    # The server's device setting is a bare "cuda"; PyTorch's cap refuses a device without an index, which kept
+    # every engine process from starting on the first GPU run of worker=process. The CUDA calls are stood in
+    # for here, so the call's arguments are checked on a CPU.
+    calls = []
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 4 * gib)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda fraction, device=None: calls.append((fraction, device)))
+    for name, index in (("cuda", 0), ("cuda:1", 1)):
+        fraction = hold_process_to_lane_share(torch.device(name), Settings(gpu_memory_fraction=0.8))
+        assert calls[-1] == (fraction, index)
+        assert fraction == pytest.approx((4 + 0.4 * 60) / 80)
