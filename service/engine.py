@@ -141,6 +141,24 @@ def precision_scope(method: str, params: MethodParams, device: torch.device
     return torch.autocast(device.type, dtype=dtype), ran
 
 
+def pass_sizes(device: torch.device, max_batch: int) -> tuple[int, ...]:
+    """The sizes a single-pass method's passes are padded up to: on a GPU, powers of two up to `max_batch`;
+    on a CPU none (a pass there costs in proportion to its images, and a new shape costs little).
+
+    Why pad on a GPU: PyTorch keeps cuDNN's execution plans in a thread-local cache keyed by shape, and
+    building the plans of a new batch size took seconds on an H100 even with autotuning off. A batching server
+    meets a new size at almost every batch until it has seen them all, and every queued request waits
+    (docs/benchmarks.md, "First-time work"). Small passes are bound by launches there, so padding costs little.
+    """
+    if device.type != "cuda":
+        return ()
+    sizes, size = [], 1
+    while size < max_batch:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, max_batch)
+
+
 def explain(model: LoadedModel, method: Method, x: torch.Tensor, targets: list[int | None], params: MethodParams,
             *, progress: Progress | None = None, top_k: int = 5, max_batch: int = 64,
             keep_attribution: list[bool] | None = None,
@@ -156,7 +174,8 @@ def explain(model: LoadedModel, method: Method, x: torch.Tensor, targets: list[i
     wanted = torch.tensor([-1 if t is None else t for t in targets], device=model.device)
     scope, ran = precision_scope(method.name, params, model.device)
     with scope:
-        result = method.attribute(model.explainee(max_batch), x, wanted, params, progress)
+        result = method.attribute(model.explainee(max_batch, pass_sizes(model.device, max_batch)), x, wanted,
+                                  params, progress)
     probabilities = result.logits.float().softmax(1)
     top_p, top_i = probabilities.topk(min(top_k, model.num_classes), dim=1)
     chosen = result.targets

@@ -256,6 +256,7 @@ def serve(conn: Connection, cancel, settings_json: str) -> None:
     """The child's main: load the models on the device, then run batches until told to stop or orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server stops us
     from .calibrate import calibrate_lane, hold_process_to_lane_share
+    from .warmup import warm_up
     from .hostmem import retain_freed_memory
     from .settings import Settings
     from .zoo import ModelRegistry, resolve_device, set_cudnn_autotuning
@@ -272,6 +273,7 @@ def serve(conn: Connection, cancel, settings_json: str) -> None:
         registry = ModelRegistry.from_dir(settings.models_dir, device, only)
         hold_process_to_lane_share(device, settings)  # before the probes, so they run under the cap
         pass_batch = calibrate_lane(registry.models, settings)
+        warm_up(registry.models, pass_batch, settings)  # in this thread, the one that runs the passes
     except Exception as exc:  # noqa: BLE001 - the server process reports it on /readyz
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return

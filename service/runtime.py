@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from .api.errors import ApiError
 from .cache import ResultCache
 from .calibrate import calibrate_lane
+from .warmup import warm_up
 from .engine import ImageExplanation, explain
 from .engine_process import Batch, EngineProcess, EngineProcessDied
 from .hostmem import retain_freed_memory
@@ -65,8 +66,11 @@ class Runtime:
                        max_cost=settings.max_batch_cost, max_items=settings.max_batch_items,
                        max_wait=settings.max_wait_ms / 1000,
                        name=f"{lane}-{self.device}", on_batch=self._on_batch,
-                       watchdog_interval=settings.watchdog_s)
+                       watchdog_interval=settings.watchdog_s,
+                       on_thread_start=lambda lane=lane: self._warm_thread(lane))
             for lane in lanes)
+        self._warmed = {lane: threading.Event() for lane in lanes}  # each lane's pass thread: see _warm_thread
+        self._stopping = False
         self.load_error: str | None = None
         self.pass_batch: dict[str, int] = {}  # images per forward pass, per model (measured on a GPU)
         self._loaded = threading.Event()
@@ -108,7 +112,20 @@ class Runtime:
         finally:
             self._loaded.set()
 
+    def _warm_thread(self, lane: str) -> None:
+        """In a lane's worker thread, before it serves: once the models are loaded, warm this thread's GPU pass
+        shapes (service/warmup.py). Engine processes warm their own main thread instead."""
+        try:
+            while not self._loaded.wait(0.5):
+                if self._stopping:
+                    return
+            if not self.isolated and self.registry is not None and self.load_error is None:
+                warm_up(self.registry.models, self.pass_batch, self.settings)
+        finally:
+            self._warmed[lane].set()
+
     def stop(self, grace: float = 10.0) -> None:
+        self._stopping = True
         for job in self.jobs.all():
             job.cancel_event.set()
         for pool in self.pools:
@@ -128,7 +145,12 @@ class Runtime:
     @property
     def ready(self) -> bool:
         return (self._loaded.is_set() and self.registry is not None and bool(self.registry.models)
-                and self.workers_alive)
+                and self.workers_alive and self.warmed)
+
+    @property
+    def warmed(self) -> bool:
+        """Each lane's pass thread has run its warm-up (a no-op off a GPU): see `_warm_thread`."""
+        return all(warmed.is_set() for warmed in self._warmed.values())
 
     def readiness(self) -> dict[str, Any]:
         return {"ready": self.ready, "models_loaded": self._loaded.is_set(), "worker_alive": self.workers_alive,

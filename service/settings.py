@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     gpu_memory_fraction: float = Field(0.8, gt=0, le=1, description="share of a GPU's free memory at start-up "
                                        "that model passes may use; each of the two lanes sizes its passes to half "
                                        "of it, and an engine process (worker=process) is held to its half")
+    gpu_warmup: bool = Field(True, description="on a GPU, each thread that runs passes first runs one at each "
+                             "padded batch size a queue batch can reach (service/warmup.py); /readyz waits for it")
     cache_bytes: int = Field(256 * 2**20, ge=0, description="result cache size (0 disables it)")
     cpu_pass_batch: int = Field(8, ge=1, description="images per forward pass on a CPU: measured on a 2-core "
                                                      "Xeon, the cost per image grows past 8 (docs/benchmarks.md)")

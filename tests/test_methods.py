@@ -322,3 +322,23 @@ def test_batch_equals_single_runs(name):
         assert torch.allclose(batch.attribution[b], single.attribution[0], atol=1e-10, rtol=1e-8)
         assert torch.allclose(batch.heatmap[b], single.heatmap[0], atol=1e-8)
         assert batch.diagnostics[b].keys() == single.diagnostics[0].keys()
+
+
+@pytest.mark.parametrize("name", ["gradcam", "gradient", "fullgrad"])
+def test_padded_passes_give_the_unpadded_results(name):
+    # On a GPU single-pass methods pad each pass to a fixed size (service/engine.py pass_sizes): the zero images
+    # must change no real image's result, and the padded rows must not come back.
+    net = tiny_cnn()
+    seen = []
+    net.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    x, targets = images(7), torch.tensor([4, 0, 9, 1, -1, 3, -1])
+    plain = run(name, explainee(net, cam_layer="head", max_batch=5), x, targets)
+    assert seen == [4, 3]  # 7 images under a budget of 5: two even passes
+    seen.clear()
+    padded = run(name, explainee(net, cam_layer="head", max_batch=5, pass_sizes=(1, 2, 4, 5)), x, targets)
+    assert seen == [4, 4]  # the pass of 3 ran at 4
+    assert padded.heatmap.shape[0] == padded.attribution.shape[0] == len(padded.diagnostics) == 7
+    assert torch.equal(padded.targets, plain.targets)
+    assert torch.allclose(padded.logits, plain.logits, atol=1e-12)
+    assert torch.allclose(padded.attribution, plain.attribution, atol=1e-10, rtol=1e-8)
+    assert torch.allclose(padded.heatmap, plain.heatmap, atol=1e-8)

@@ -297,3 +297,21 @@ def test_default_is_oom():
     torch = pytest.importorskip("torch")
     assert default_is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory"))
     assert not default_is_oom(RuntimeError("shape mismatch"))
+
+
+def test_the_thread_start_hook_runs_in_the_worker_thread_before_its_first_batch(make_pool):
+    events = []
+    pool = make_pool(lambda items: [events.append(("batch", threading.current_thread().name)) or i.payload
+                                    for i in items],
+                     on_thread_start=lambda: events.append(("start", threading.current_thread().name)))
+    assert pool.submit(item(1)).result(5) == 1
+    assert events[0][0] == "start" and events[1][0] == "batch"
+    assert events[0][1] == events[1][1] != threading.current_thread().name
+
+
+def test_a_failing_thread_start_hook_leaves_the_worker_serving(make_pool):
+    def broken():
+        raise RuntimeError("no GPU after all")
+
+    pool = make_pool(lambda items: [i.payload for i in items], on_thread_start=broken)
+    assert pool.submit(item(7)).result(5) == 7

@@ -93,6 +93,10 @@ class RayRuntime(Runtime):
     def workers_alive(self) -> bool:
         return self._explainers_up.is_set()
 
+    @property
+    def warmed(self) -> bool:
+        return True  # no local pass threads: the explainer replicas run the passes (and build their shapes' plans)
+
     # ------------------------------------------------------------------ work
     async def enqueue(self, prepare: Callable[[], ExplainCall], job: Job, deadline_s: float
                       ) -> tuple[ExplainCall, list[WorkItem]]:

@@ -54,6 +54,9 @@ class Explainee:
     cam_layer: str | None = None  # default Grad-CAM layer (dotted module path)
     reshape: ReshapeTransform = identity
     max_batch: int = 64  # memory budget: most images in one forward pass
+    # Single-pass methods pad each pass up to the smallest of these sizes (zero images, results dropped), so a
+    # GPU meets a few shapes, each warmed once (service/warmup.py); empty: every pass at its own size.
+    pass_sizes: tuple[int, ...] = ()
 
 
 @dataclass
@@ -65,6 +68,14 @@ class Attribution:
     diagnostics: list[dict[str, Any]] = field(default_factory=list)
     logits: torch.Tensor | None = None  # (B, classes) of the clean images: the prediction comes free with it
     targets: torch.Tensor | None = None  # (B,) the classes explained (top-1 resolved)
+
+    def head(self, n: int) -> Attribution:
+        """The first n rows: a padded pass's real images."""
+        if n == self.heatmap.shape[0]:
+            return self
+        return Attribution(self.attribution[:n], self.heatmap[:n], self.diagnostics[:n],
+                           None if self.logits is None else self.logits[:n],
+                           None if self.targets is None else self.targets[:n])
 
     @staticmethod
     def concat(parts: list[Attribution]) -> Attribution:
@@ -109,7 +120,14 @@ class SinglePassMethod(Method):
 
     def attribute(self, model, x, targets, params, progress=None):
         step = even_chunk(x.shape[0], model.max_batch)
-        parts = [self.attribute_chunk(model, xc, tc, params) for xc, tc in zip(x.split(step), targets.split(step))]
+        parts = []
+        for xc, tc in zip(x.split(step), targets.split(step)):
+            n = xc.shape[0]
+            size = padded_size(n, model.pass_sizes)
+            if size > n:  # images in a batch are independent (eval mode): the padding changes no real row
+                xc = torch.cat([xc, xc.new_zeros((size - n, *xc.shape[1:]))])
+                tc = torch.cat([tc, tc.new_full((size - n,), -1)])
+            parts.append(self.attribute_chunk(model, xc, tc, params).head(n))
         if progress:
             progress(1, 1)
         return Attribution.concat(parts)
@@ -117,6 +135,11 @@ class SinglePassMethod(Method):
     @abstractmethod
     def attribute_chunk(self, model: Explainee, x: torch.Tensor, targets: torch.Tensor,
                         params: MethodParams) -> Attribution: ...
+
+
+def padded_size(n: int, sizes: tuple[int, ...]) -> int:
+    """The smallest of `sizes` that holds n images; n itself when none does."""
+    return min((s for s in sizes if s >= n), default=n)
 
 
 def check_inputs(x: torch.Tensor, targets: torch.Tensor) -> None:

@@ -67,6 +67,7 @@ class WorkerPool:
         name: str = "worker",
         on_batch: BatchHook | None = None,
         watchdog_interval: float = 1.0,
+        on_thread_start: Callable[[], None] | None = None,
     ) -> None:
         if max_queue < 1 or max_cost < 1 or max_items < 1 or max_wait < 0:
             raise ValueError("max_queue, max_cost and max_items must be >= 1 and max_wait >= 0")
@@ -78,6 +79,9 @@ class WorkerPool:
         self._is_oom = is_oom
         self.name = name
         self.on_batch = on_batch
+        # Run first in each worker thread (a restarted one too): per-thread state the runner needs, e.g. a GPU
+        # warm-up (service/warmup.py). Its failure is logged; the thread goes on to serve.
+        self.on_thread_start = on_thread_start
         self._watchdog_interval = watchdog_interval
 
         self._cond = threading.Condition()
@@ -184,6 +188,11 @@ class WorkerPool:
             self.ensure_alive()
 
     def _serve(self) -> None:
+        if self.on_thread_start is not None:
+            try:
+                self.on_thread_start()
+            except Exception:  # noqa: BLE001 - a thread that cannot warm up still serves, only slower at first
+                logger.exception("%s: thread start hook failed", self.name)
         try:
             while True:
                 batch, expired = self._take_next()

@@ -36,11 +36,11 @@ class LoadedModel:
     def num_classes(self) -> int:
         return self.card.num_classes
 
-    def explainee(self, max_batch: int = 64):
+    def explainee(self, max_batch: int = 64, pass_sizes: tuple[int, ...] = ()):
         from ..methods.base import Explainee
 
         return Explainee(module=self.module, normalize=self.preprocess.normalize, cam_layer=self.card.cam.target_layer,
-                         reshape=self.reshape, max_batch=max_batch)
+                         reshape=self.reshape, max_batch=max_batch, pass_sizes=pass_sizes)
 
 
 @dataclass(frozen=True)

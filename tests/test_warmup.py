@@ -1,0 +1,62 @@
+"""GPU pass shapes: padding sizes, and the warm-up that runs in each pass thread before the server is ready."""
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import torch
+
+from service.engine import pass_sizes
+from service.methods.base import padded_size
+from service.settings import Settings
+from service.warmup import warm_sizes, warm_up
+
+
+def test_pass_sizes_are_powers_of_two_up_to_the_budget_on_a_gpu_only():
+    assert pass_sizes(torch.device("cuda"), 256) == (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    assert pass_sizes(torch.device("cuda"), 48) == (1, 2, 4, 8, 16, 32, 48)
+    assert pass_sizes(torch.device("cpu"), 256) == ()
+    assert [padded_size(n, (1, 2, 4, 8)) for n in (1, 3, 5, 8, 9)] == [1, 4, 8, 8, 9]  # beyond the sizes: as is
+
+
+def test_warm_sizes_cover_every_batch_the_queue_can_form():
+    gpu = SimpleNamespace(device=torch.device("cuda"))
+    sizes = warm_sizes(gpu, 256, Settings(max_batch_items=32))
+    assert sizes == [1, 2, 4, 8, 16, 32]
+    assert {padded_size(n, pass_sizes(gpu.device, 256)) for n in range(1, 33)} == set(sizes)
+    assert warm_sizes(gpu, 256, Settings(max_batch_items=20)) == [1, 2, 4, 8, 16, 32]
+    assert warm_sizes(gpu, 24, Settings(max_batch_items=32)) == [1, 2, 4, 8, 16, 24]
+
+
+def test_warm_up_does_nothing_on_a_cpu(registry):
+    assert warm_up(registry.models, {name: 8 for name in registry.models}, Settings()) == 0
+
+
+def test_the_runtime_warms_each_lane_thread_before_it_is_ready(registry, monkeypatch):
+    # The cuDNN plan cache is per thread, so the warm-up must run in the lanes' worker threads themselves.
+    import service.runtime as runtime_module
+
+    threads, release = [], threading.Event()
+
+    def fake_warm_up(models, pass_batch, settings):
+        threads.append(threading.current_thread().name)
+        release.wait(10)
+        return 1
+
+    monkeypatch.setattr(runtime_module, "warm_up", fake_warm_up)
+    runtime = runtime_module.Runtime(Settings(device="cpu", retain_host_memory=False), registry)
+    try:
+        runtime.start()
+        deadline = time.monotonic() + 10
+        while len(threads) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(name.rsplit("-", 1)[0] for name in threads) == ["bulk-cpu", "worker-cpu"]
+        assert not runtime.ready  # loaded, but the lanes are still warming
+        release.set()
+        while not runtime.ready and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert runtime.ready
+    finally:
+        release.set()
+        runtime.stop(grace=1)
