@@ -5,7 +5,8 @@
 #   bash bench/gpu.sh limit      # the CUDA tests and the yardstick (raw fwd+bwd, method efficiency)
 #   bash bench/gpu.sh methods    # engine vs peers on ResNet-50 and EfficientNet-Lite0, fp32 and bf16
 #   bash bench/gpu.sh service    # MoreauGrad 200 x 32 on ResNet-50, the service under load
-#   bash bench/gpu.sh next       # the service with thread and process workers; the GIL probe
+#   bash bench/gpu.sh next       # the GPU cap test; first-time work per thread; the warmed service at 16 clients
+#   bash bench/gpu.sh service2   # the service with thread and process workers, Grad-CAM and IG; the GIL probe
 #   bash bench/gpu.sh autotune   # the service with cuDNN autotuning on
 #   bash bench/gpu.sh moreau     # MoreauGrad 200 x 32 on ResNet-50 at batch 8: fp32, and fp16 (whole pass)
 #
@@ -73,10 +74,15 @@ case ${1:-limit} in
     done
     moreau bf16
     ;;
-  next)  # what the first H100 run left open (docs/benchmarks.md, GPU): the service with and without cuDNN
-    # autotuning, and how much a Python neighbour slows a GPU pass (the GIL round trip of every launch)
-    SALIENCY_CUDNN_BENCHMARK=false stage service_autotune_off 400 $py bench/service.py --device cuda \
-      --ig-steps 50 --scale 10 --workers thread,process
+  next)  # what the second H100 run left open (docs/benchmarks.md, "GPU: NVIDIA H100, second run"): is the
+    # first-time work per thread, and do the padded, warmed pass threads remove the stall at 16 clients
+    stage tests_cap 90 $py -m pytest -q -m gpu tests/test_calibrate.py
+    stage firstpass 120 $py bench/firstpass.py --device cuda --sizes 1,2,3,5,8,13,16
+    stage service_warm 330 $py bench/service.py --device cuda --scale 10 --methods gradcam \
+      --clients 1,4,16,16 --workers thread,process
+    ;;
+  service2)  # the service table with both workers, IG included
+    stage service_both 400 $py bench/service.py --device cuda --ig-steps 50 --scale 10 --workers thread,process
     stage gil 120 $py bench/gil.py --device cuda --duty 0.5
     ;;
   autotune)  # the same service run with cuDNN autotuning on (a separate call: each must end within 600 s)

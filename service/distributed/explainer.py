@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from ray import serve
@@ -22,12 +23,14 @@ from ..metrics import _rss_bytes
 from ..methods import get_method
 from ..runtime import Cancelled
 from ..settings import Settings
+from ..warmup import warm_up
 from ..worker import WorkItem, collate
 from ..zoo import ModelRegistry, resolve_device, set_cudnn_autotuning
 from .messages import CANCELLED, DEADLINE, INTERNAL, INVALID, Outcome, Task, batch_cost
 
 log = logging.getLogger(__name__)
 
+LANES = ("interactive", "bulk")
 REPORT_EVERY_S = 0.05  # progress reports to the state (which answer whether the jobs were cancelled)
 
 
@@ -44,6 +47,13 @@ class Explainer:
         self.model = registry.get(model)  # unavailable: the replica fails to start and Serve reports why
         # Images per forward pass: measured from free GPU memory, as the embedded runtime does (CPU: the setting).
         self.pass_batch = calibrate_lane({model: self.model}, self.settings)[model]
+        # One thread per lane runs its passes, warmed before the replica answers: PyTorch builds cuDNN plans per
+        # thread and shape (service/warmup.py), so passes spread over a pool of threads would each build them.
+        self.lanes = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"passes-{lane}") for lane in LANES}
+        warming = [lane.submit(warm_up, {model: self.model}, {model: self.pass_batch}, self.settings)
+                   for lane in self.lanes.values()]
+        for done in warming:
+            done.result()
         self.state = state
         context = serve.get_replica_context()
         self.deployment, self.replica = context.deployment, context.replica_id.unique_id
@@ -64,13 +74,13 @@ class Explainer:
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005, batch_size_fn=batch_cost)
     async def interactive(self, tasks: list[Task]) -> list[Outcome]:
-        return await self._run(tasks)
+        return await self._run(tasks, "interactive")
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005, batch_size_fn=batch_cost)
     async def bulk(self, tasks: list[Task]) -> list[Outcome]:
-        return await self._run(tasks)
+        return await self._run(tasks, "bulk")
 
-    async def _run(self, tasks: list[Task]) -> list[Outcome]:
+    async def _run(self, tasks: list[Task], lane: str) -> list[Outcome]:
         """Split Serve's batch into compatible engine batches and run them one after another."""
         wall, now = time.time(), time.monotonic()
         pending = [WorkItem(key=t.key, cost=t.cost, payload=t, deadline=now + t.deadline - wall, enqueued_at=now)
@@ -84,7 +94,8 @@ class Explainer:
                 outcomes[id(item)] = Outcome(error=(DEADLINE, "the work could not start before its deadline"),
                                              replica=self.replica)
             if step.batch:
-                results = await asyncio.to_thread(self._compute, [item.payload for item in step.batch])
+                results = await asyncio.get_running_loop().run_in_executor(
+                    self.lanes[lane], self._compute, [item.payload for item in step.batch])
                 outcomes.update((id(item), outcome) for item, outcome in zip(step.batch, results))
             pending = step.remaining
         return [outcomes[id(item)] for item in order]
