@@ -148,7 +148,7 @@ def pass_sizes(device: torch.device, max_batch: int) -> tuple[int, ...]:
     Why pad on a GPU: PyTorch keeps cuDNN's execution plans in a thread-local cache keyed by shape, and
     building the plans of a new batch size took seconds on an H100 even with autotuning off. A batching server
     meets a new size at almost every batch until it has seen them all, and every queued request waits
-    (docs/benchmarks.md, "First-time work"). Small passes are bound by launches there, so padding costs little.
+    (docs/benchmarks.md, "GPU: NVIDIA H100, second run"). Small passes are bound by launches there, so padding costs little.
     """
     if device.type != "cuda":
         return ()

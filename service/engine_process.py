@@ -256,9 +256,9 @@ def serve(conn: Connection, cancel, settings_json: str) -> None:
     """The child's main: load the models on the device, then run batches until told to stop or orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server stops us
     from .calibrate import calibrate_lane, hold_process_to_lane_share
-    from .warmup import warm_up
     from .hostmem import retain_freed_memory
     from .settings import Settings
+    from .warmup import warm_up
     from .zoo import ModelRegistry, resolve_device, set_cudnn_autotuning
 
     settings = Settings.model_validate_json(settings_json)

@@ -15,7 +15,6 @@ from starlette.concurrency import run_in_threadpool
 from .api.errors import ApiError
 from .cache import ResultCache
 from .calibrate import calibrate_lane
-from .warmup import warm_up
 from .engine import ImageExplanation, explain
 from .engine_process import Batch, EngineProcess, EngineProcessDied
 from .hostmem import retain_freed_memory
@@ -23,6 +22,7 @@ from .jobs import Job, JobStore
 from .metrics import Metrics
 from .pipeline import ExplainCall, encode_result, response_body
 from .settings import Settings
+from .warmup import warm_up
 from .worker import DeadlineExceeded, QueueFull, WorkerPool, WorkerStopped, WorkItem
 from .zoo import ModelRegistry, resolve_device, set_cudnn_autotuning
 

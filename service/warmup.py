@@ -3,8 +3,8 @@
 PyTorch keeps cuDNN's execution plans per thread (a `thread_local` cache in aten's cudnn Conv_v8.cpp, since
 plans are not guaranteed thread-safe) and builds them the first time a thread runs a shape. On an H100 that
 took seconds per new batch size with autotuning off, and a warm-up in the model-loading thread did not help
-the worker threads (docs/benchmarks.md, "First-time work"). So the thread that will run the passes runs
-one pass at each padded size (service/engine.py `pass_sizes`) that a queue batch can reach.
+the worker threads (docs/benchmarks.md, "GPU: NVIDIA H100, second run"). So the thread that will run the
+passes runs one pass at each padded size (service/engine.py `pass_sizes`) that a queue batch can reach.
 """
 from __future__ import annotations
 
