@@ -142,20 +142,20 @@ def precision_scope(method: str, params: MethodParams, device: torch.device
 
 
 def pass_sizes(device: torch.device, max_batch: int) -> tuple[int, ...]:
-    """The sizes a single-pass method's passes are padded up to: on a GPU, powers of two up to `max_batch`;
-    on a CPU none (a pass there costs in proportion to its images, and a new shape costs little).
+    """The sizes a single-pass method's passes are padded up to: on a GPU, powers of two up to 32 (where a pass
+    is bound by launches, so padding costs little), then multiples of 32 (at most 31 images of padding where
+    they cost compute), then `max_batch`; on a CPU none (a pass there costs in proportion to its images, and a
+    new shape costs little).
 
     Why pad on a GPU: PyTorch keeps cuDNN's execution plans in a thread-local cache keyed by shape, and
     building the plans of a new batch size took seconds on an H100 even with autotuning off. A batching server
     meets a new size at almost every batch until it has seen them all, and every queued request waits
-    (docs/benchmarks.md, "GPU: NVIDIA H100, second run"). Small passes are bound by launches there, so padding costs little.
+    (docs/benchmarks.md, "GPU: NVIDIA H100, second run").
     """
     if device.type != "cuda":
         return ()
-    sizes, size = [], 1
-    while size < max_batch:
-        sizes.append(size)
-        size *= 2
+    sizes = [size for size in (1, 2, 4, 8, 16) if size < max_batch]
+    sizes += range(32, max_batch, 32)
     return (*sizes, max_batch)
 
 

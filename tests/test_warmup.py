@@ -13,9 +13,11 @@ from service.settings import Settings
 from service.warmup import warm_sizes, warm_up
 
 
-def test_pass_sizes_are_powers_of_two_up_to_the_budget_on_a_gpu_only():
-    assert pass_sizes(torch.device("cuda"), 256) == (1, 2, 4, 8, 16, 32, 64, 128, 256)
+def test_pass_sizes_are_powers_of_two_then_multiples_of_32_up_to_the_budget_on_a_gpu_only():
+    assert pass_sizes(torch.device("cuda"), 256) == (1, 2, 4, 8, 16, 32, 64, 96, 128, 160, 192, 224, 256)
     assert pass_sizes(torch.device("cuda"), 48) == (1, 2, 4, 8, 16, 32, 48)
+    assert pass_sizes(torch.device("cuda"), 12) == (1, 2, 4, 8, 12)
+    assert pass_sizes(torch.device("cuda"), 1) == (1,)
     assert pass_sizes(torch.device("cpu"), 256) == ()
     assert [padded_size(n, (1, 2, 4, 8)) for n in (1, 3, 5, 8, 9)] == [1, 4, 8, 8, 9]  # beyond the sizes: as is
 
