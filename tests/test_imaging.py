@@ -273,6 +273,16 @@ def test_overlay_alpha_zero_is_the_image_and_alpha_one_the_colours():
     assert (coloured == COLORMAPS["inferno"][0]).all()
 
 
+def test_overlay_is_the_alpha_blend_of_image_and_colours_within_one_level():
+    # Oracle: the blend in float64 with rounding; Pillow's 8-bit blend truncates, so at most 1 level apart.
+    image = noise_rgb(40, 30)
+    levels = np.random.default_rng(4).integers(0, 256, (30, 40))
+    heat = levels / 255.0
+    expected = 0.4 * COLORMAPS["jet"][levels] + 0.6 * np.asarray(image, dtype=np.float64)
+    got = np.asarray(overlay(image, heat, alpha=0.4), dtype=np.float64)
+    assert np.abs(got - expected).max() <= 1.0
+
+
 def test_overlay_rejects_unknown_colormap_and_bad_alpha():
     with pytest.raises(ValueError, match="unknown colormap"):
         overlay(noise_rgb(), np.zeros((2, 2)), colormap="rainbow")

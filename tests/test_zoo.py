@@ -5,6 +5,7 @@ import pickle
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -133,3 +134,14 @@ def test_numpy_preprocessing_equals_normalising_the_pixels(default_model, chelse
     got = default_model.preprocess.batch([chelsea, chelsea])
     assert got.shape == (2, 3, 224, 224) and got.is_contiguous() and got.dtype == torch.float32
     assert torch.allclose(got[1], expected, atol=1e-5) and torch.equal(default_model.preprocess(chelsea), got[0])
+
+
+def test_a_large_photo_is_resized_within_two_levels_of_the_full_filter(default_model):
+    # The preprocessor shrinks big uploads in whole-factor blocks first (reducing_gap); the oracle is Pillow's
+    # full bilinear filter over the whole image.
+    rng = np.random.default_rng(5)
+    small = Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    photo = small.resize((2400, 1800), Image.Resampling.BICUBIC)
+    got = np.asarray(default_model.preprocess._resized(photo), dtype=np.int16)
+    full = np.asarray(photo.resize((224, 224), Image.Resampling.BILINEAR), dtype=np.int16)
+    assert got.shape == (224, 224, 3) and np.abs(got - full).max() <= 2 and np.abs(got - full).mean() < 0.25
