@@ -99,7 +99,7 @@ def prepare(settings: Settings, model: LoadedModel, method: Method, params: Meth
     if cost > settings.max_request_cost:
         raise ApiError(422, "too_costly", f"this request costs {cost} forward+backward passes; the limit is "
                                           f"{settings.max_request_cost} per request")
-    images = []
+    images, pixels_so_far = [], 0
     for i, blob in enumerate(blobs):
         try:
             images.append(imaging.decode_image(blob, max_bytes=settings.max_image_bytes,
@@ -107,6 +107,11 @@ def prepare(settings: Settings, model: LoadedModel, method: Method, params: Meth
         except imaging.ImageError as exc:
             status = 413 if "exceeds" in str(exc) else 400
             raise ApiError(status, "bad_image", str(exc)) from None
+        pixels_so_far += images[-1].width * images[-1].height
+        if pixels_so_far > settings.max_request_pixels:
+            raise ApiError(413, "too_many_pixels", f"images 0..{i} of this request hold {pixels_so_far} pixels; "
+                                                   f"the limit is {settings.max_request_pixels} per request: "
+                                                   "send fewer or smaller images per request")
     pixels = model.preprocess.batch(images)
     return ExplainCall(model, method, params, images, pixels, [content_hash(b) for b in blobs], targets,
                        set(outputs or ["npy"]), size)

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     max_images: int = Field(16, ge=1, description="images per request")
     max_image_bytes: int = Field(20 * 2**20, ge=1, description="bytes per image file")
     max_image_pixels: int = Field(40_000_000, ge=1, description="pixels per image (decompression bombs)")
+    max_request_pixels: int = Field(100_000_000, ge=1, description="pixels of all a request's images together: "
+                                    "maps at the original size, overlays and the JSON around them grow with it "
+                                    "(4 images of 40 MP with every output took a 5.4 GB peak)")
     max_body_bytes: int = Field(100 * 2**20, ge=1, description="request body size")
     max_request_cost: int = Field(200_000, ge=1, description="forward+backward passes per request")
     top_k: int = Field(5, ge=1, le=100)

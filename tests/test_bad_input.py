@@ -19,7 +19,7 @@ from tests.server import running_server
 from tests.test_imaging import png_declaring, save
 
 LIMITS = dict(default_model="tiny_cnn", max_image_bytes=300_000, max_images=4, max_request_cost=2_000,
-              max_body_bytes=2_000_000)
+              max_body_bytes=2_000_000, max_request_pixels=20_000)
 
 
 def photo(size=(80, 60), seed=0) -> Image.Image:
@@ -88,6 +88,9 @@ def bad_requests(base: str, form: str):
         422, "group_size 5 does not divide"
     yield "unknown parameter", post(base, form, [ok], params={"colour": "red"}), 422, "colour"
     yield "over the cost cap", post(base, form, [ok] * 2, "smoothgrad", {"n_samples": 1001}), 422, "limit is 2000"
+    big = save(photo((120, 100)), "PNG")  # 12,000 pixels: one fits the request limit of 20,000, two do not
+    yield "over the request's pixels", post(base, form, [ok, big, big]), 413, "images 0..2 of this request hold " \
+        "28800 pixels; the limit is 20000 per request"
     yield "unknown output", post(base, form, [ok], outputs="jpeg" if form == "multipart" else ["jpeg"]), 422, "jpeg"
 
 
