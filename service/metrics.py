@@ -25,6 +25,8 @@ class Metrics:
         self.cache_misses = Gauge("saliency_cache_misses", "result cache misses", registry=r)
         self.cache_bytes = Gauge("saliency_cache_bytes", "bytes held by the result cache", registry=r)
         self.in_flight = Gauge("saliency_requests_in_flight", "HTTP requests being handled", registry=r)
+        self.pixels_in_flight = Gauge("saliency_pixels_in_flight", "decoded pixels held by calls queued or running "
+                                      "(limit: max_pixels_in_flight)", registry=r)
         self.queue_depth = Gauge("saliency_queue_depth", "images waiting in a worker's queue", ["worker"],
                                  registry=r)
         self.batch_size = Histogram("saliency_batch_size", "images per batch run on the device", ["method"],

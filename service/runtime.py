@@ -13,6 +13,7 @@ import torch
 from starlette.concurrency import run_in_threadpool
 
 from .api.errors import ApiError
+from .budget import PixelBudget
 from .cache import ResultCache
 from .calibrate import calibrate_lane
 from .engine import ImageExplanation, explain
@@ -50,6 +51,8 @@ class Runtime:
         self.metrics = Metrics()
         self.jobs = JobStore(settings.max_jobs, settings.job_ttl_s)
         self.cache = ResultCache(settings.cache_bytes)
+        self.pixels_in_flight = PixelBudget(settings.max_pixels_in_flight)
+        self.metrics.pixels_in_flight.set_function(lambda: self.pixels_in_flight.held)
         self._encoder = ThreadPoolExecutor(thread_name_prefix="encode")  # maps -> .npy/PNG/base64, per image
         # Where the passes run: a thread of this process, or a child process per lane (service/engine_process.py).
         self.isolated = self._isolate(settings)
@@ -238,6 +241,7 @@ class Runtime:
         items = [WorkItem(key=key, cost=cost, payload=Payload(call, i, job), deadline=deadline,
                           progress=job.progress_for(i)) for i in range(len(call.images))]
         pool = self.bulk_pool if call.method.cost(call.params) > self.settings.bulk_cost else self.pool
+        pixels = self.hold_pixels(call, pool.retry_after)
         submitted: list[WorkItem] = []
         try:
             for item in items:
@@ -251,15 +255,34 @@ class Runtime:
                 pool.submit(item)
                 submitted.append(item)
         except QueueFull as exc:
-            for item in submitted:
-                item.future.cancel()
+            self._withdraw(submitted, pixels)
             raise ApiError(429, "queue_full", f"the queue is full; retry after {exc.retry_after:.0f}s",
                            {"Retry-After": str(max(1, round(exc.retry_after)))}) from None
         except WorkerStopped:
-            for item in submitted:
-                item.future.cancel()
+            self._withdraw(submitted, pixels)
             raise ApiError(503, "shutting_down", "the service is shutting down") from None
+        except BaseException:
+            self._withdraw(submitted, pixels)
+            raise
+        # Held until the worker is done with every image (or it was cancelled or expired), whether or not
+        # anyone still awaits the call.
+        self.pixels_in_flight.release_when_done(pixels, [item.future for item in items])
         return items
+
+    def hold_pixels(self, call: ExplainCall, retry_after: Callable[[], float]) -> int:
+        """Reserve the call's decoded pixels in the in-flight budget, or refuse the call with a 429."""
+        pixels = sum(image.width * image.height for image in call.images)
+        if not self.pixels_in_flight.hold(pixels):
+            raise ApiError(429, "queue_full", f"the calls in flight hold {self.pixels_in_flight.held} pixels of "
+                                              f"images and this one {pixels}; the limit is "
+                                              f"{self.settings.max_pixels_in_flight}: retry shortly",
+                           {"Retry-After": str(max(1, round(retry_after())))})
+        return pixels
+
+    def _withdraw(self, submitted: list[WorkItem], pixels: int) -> None:
+        for item in submitted:
+            item.future.cancel()
+        self.pixels_in_flight.release(pixels)
 
     async def complete(self, call: ExplainCall, job: Job, items: list[WorkItem]) -> dict[str, Any]:
         """Await every image's encoded result (encoded off the event loop); the job records the outcome."""

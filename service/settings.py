@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     max_request_pixels: int = Field(100_000_000, ge=1, description="pixels of all a request's images together: "
                                     "maps at the original size, overlays and the JSON around them grow with it "
                                     "(4 images of 40 MP with every output took a 5.4 GB peak)")
+    max_pixels_in_flight: int = Field(400_000_000, ge=1, description="pixels of the images of all calls queued "
+                                      "or running; a call beyond it gets 429 (the queue counts images, and one "
+                                      "may hold 40 MP)")
     max_body_bytes: int = Field(100 * 2**20, ge=1, description="request body size")
     max_request_cost: int = Field(200_000, ge=1, description="forward+backward passes per request")
     top_k: int = Field(5, ge=1, le=100)

@@ -113,6 +113,7 @@ class RayRuntime(Runtime):
         bulk = call.method.cost(call.params) > self.settings.bulk_cost
         deadline = time.time() + deadline_s
         loop = asyncio.get_running_loop()
+        pixels = self.hold_pixels(call, lambda: 1.0)  # the replicas' queues are not visible from here
         items = []
         for i in range(len(call.images)):
             item = WorkItem(key=key, cost=cost, payload=Payload(call, i, job),
@@ -128,6 +129,7 @@ class RayRuntime(Runtime):
                         target=call.targets[i], cost=cost, deadline=deadline, job_id=job.id, index=i, bulk=bulk,
                         raw="raw" in call.outputs, size=call.original_size(i))
             self._dispatches.setdefault(job.id, []).append(loop.create_task(self._dispatch(handle, task, item)))
+        self.pixels_in_flight.release_when_done(pixels, [item.future for item in items])
         return items
 
     async def _dispatch(self, handle, task: Task, item: WorkItem) -> None:

@@ -324,6 +324,10 @@ class WorkerPool:
             with self._cond:
                 self._stats.items_failed += 1
 
+    def retry_after(self) -> float:
+        with self._cond:
+            return self._retry_after_locked()
+
     def _retry_after_locked(self) -> float:
         """Seconds until the queue has likely drained, from recent batch sizes and durations; at least 1."""
         if not self._recent:
