@@ -177,6 +177,8 @@ class Runtime:
             if all(job.cancelled for job in jobs):
                 raise Cancelled("cancelled")
 
+        for job in jobs:  # "running" from now on, even for methods that report progress only at the end
+            job.started = True
         if self.fault_hook is not None:
             self.fault_hook(items)
         x = torch.stack([item.payload.call.pixels[item.payload.index] for item in items])

@@ -332,6 +332,25 @@ def test_sync_request_over_its_wait_becomes_a_job(small_registry):
         assert job["status"] == "succeeded" and job["result"]["method"] == "moreaugrad"
 
 
+def test_a_job_is_running_as_soon_as_the_worker_takes_it(small_registry):
+    # SmoothGrad reports progress only when its image is done; the status must not say "queued" meanwhile.
+    entered, release = threading.Event(), threading.Event()
+    with running_server(Settings(default_model="tiny_cnn"), small_registry) as (base, app):
+        app.state.runtime.fault_hook = lambda items: (entered.set(), release.wait(30))
+        r = httpx.post(f"{base}/v1/jobs/smoothgrad", data={"n_samples": "4"},
+                       files=[("image", ("x.png", png_bytes(random_image(9)), "image/png"))], timeout=30)
+        assert r.status_code == 202 and entered.wait(30)
+        job = httpx.get(f"{base}/v1/jobs/{r.json()['id']}").json()
+        assert job["status"] == "running" and job["progress"] == {"done": 0, "total": 1}
+        release.set()
+        for _ in range(600):
+            job = httpx.get(f"{base}/v1/jobs/{job['id']}").json()
+            if job["status"] != "running":
+                break
+            time.sleep(0.05)
+        assert job["status"] == "succeeded" and job["progress"] == {"done": 1, "total": 1}
+
+
 def cache_counts(base: str) -> tuple[float, float]:
     text = httpx.get(f"{base}/metrics").text
     hits = float(re.search(r"^saliency_cache_hits ([0-9.e+]+)$", text, re.M).group(1))
