@@ -71,8 +71,11 @@ class Core:
         blobs = [b64(to_bytes(i)) for i in as_list(images)]
         if targets is not None and not isinstance(targets, (list, tuple)):
             targets = [targets] * len(blobs)  # one class for every image
-        req = ExplainRequest(model=model, images=blobs, targets=targets, params=params,
-                             outputs=[outputs] if isinstance(outputs, str) else list(outputs), size=size)
+        # Built unvalidated: the server validates (one source of truth), and a bad value comes back as the
+        # APIStatusError of its status with the server's code, like every other refusal.
+        req = ExplainRequest.model_construct(model=model, images=blobs, targets=targets, params=params,
+                                             outputs=[outputs] if isinstance(outputs, str) else list(outputs),
+                                             size=size)
         return req.model_dump(exclude_none=True)
 
     # ------------------------------------------------------------------ flows
