@@ -117,7 +117,7 @@ def test_errors_carry_the_server_message(client, server):
     with pytest.raises(ValidationError) as e:
         client.explain(noise(5), "integrated-gradients", model="tiny_cnn", n_steps=-3)
     assert e.value.status_code == 422 and "n_steps" in e.value.message
-    for bad, named in (({"size": "model"}, "size 'model'"), ({"outputs": ["jpeg"]}, "jpeg")):
+    for bad, named in (({"size": "model"}, "(got 'model')"), ({"outputs": ["jpeg"]}, "jpeg")):
         with pytest.raises(ValidationError) as e:  # checked by the server, not by pydantic in the client
             client.explain(noise(5), "gradcam", model="tiny_cnn", **bad)
         assert e.value.status_code == 422 and e.value.code and named in e.value.message
