@@ -52,11 +52,24 @@ class Job:
                 "result": self.result, "error": self.error}
 
 
-class JobStore:
-    """Jobs by id, bounded: finished jobs expire after `ttl` and are evicted first when full."""
+def result_bytes(job: Job) -> int:
+    """The encoded maps a finished job's result holds (base64 strings: nearly all of its memory)."""
+    if not job.result:
+        return 0
+    total = 0
+    for entry in job.result.get("results", []):
+        total += sum(len(v) for v in entry.get("map", {}).values() if isinstance(v, str))
+        total += len(entry.get("raw") or "")
+    return total
 
-    def __init__(self, max_jobs: int, ttl: float):
-        self.max_jobs, self.ttl = max_jobs, ttl
+
+class JobStore:
+    """Jobs by id, bounded: finished jobs expire after `ttl` and are evicted first when full, and the oldest
+    finished ones also go when their results together pass `max_result_bytes` (a 12 MP map at the original
+    size is 65 MB of base64; a thousand of those would not fit in memory). The newest finished job stays."""
+
+    def __init__(self, max_jobs: int, ttl: float, max_result_bytes: int | None = None):
+        self.max_jobs, self.ttl, self.max_result_bytes = max_jobs, ttl, max_result_bytes
         self._jobs: dict[str, Job] = {}
 
     def add(self, job: Job) -> None:
@@ -88,7 +101,15 @@ class JobStore:
         for job_id, job in list(self._jobs.items()):
             if job.finished_at is not None and now - job.finished_at > self.ttl:
                 del self._jobs[job_id]
+        finished = sorted((j for j in self._jobs.values() if j.finished_at), key=lambda j: j.finished_at)
         if len(self._jobs) >= self.max_jobs:
-            finished = sorted((j for j in self._jobs.values() if j.finished_at), key=lambda j: j.finished_at)
             for job in finished[: len(self._jobs) - self.max_jobs + 1]:
+                del self._jobs[job.id]
+            finished = [job for job in finished if job.id in self._jobs]
+        if self.max_result_bytes is not None:
+            held = sum(result_bytes(job) for job in finished)
+            for job in finished[:-1]:
+                if held <= self.max_result_bytes:
+                    break
+                held -= result_bytes(job)
                 del self._jobs[job.id]

@@ -49,7 +49,7 @@ class Runtime:
         self.registry = registry
         self.device = resolve_device(settings.device)
         self.metrics = Metrics()
-        self.jobs = JobStore(settings.max_jobs, settings.job_ttl_s)
+        self.jobs = JobStore(settings.max_jobs, settings.job_ttl_s, settings.max_job_result_bytes)
         self.cache = ResultCache(settings.cache_bytes)
         self.pixels_in_flight = PixelBudget(settings.max_pixels_in_flight)
         self.metrics.pixels_in_flight.set_function(lambda: self.pixels_in_flight.held)

@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     job_deadline_s: float = Field(3600.0, gt=0, description="start deadline of job work")
     job_ttl_s: float = Field(3600.0, gt=0, description="finished jobs are forgotten after this")
     max_jobs: int = Field(1000, ge=1, description="jobs kept in memory (finished ones are evicted first)")
+    max_job_result_bytes: int = Field(2 * 2**30, ge=0, description="encoded maps held by finished jobs' results; "
+                                      "beyond it the oldest finished jobs are forgotten first (the newest stays)")
 
     # Limits on what a request may ask for
     max_images: int = Field(16, ge=1, description="images per request")
