@@ -53,11 +53,15 @@ class Job:
 
 
 def result_bytes(job: Job) -> int:
+    return payload_bytes(job.result)
+
+
+def payload_bytes(result: dict[str, Any] | None) -> int:
     """The encoded maps a finished job's result holds (base64 strings: nearly all of its memory)."""
-    if not job.result:
+    if not result:
         return 0
     total = 0
-    for entry in job.result.get("results", []):
+    for entry in result.get("results", []):
         total += sum(len(v) for v in entry.get("map", {}).values() if isinstance(v, str))
         total += len(entry.get("raw") or "")
     return total

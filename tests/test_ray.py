@@ -160,6 +160,22 @@ def test_state_jobs_progress_cancel_finish_and_bounds():
     asyncio.run(run())
 
 
+def test_state_forgets_the_oldest_finished_results_past_its_byte_budget():
+    def finished(job_id: str) -> dict:
+        return {**view(job_id, "succeeded"), "result": {"results": [{"map": {"npy": "A" * 100}}]}}
+
+    async def run():
+        state = SharedState(max_jobs=100, ttl_s=3600, max_result_bytes=250)
+        for i, job_id in enumerate(("old", "middle", "new")):
+            await state.finish(finished(job_id), [1], time.time() - 30 + i)
+        assert await state.add(view("running"), [1]) is None  # evicts: 300 bytes held, the oldest goes
+        assert await state.view("old") is None
+        assert [(await state.view(j))["status"] for j in ("middle", "new", "running")] == \
+            ["succeeded", "succeeded", "queued"]
+
+    asyncio.run(run())
+
+
 def test_serve_config_file_validates_and_names_the_apps_deployments():
     """deploy/ray-serve.yaml is a valid Serve config whose deployments are the ones the builder makes."""
     pytest.importorskip("ray.serve", reason="ray is not installed: pip install '.[ray]'")

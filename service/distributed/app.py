@@ -74,7 +74,7 @@ def build(settings: Settings, explainer_options: dict[str, dict[str, Any]] | Non
     explainer replica (0: torch's default)."""
     options = explainer_options or {}
     plain = settings.model_dump(mode="json")
-    state = STATE.bind(settings.max_jobs, settings.job_ttl_s)
+    state = STATE.bind(settings.max_jobs, settings.job_ttl_s, settings.max_job_result_bytes)
     explainers = {}
     for model in servable_models(settings):
         opts = {"max_queued_requests": settings.max_queue, **options.get("*", {}), **options.get(model, {})}

@@ -11,6 +11,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from ..jobs import payload_bytes
 from ..metrics import Metrics
 
 # The families an explainer replica feeds; the ingress serves them next to its own (requests, latency, jobs).
@@ -19,8 +20,8 @@ WORKER_FAMILIES = ("saliency_batch_size", "saliency_compute_seconds", "saliency_
 
 
 class SharedState:
-    def __init__(self, max_jobs: int = 1000, ttl_s: float = 3600.0):
-        self.max_jobs, self.ttl_s = max_jobs, ttl_s
+    def __init__(self, max_jobs: int = 1000, ttl_s: float = 3600.0, max_result_bytes: int | None = None):
+        self.max_jobs, self.ttl_s, self.max_result_bytes = max_jobs, ttl_s, max_result_bytes
         self._jobs: dict[str, dict[str, Any]] = {}
         self.metrics = Metrics()
         self.replica_images = Counter("saliency_replica_images", "images explained, by explainer replica",
@@ -89,9 +90,17 @@ class SharedState:
         for job_id, record in list(self._jobs.items()):
             if record["finished_at"] is not None and now - record["finished_at"] > self.ttl_s:
                 del self._jobs[job_id]
+        finished = sorted((r for r in self._jobs.values() if r["finished_at"]), key=lambda r: r["finished_at"])
         if room and len(self._jobs) >= self.max_jobs:
-            finished = sorted((r for r in self._jobs.values() if r["finished_at"]), key=lambda r: r["finished_at"])
             for record in finished[: len(self._jobs) - self.max_jobs + 1]:
+                del self._jobs[record["view"]["id"]]
+            finished = [r for r in finished if r["view"]["id"] in self._jobs]
+        if self.max_result_bytes is not None:  # as service.jobs.JobStore: oldest finished first, newest stays
+            held = sum(payload_bytes(r["view"].get("result")) for r in finished)
+            for record in finished[:-1]:
+                if held <= self.max_result_bytes:
+                    break
+                held -= payload_bytes(record["view"].get("result"))
                 del self._jobs[record["view"]["id"]]
 
     # ------------------------------------------------------------------ metrics
