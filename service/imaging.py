@@ -202,12 +202,14 @@ def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.5, colormap: 
     return Image.blend(base, colours, alpha)
 
 
-# zlib level 1, not Pillow's default 6: on overlays (photo content) level 6 took ~3.5x as long for ~10 %
-# fewer bytes; at 12 MP that is seconds of an encoder thread (bench/photo_sizes.py, docs/benchmarks.md).
+# zlib settings by content (bench/photo_sizes.py, docs/benchmarks.md). Gray maps are smooth: the default
+# strategy at level 1 (Pillow's default level 6 took 1.3-3x as long). Overlays carry the photo: after PNG's row
+# filters, Huffman coding alone beat level 6 in time and size (12 MP: 1.5 s and 10.8 MB against 8.4 s, 11.3 MB).
 PNG_COMPRESS_LEVEL = 1
 
 
-def encode_png(img: Image.Image) -> bytes:
+def encode_png(img: Image.Image, *, photo: bool = False) -> bytes:
     buffer = io.BytesIO()
-    img.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    img.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL,
+             compress_type=zlib.Z_HUFFMAN_ONLY if photo else zlib.Z_DEFAULT_STRATEGY)
     return buffer.getvalue()

@@ -293,3 +293,4 @@ def test_overlay_rejects_unknown_colormap_and_bad_alpha():
 def test_encode_png_round_trip():
     image = noise_rgb()
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_png(image)))), np.asarray(image))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_png(image, photo=True)))), np.asarray(image))
