@@ -67,6 +67,16 @@ def payload_bytes(result: dict[str, Any] | None) -> int:
     return total
 
 
+def oldest_to_forget(sizes: list[int], budget: int) -> int:
+    """How many of the oldest results (`sizes`, oldest first) to forget so the rest fit in `budget`; the
+    newest is never counted (a result alone larger than the budget is still kept until the next one)."""
+    held, count = sum(sizes), 0
+    while held > budget and count < len(sizes) - 1:
+        held -= sizes[count]
+        count += 1
+    return count
+
+
 class JobStore:
     """Jobs by id, bounded: finished jobs expire after `ttl` and are evicted first when full, and the oldest
     finished ones also go when their results together pass `max_result_bytes` (a 12 MP map at the original
@@ -111,9 +121,5 @@ class JobStore:
                 del self._jobs[job.id]
             finished = [job for job in finished if job.id in self._jobs]
         if self.max_result_bytes is not None:
-            held = sum(result_bytes(job) for job in finished)
-            for job in finished[:-1]:
-                if held <= self.max_result_bytes:
-                    break
-                held -= result_bytes(job)
+            for job in finished[: oldest_to_forget([result_bytes(j) for j in finished], self.max_result_bytes)]:
                 del self._jobs[job.id]

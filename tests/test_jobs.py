@@ -6,7 +6,7 @@ import time
 import pytest
 
 from service.api.errors import ApiError
-from service.jobs import Job, JobStore, result_bytes
+from service.jobs import Job, JobStore, oldest_to_forget, result_bytes
 
 
 def finished_job(map_chars: int, finished_at: float, raw_chars: int = 0) -> Job:
@@ -45,3 +45,11 @@ def test_no_byte_budget_keeps_results_until_their_ttl():
     for job in jobs:
         store.add(job)
     assert len(store.all()) == 5
+
+
+@pytest.mark.parametrize("sizes, budget, forget", [
+    ([], 10, 0), ([5], 1, 0), ([5, 5, 5], 15, 0), ([5, 5, 5], 14, 1), ([5, 5, 5], 5, 2), ([5, 5, 5], 0, 2),
+    ([1, 100], 50, 1),
+])
+def test_oldest_to_forget_keeps_the_rest_within_the_budget_and_never_the_newest(sizes, budget, forget):
+    assert oldest_to_forget(sizes, budget) == forget

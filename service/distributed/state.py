@@ -11,7 +11,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from ..jobs import payload_bytes
+from ..jobs import oldest_to_forget, payload_bytes
 from ..metrics import Metrics
 
 # The families an explainer replica feeds; the ingress serves them next to its own (requests, latency, jobs).
@@ -96,11 +96,8 @@ class SharedState:
                 del self._jobs[record["view"]["id"]]
             finished = [r for r in finished if r["view"]["id"] in self._jobs]
         if self.max_result_bytes is not None:  # as service.jobs.JobStore: oldest finished first, newest stays
-            held = sum(payload_bytes(r["view"].get("result")) for r in finished)
-            for record in finished[:-1]:
-                if held <= self.max_result_bytes:
-                    break
-                held -= payload_bytes(record["view"].get("result"))
+            sizes = [payload_bytes(r["view"].get("result")) for r in finished]
+            for record in finished[: oldest_to_forget(sizes, self.max_result_bytes)]:
                 del self._jobs[record["view"]["id"]]
 
     # ------------------------------------------------------------------ metrics
