@@ -251,6 +251,22 @@ def test_job_progress_advances_and_completes(server):
     assert job["result"]["results"][0]["map"]["npy"]
 
 
+def test_a_job_shows_running_before_its_only_progress_report(server):
+    # SmoothGrad reports progress once, when its image is done; in between the job must say "running".
+    base, _ = server
+    r = httpx.post(f"{base}/v1/jobs/smoothgrad", data={"model": "tiny_cnn", "n_samples": "1024"},
+                   files=[("image", ("x.png", png_bytes(random_image(8)), "image/png"))])
+    assert r.status_code == 202
+    seen = []
+    for _ in range(3000):
+        job = httpx.get(f"{base}/v1/jobs/{r.json()['id']}").json()
+        seen.append((job["status"], job["progress"]["done"]))
+        if job["status"] not in ("queued", "running"):
+            break
+        time.sleep(0.01)
+    assert job["status"] == "succeeded" and ("running", 0) in seen, seen[-5:]
+
+
 def test_job_cancel(server):
     base, _ = server
     blob = png_bytes(random_image(2))

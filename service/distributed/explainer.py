@@ -104,9 +104,13 @@ class Explainer:
         """On a thread: one engine batch; a failing batch is rerun task by task so a poisoned one fails alone."""
         first = tasks[0]
         started = time.monotonic()
+        method, reporter = get_method(first.method), _Reporter(self.state, tasks)
         try:
-            results = explain(self.model, get_method(first.method), torch.stack([t.pixels for t in tasks]),
-                              [t.target for t in tasks], first.params, progress=_Reporter(self.state, tasks),
+            # The jobs are "running" from here (methods other than MoreauGrad report only at the end), and a
+            # batch whose jobs were all cancelled while it queued stops before its passes.
+            reporter(0, method.steps(first.params))
+            results = explain(self.model, method, torch.stack([t.pixels for t in tasks]),
+                              [t.target for t in tasks], first.params, progress=reporter,
                               top_k=self.settings.top_k, max_batch=self.pass_batch,
                               keep_attribution=[t.raw for t in tasks], map_sizes=[t.size for t in tasks])
         except Cancelled:
@@ -140,7 +144,7 @@ class _Reporter:
 
     def __init__(self, state, tasks: list[Task]):
         self.state, self.tasks = state, tasks
-        self.last = time.monotonic()
+        self.last = float("-inf")  # the first report always goes
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
