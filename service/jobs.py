@@ -52,10 +52,6 @@ class Job:
                 "result": self.result, "error": self.error}
 
 
-def result_bytes(job: Job) -> int:
-    return payload_bytes(job.result)
-
-
 def payload_bytes(result: dict[str, Any] | None) -> int:
     """The encoded maps a finished job's result holds (base64 strings: nearly all of its memory)."""
     if not result:
@@ -121,5 +117,6 @@ class JobStore:
                 del self._jobs[job.id]
             finished = [job for job in finished if job.id in self._jobs]
         if self.max_result_bytes is not None:
-            for job in finished[: oldest_to_forget([result_bytes(j) for j in finished], self.max_result_bytes)]:
+            for job in finished[: oldest_to_forget([payload_bytes(j.result) for j in finished],
+                                                   self.max_result_bytes)]:
                 del self._jobs[job.id]

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from service.api.errors import ApiError
-from service.jobs import Job, JobStore, oldest_to_forget, result_bytes
+from service.jobs import Job, JobStore, oldest_to_forget, payload_bytes
 
 
 def finished_job(map_chars: int, finished_at: float, raw_chars: int = 0) -> Job:
@@ -18,9 +18,9 @@ def finished_job(map_chars: int, finished_at: float, raw_chars: int = 0) -> Job:
     return job
 
 
-def test_result_bytes_counts_the_encoded_maps_and_raw():
-    assert result_bytes(finished_job(100, time.time(), raw_chars=30)) == 130
-    assert result_bytes(Job(method="gradcam", model="tiny_cnn", total=[1])) == 0  # not finished
+def test_payload_bytes_counts_the_encoded_maps_and_raw():
+    assert payload_bytes(finished_job(100, time.time(), raw_chars=30).result) == 130
+    assert payload_bytes(Job(method="gradcam", model="tiny_cnn", total=[1]).result) == 0  # not finished
 
 
 def test_the_oldest_finished_results_go_first_past_the_byte_budget_and_the_newest_stays():
