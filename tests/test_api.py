@@ -254,7 +254,7 @@ def test_job_progress_advances_and_completes(server):
 def test_a_job_shows_running_before_its_only_progress_report(server):
     # SmoothGrad reports progress once, when its image is done; in between the job must say "running".
     base, _ = server
-    r = httpx.post(f"{base}/v1/jobs/smoothgrad", data={"model": "tiny_cnn", "n_samples": "1024"},
+    r = httpx.post(f"{base}/v1/jobs/smoothgrad", data={"model": "tiny_cnn", "n_samples": "256"},
                    files=[("image", ("x.png", png_bytes(random_image(8)), "image/png"))])
     assert r.status_code == 202
     seen = []
