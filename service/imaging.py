@@ -66,6 +66,17 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, index: int = 0
         raise ImageError(f"{label}: corrupt image header") from error
 
 
+def declared_pixels(data: bytes) -> int:
+    """Width x height from the image's header, without decoding it; 0 when there is no readable header
+    (`decode_image` then says what is wrong)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as opened:
+            width, height = opened.size
+            return width * height
+    except (UnidentifiedImageError, *_BOMB_ERRORS, *_CORRUPT_DATA_ERRORS):
+        return 0
+
+
 def _bomb_error(label: str, max_pixels: int, error: Exception) -> ImageError:
     """Pillow refused the declared size before we could read it; name the limit that was certainly passed."""
     pillow_limit = Image.MAX_IMAGE_PIXELS or max_pixels

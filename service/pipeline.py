@@ -99,7 +99,17 @@ def prepare(settings: Settings, model: LoadedModel, method: Method, params: Meth
     if cost > settings.max_request_cost:
         raise ApiError(422, "too_costly", f"this request costs {cost} forward+backward passes; the limit is "
                                           f"{settings.max_request_cost} per request")
-    images, pixels_so_far = [], 0
+    # The request's total, from the headers: refused before anything is decoded. An image over its own limits
+    # is left to decode_image, whose message names that image.
+    sizes = [imaging.declared_pixels(blob) for blob in blobs]
+    declared = sum(sizes)
+    each_within = all(len(blob) <= settings.max_image_bytes and size <= settings.max_image_pixels
+                      for blob, size in zip(blobs, sizes))
+    if declared > settings.max_request_pixels and each_within:
+        raise ApiError(413, "too_many_pixels", f"the {len(blobs)} images of this request hold {declared} pixels; "
+                                               f"the limit is {settings.max_request_pixels} per request: "
+                                               "send fewer or smaller images per request")
+    images = []
     for i, blob in enumerate(blobs):
         try:
             images.append(imaging.decode_image(blob, max_bytes=settings.max_image_bytes,
@@ -107,11 +117,6 @@ def prepare(settings: Settings, model: LoadedModel, method: Method, params: Meth
         except imaging.ImageError as exc:
             status = 413 if "exceeds" in str(exc) else 400
             raise ApiError(status, "bad_image", str(exc)) from None
-        pixels_so_far += images[-1].width * images[-1].height
-        if pixels_so_far > settings.max_request_pixels:
-            raise ApiError(413, "too_many_pixels", f"images 0..{i} of this request hold {pixels_so_far} pixels; "
-                                                   f"the limit is {settings.max_request_pixels} per request: "
-                                                   "send fewer or smaller images per request")
     pixels = model.preprocess.batch(images)
     return ExplainCall(model, method, params, images, pixels, [content_hash(b) for b in blobs], targets,
                        set(outputs or ["npy"]), size)

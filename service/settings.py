@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     max_images: int = Field(16, ge=1, description="images per request")
     max_image_bytes: int = Field(20 * 2**20, ge=1, description="bytes per image file")
     max_image_pixels: int = Field(40_000_000, ge=1, description="pixels per image (decompression bombs)")
-    max_request_pixels: int = Field(100_000_000, ge=1, description="pixels of all a request's images together: "
+    max_request_pixels: int = Field(200_000_000, ge=1, description="pixels of all a request's images together: "
                                     "maps at the original size, overlays and the JSON around them grow with it "
                                     "(4 images of 40 MP with every output took a 5.4 GB peak)")
     max_pixels_in_flight: int = Field(400_000_000, ge=1, description="pixels of the images of all calls queued "

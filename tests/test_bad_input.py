@@ -89,7 +89,7 @@ def bad_requests(base: str, form: str):
     yield "unknown parameter", post(base, form, [ok], params={"colour": "red"}), 422, "colour"
     yield "over the cost cap", post(base, form, [ok] * 2, "smoothgrad", {"n_samples": 1001}), 422, "limit is 2000"
     big = save(photo((120, 100)), "PNG")  # 12,000 pixels: one fits the request limit of 20,000, two do not
-    yield "over the request's pixels", post(base, form, [ok, big, big]), 413, "images 0..2 of this request hold " \
+    yield "over the request's pixels", post(base, form, [ok, big, big]), 413, "the 3 images of this request hold " \
         "28800 pixels; the limit is 20000 per request"
     yield "unknown output", post(base, form, [ok], outputs="jpeg" if form == "multipart" else ["jpeg"]), 422, "jpeg"
 

@@ -11,6 +11,7 @@ from PIL import Image
 from service.imaging import (
     COLORMAPS,
     ImageError,
+    declared_pixels,
     decode_image,
     decode_npy,
     encode_npy,
@@ -294,3 +295,9 @@ def test_encode_png_round_trip():
     image = noise_rgb()
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_png(image)))), np.asarray(image))
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_png(image, photo=True)))), np.asarray(image))
+
+
+def test_declared_pixels_reads_the_header_only():
+    assert declared_pixels(save(noise_rgb(80, 60), "JPEG")) == 4800
+    assert declared_pixels(png_declaring(3000, 2000)) == 6_000_000  # no pixel data behind the header
+    assert declared_pixels(b"not an image") == 0 and declared_pixels(b"") == 0
