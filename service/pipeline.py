@@ -144,7 +144,7 @@ def encode_result(call: ExplainCall, index: int, result: ImageExplanation, queue
         out_map["png"] = _b64(imaging.encode_png_gray(heat))
     if "overlay" in call.outputs:
         base = (image if call.size == "original"
-                else image.resize((heat.shape[1], heat.shape[0]), reducing_gap=3.0))
+                else image.resize((heat.shape[1], heat.shape[0]), reducing_gap=imaging.REDUCING_GAP))
         out_map["overlay"] = _b64(imaging.encode_png(imaging.overlay(base, heat), photo=True))
     entry = {
         "target": result.target, "label": result.label, "probability": result.probability,
