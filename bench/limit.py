@@ -30,6 +30,7 @@ from service.methods import METHODS  # noqa: E402
 from service.methods.gradients import input_gradients  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from service.zoo import ModelRegistry, resolve_device, set_cudnn_autotuning  # noqa: E402
+from service.zoo.fold import fold_batchnorms  # noqa: E402
 
 
 def sync(device):
@@ -56,6 +57,7 @@ def load(arch: str, device):
         import torchvision
 
         module = torchvision.models.resnet50().eval().requires_grad_(False).to(device)
+        module, _ = fold_batchnorms(module, torch.randn(2, 3, 224, 224, device=device))  # as load_model does
         module.to(memory_format=torch.channels_last)  # as service/zoo/registry.py loads every model
         model.module = module
         model.cam_layers = {"layer4": (2048, 7, 7)}

@@ -45,8 +45,9 @@ from service.methods.base import Explainee  # noqa: E402
 from service.methods.fullgrad import COMPLETE_TOLERANCE, bias_layers, clamp_layers  # noqa: E402
 from service.methods.integrated_gradients import make_baseline  # noqa: E402
 from service.methods.postprocess import heatmap  # noqa: E402
-from service.zoo import (ModelRegistry, Preprocessor, read_card, resolve_device,  # noqa: E402
+from service.zoo import (ModelRegistry, Preprocessor, load_model, read_card, resolve_device,  # noqa: E402
                          set_cudnn_autotuning)
+from service.zoo.fold import fold_batchnorms  # noqa: E402
 from service.zoo.reshape import identity  # noqa: E402
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")  # skimage.data, repeated in order to fill a batch
@@ -94,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "Captum fp32 is an issue-5 target). Under bf16/fp16 the same-work checks compare "
                         "maps by Pearson correlation (>= 0.99) instead of exact equality")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-fold", action="store_true",
+                   help="ours on the model as built, without the service's BatchNorm folding (service/zoo/fold.py); "
+                        "the peers always get the model as built, as their users hold it")
     args = p.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -133,6 +137,7 @@ class Subject:
     explainee: Explainee
     preprocess: Preprocessor
     device: torch.device
+    peer_module: nn.Module  # the model as built, the way a peer library's user holds it (BatchNorms unfolded)
 
     @property
     def module(self) -> nn.Module:
@@ -168,17 +173,21 @@ def load_subject(args: argparse.Namespace, device: torch.device, photos: list) -
             module(torch.stack([preprocess(p) for p in photos]).to(device))
         module.eval().requires_grad_(False)
         module.to(memory_format=torch.channels_last)  # as service/zoo/registry.py loads every model
+        peer_module = module
+        if not args.no_fold:  # as load_model does
+            module, _ = fold_batchnorms(module, torch.randn(2, 3, *card.preprocess.input_size, device=device))
         explainee = Explainee(module=module, normalize=preprocess.normalize, cam_layer=card.cam.target_layer,
                               reshape=identity, max_batch=args.max_batch)
         return Subject("resnet50 (torchvision, random weights, BatchNorm calibrated on the photos)",
-                       explainee, preprocess, device)
-    registry = ModelRegistry.from_dir(ROOT / "models", device, only={args.model})
+                       explainee, preprocess, device, peer_module)
+    registry = ModelRegistry.from_dir(ROOT / "models", device, only={args.model}, fold_norms=not args.no_fold)
     try:
         loaded = registry.get(args.model)
     except LookupError as exc:
         raise SystemExit(f"error: {exc}") from None
+    as_built = load_model(loaded.card, ROOT / "models", device, fold_norms=False).module
     return Subject(f"{loaded.name} ({loaded.card.architecture}, {loaded.card.description})",
-                   loaded.explainee(args.max_batch), loaded.preprocess, device)
+                   loaded.explainee(args.max_batch), loaded.preprocess, device, as_built)
 
 
 def machine_lines(device: torch.device) -> list[str]:
@@ -346,6 +355,17 @@ class Context:
 
         return run
 
+    def note_folding(self, key: str, ours: torch.Tensor, as_built: torch.Tensor) -> None:
+        """How far ours is from the peer on the model as built (BatchNorms unfolded): information only, the
+        exact check above is against the same module. Folding computes the same function with other float32
+        rounding, and a ReLU6 unit at its clip can flip, so gradients differ where that happens."""
+        if self.subject.peer_module is self.subject.module:
+            return
+        as_built = as_built.detach().float().cpu()
+        corr = per_image_pearson(ours, as_built.numpy())
+        self.notes.append(f"{key}: the peer on the model as built (BatchNorms unfolded, as timed): max|ours - peer| "
+                          f"/ max|peer| = {relative_error(ours, as_built):.1e}, Pearson per image {fmt(corr, '.5f')}")
+
 
 def reduced_check(ctx: Context, key: str, ours: torch.Tensor, peer: torch.Tensor) -> bool:
     """Under a reduced precision ours cannot equal the float32 peer: the check is the issue's autocast bar,
@@ -380,7 +400,7 @@ def compare_gradcam(ctx: Context) -> list[Comparison]:
 
         return call, cam.activations_and_grads.release
 
-    peer, release = peer_on(trainable_copy(ctx.subject.module), input_grad=False)
+    peer, release = peer_on(trainable_copy(ctx.subject.peer_module), input_grad=False)
     heat = ours(ctx.x, ctx.targets)[0]
     corr = per_image_pearson(heat, peer(ctx.x, ctx.targets))
     ok = min(corr) > GRADCAM_MIN_PEARSON
@@ -389,7 +409,7 @@ def compare_gradcam(ctx: Context) -> list[Comparison]:
                      f"(need > {GRADCAM_MIN_PEARSON})")
     # The same peer on frozen weights with an input that requires grad: not its documented use, but it takes
     # the weight gradients out of its backward(), which is what the first row pays for.
-    frozen, release_frozen = peer_on(copy.deepcopy(ctx.subject.module).eval().requires_grad_(False), True)
+    frozen, release_frozen = peer_on(copy.deepcopy(ctx.subject.peer_module).eval().requires_grad_(False), True)
     return [Comparison("gradcam", f"gradcam vs pytorch_grad_cam.GradCAM (layer `{layer}`)", ours, peer, ok=ok,
                        release=[release]),
             Comparison("gradcam", "gradcam vs GradCAM on frozen weights, input requires grad", ours, frozen,
@@ -403,10 +423,10 @@ def compare_fullgrad(ctx: Context) -> list[Comparison]:
     ours = ctx.ours("fullgrad", ctx.params("fullgrad"))
     hooked, _, _ = bias_layers(module)
     ours_maps = sum(1 for name in hooked if not isinstance(module.get_submodule(name), nn.Linear))
-    as_shipped = FullGrad(trainable_copy(module), [])
+    as_shipped = FullGrad(trainable_copy(ctx.subject.peer_module), [])
     shipped_layers = len(as_shipped.target_layers)
     as_shipped.activations_and_grads.release()
-    peer_model = trainable_copy(module)
+    peer_model = trainable_copy(ctx.subject.peer_module)
     unfused = unfuse_norm_act(peer_model)
     same_function = True
     if unfused:
@@ -446,16 +466,22 @@ def compare_ig(ctx: Context) -> list[Comparison]:
 
     params = ctx.params("integrated-gradients", n_steps=ctx.args.ig_steps)
     ours = ctx.ours("integrated-gradients", params)
-    ig = IntegratedGradients(ctx.subject.module)
     explainee, max_batch = ctx.subject.explainee, ctx.args.max_batch
 
-    def peer(x, t):
-        baseline = make_baseline(explainee, x, params)  # the same black-image baseline tensor
-        return ig.attribute(x, baselines=baseline, target=t, n_steps=params.n_steps, method=params.method,
-                            internal_batch_size=max(max_batch, x.shape[0]), return_convergence_delta=True)
+    def captum_on(module: nn.Module) -> Call:
+        ig = IntegratedGradients(module)
 
+        def call(x, t):
+            baseline = make_baseline(explainee, x, params)  # the same black-image baseline tensor
+            return ig.attribute(x, baselines=baseline, target=t, n_steps=params.n_steps, method=params.method,
+                                internal_batch_size=max(max_batch, x.shape[0]), return_convergence_delta=True)
+        return call
+
+    # Same work: Captum on the module ours runs (folded). Timed: Captum on the model as its users hold it.
+    peer = captum_on(ctx.subject.peer_module)
     _, attribution, result = ours(ctx.x, ctx.targets)
-    peer_attribution, peer_delta = peer(ctx.x, ctx.targets)
+    peer_attribution, peer_delta = captum_on(ctx.subject.module)(ctx.x, ctx.targets)
+    ctx.note_folding("integrated-gradients", attribution, peer(ctx.x, ctx.targets)[0])
     err = relative_error(attribution, peer_attribution)
     delta_err = relative_error(torch.tensor([d["convergence_delta"] for d in result.diagnostics]), peer_delta)
     exact = err <= IG_RTOL and delta_err <= IG_RTOL
@@ -476,7 +502,7 @@ def compare_smoothgrad(ctx: Context) -> list[Comparison]:
 
     params = ctx.params("smoothgrad", n_samples=ctx.args.sg_samples)
     ours = ctx.ours("smoothgrad", params)
-    tunnel = NoiseTunnel(Saliency(ctx.subject.module))
+    tunnel = NoiseTunnel(Saliency(ctx.subject.peer_module))
 
     def peer(x, t):
         std = float(params.noise_level * (x.max() - x.min()))  # one absolute std for the whole batch
@@ -498,7 +524,7 @@ def compare_smoothgrad(ctx: Context) -> list[Comparison]:
         # Ours also returns the prediction (top-k): a clean no-grad forward NoiseTunnel does not do. A user who
         # shows the predicted class next to the map runs it too; this row compares the same outputs.
         with torch.no_grad():
-            ctx.subject.module(x).softmax(1).topk(5)
+            ctx.subject.peer_module(x).softmax(1).topk(5)
         return peer(x, t)
 
     return [Comparison("smoothgrad", label, ours, peer, params.n_samples),
@@ -510,12 +536,15 @@ def compare_gradient(ctx: Context) -> list[Comparison]:
     from captum.attr import Saliency
 
     ours = ctx.ours("gradient", ctx.params("gradient"))
-    saliency = Saliency(ctx.subject.module)
+    saliency = Saliency(ctx.subject.peer_module)
 
     def peer(x, t):
         return saliency.attribute(x, target=t, abs=False)
 
-    attribution, peer_attribution = ours(ctx.x, ctx.targets)[1], peer(ctx.x, ctx.targets)
+    # Same work: Captum on the module ours runs (folded). Timed: Captum on the model as its users hold it.
+    attribution = ours(ctx.x, ctx.targets)[1]
+    peer_attribution = Saliency(ctx.subject.module).attribute(ctx.x, target=ctx.targets, abs=False)
+    ctx.note_folding("gradient", attribution, peer(ctx.x, ctx.targets))
     err = relative_error(attribution, peer_attribution)
     exact = err <= GRADIENT_RTOL
     ok = exact if ctx.args.precision == "fp32" else reduced_check(ctx, "gradient", attribution, peer_attribution)
@@ -650,7 +679,12 @@ def main(argv: list[str] | None = None) -> int:
     print("- Peers are called as a user would: one call per batch, model in eval mode. pytorch-grad-cam "
           "needs weights that require grad, so its loss.backward() also computes every weight gradient down "
           "to the first layer; it copies activations and gradients to NumPy and resizes every map with "
-          "OpenCV on the CPU. Captum runs on the same frozen module as ours.")
+          "OpenCV on the CPU. Captum is timed on the frozen model as built; the exactness checks run it on "
+          "the module ours runs.")
+    if subject.peer_module is not subject.module:
+        print("- Ours runs the model as the service loads it, each BatchNorm folded into the convolution before "
+              "it (service/zoo/fold.py: the same function, one op fewer per layer); the peers get the model as "
+              "built, as their users hold it. `--no-fold` gives ours the model as built too.")
     gradient = {r.batch: r.ours_ms for r in rows if r.comparison.key == "gradient"}
     for r in rows:
         if r.comparison.key == "moreaugrad" and r.batch in gradient:

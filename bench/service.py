@@ -210,6 +210,9 @@ def main() -> None:
     device = resolve_device(args.device)
     registry = ModelRegistry.from_dir(ROOT / "models", device, only={"efficientnet_lite0"})
     model = registry.models["efficientnet_lite0"]
+    # The peers get the model as its users hold it: no BatchNorm folding (the service folds, service/zoo/fold.py).
+    as_built = ModelRegistry.from_dir(ROOT / "models", device, only={"efficientnet_lite0"},
+                                      fold_norms=False).models["efficientnet_lite0"]
     images = photos()
     blobs = [png_bytes(im) for im in images]
     xs = [model.preprocess(im).unsqueeze(0).to(device) for im in images]
@@ -217,9 +220,9 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; python {platform.python_version()}; "
           f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
-    cases = {"gradcam": ({}, lambda: peer_gradcam(model, xs, scale), "pytorch-grad-cam GradCAM"),
+    cases = {"gradcam": ({}, lambda: peer_gradcam(as_built, xs, scale), "pytorch-grad-cam GradCAM"),
              "integrated-gradients": ({"n_steps": args.ig_steps},
-                                      lambda: peer_ig(model, xs, args.ig_steps, 1 if device.type == "cpu" else scale), "Captum IntegratedGradients")}
+                                      lambda: peer_ig(as_built, xs, args.ig_steps, 1 if device.type == "cpu" else scale), "Captum IntegratedGradients")}
     cases = {name: case for name, case in cases.items() if name in args.methods.split(",")}
     if args.overhead_only:
         cases = {}

@@ -270,7 +270,7 @@ def serve(conn: Connection, cancel, settings_json: str) -> None:
         set_cudnn_autotuning(settings.cudnn_benchmark)
         device = resolve_device(settings.device)
         only = set(settings.models) if settings.models else None
-        registry = ModelRegistry.from_dir(settings.models_dir, device, only)
+        registry = ModelRegistry.from_dir(settings.models_dir, device, only, settings.fold_batchnorm)
         hold_process_to_lane_share(device, settings)  # before the probes, so they run under the cap
         pass_batch = calibrate_lane(registry.models, settings)
         warm_up(registry.models, pass_batch, settings)  # in this thread, the one that runs the passes

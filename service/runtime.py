@@ -101,11 +101,13 @@ class Runtime:
         try:
             only = set(self.settings.models) if self.settings.models else None
             if self.isolated:  # the models here only serve validation and preprocessing: keep them off the device
-                self.registry = ModelRegistry.from_dir(self.settings.models_dir, torch.device("cpu"), only)
+                self.registry = ModelRegistry.from_dir(self.settings.models_dir, torch.device("cpu"), only,
+                                                       self.settings.fold_batchnorm)
                 with ThreadPoolExecutor(len(self.engines)) as starting:
                     self.pass_batch = list(starting.map(EngineProcess.start, self.engines.values()))[0]
             else:
-                self.registry = ModelRegistry.from_dir(self.settings.models_dir, self.device, only)
+                self.registry = ModelRegistry.from_dir(self.settings.models_dir, self.device, only,
+                                                       self.settings.fold_batchnorm)
                 self.pass_batch = calibrate_lane(self.registry.models, self.settings)
             log.info("models ready: %s; unavailable: %s", sorted(self.registry.models),
                      sorted(self.registry.unavailable))

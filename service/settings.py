@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     cudnn_benchmark: bool = Field(False, description="let cuDNN autotune each new input shape: a batching server "
                                   "sees new pass sizes all the time, and each one stalls the worker while it is "
                                   "timed (service/zoo/registry.py set_cudnn_autotuning)")
+    fold_batchnorm: bool = Field(True, description="fold each eval-mode BatchNorm into the convolution before it "
+                                 "at load (the same function, one op fewer per layer; every method's maps are "
+                                 "unchanged, service/zoo/fold.py)")
     retain_host_memory: bool = Field(True, description="keep freed host memory for the next pass instead of "
                                      "returning it to the kernel (glibc only; see service/hostmem.py)")
 

@@ -19,7 +19,7 @@ async def list_models(runtime: RuntimeDep) -> list[ModelOut]:
     out = [ModelOut(name=m.name, architecture=m.card.architecture, description=m.card.description,
                     available=True, device=str(m.device), input_size=list(m.preprocess.size),
                     num_classes=m.num_classes, default_layer=m.card.cam.target_layer, layers=list(m.cam_layers),
-                    default=m.name == runtime.settings.default_model)
+                    default=m.name == runtime.settings.default_model, folded_batchnorms=m.folded_norms)
            for m in registry.models.values()]
     out += [ModelOut(name=u.card_name, architecture=u.architecture, available=False, reason=u.reason)
             for u in registry.unavailable.values()]

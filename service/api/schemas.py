@@ -87,6 +87,8 @@ class ModelOut(BaseModel):
     default_layer: str | None = None
     layers: list[str] = Field(default_factory=list, description="layers usable by Grad-CAM")
     default: bool = False
+    folded_batchnorms: int = Field(0, description="BatchNorms folded into the convolutions before them at load "
+                                                  "(the same function; setting fold_batchnorm)")
 
 
 class MethodOut(BaseModel):

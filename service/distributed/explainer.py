@@ -43,7 +43,8 @@ class Explainer:
             retain_freed_memory()
         set_cudnn_autotuning(self.settings.cudnn_benchmark)
         self.device = resolve_device(self.settings.device)
-        registry = ModelRegistry.from_dir(self.settings.models_dir, self.device, only={model})
+        registry = ModelRegistry.from_dir(self.settings.models_dir, self.device, only={model},
+                                           fold_norms=self.settings.fold_batchnorm)
         self.model = registry.get(model)  # unavailable: the replica fails to start and Serve reports why
         # Images per forward pass: measured from free GPU memory, as the embedded runtime does (CPU: the setting).
         self.pass_batch = calibrate_lane({model: self.model}, self.settings)[model]

@@ -33,8 +33,12 @@ class GradCAM(SinglePassMethod):
         activation = capture.records[0].output
         targets = resolve_targets(logits, targets)
         (grad,) = torch.autograd.grad(class_scores(logits, targets).sum(), activation)
+        activation = activation.detach()
+        shift = getattr(layer, "folded_shift", None)  # a conv that absorbed a BatchNorm (service/zoo/fold.py)
+        if shift is not None:  # its own output, as the unfolded model computes it, up to a per-channel scale
+            activation = activation - shift.view(1, -1, 1, 1)  # that Grad-CAM's weights cancel
         # float32 from here on (under autocast the layer may be bf16/fp16)
-        acts, grads = widen(model.reshape(activation.detach())), widen(model.reshape(grad))
+        acts, grads = widen(model.reshape(activation)), widen(model.reshape(grad))
         if acts.dim() != 4:
             raise ValueError(f"layer {path!r} output has shape {tuple(activation.shape)}, not (B, C, h, w); "
                              "choose a convolutional layer or set the card's reshape transform")

@@ -89,6 +89,7 @@ class ModelOut(BaseModel):
     default_layer: str | None = None
     layers: list[str] = Field(default_factory=list)
     default: bool = False
+    folded_batchnorms: int = 0
 
 
 class MethodOut(BaseModel):
