@@ -337,7 +337,8 @@ def test_deadline_passed_before_start_is_504(small_registry):
 def test_sync_request_over_its_wait_becomes_a_job(small_registry):
     settings = Settings(default_model="tiny_cnn", sync_wait_s=0.3)
     with running_server(settings, small_registry) as (base, _):
-        r = httpx.post(f"{base}/v1/explain/moreaugrad", data={"iterations": "400", "n_samples": "8"},
+        # ~5 s of work here (0.065 s an iteration), well past the 0.3 s wait
+        r = httpx.post(f"{base}/v1/explain/moreaugrad", data={"iterations": "80", "n_samples": "8"},
                        files=[("image", ("x.png", png_bytes(random_image(6)), "image/png"))], timeout=30)
         assert r.status_code == 202
         job_id = r.json()["id"]

@@ -86,6 +86,19 @@ class SharedConv(nn.Module):
         return self.conv(self.bn(self.conv(x))).mean((2, 3))
 
 
+class ConvIntoTwoNorms(nn.Module):
+    """One conv output normalised twice: folding it into the conv would serve only one of the two."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1, bias=False)
+        self.bn_a, self.bn_b = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return (self.bn_a(y) * self.bn_b(y)).mean((2, 3))
+
+
 class StandardizedConv(nn.Conv2d):
     """Weight standardisation (as timm's StdConv2d): a scale folded into the weight would be divided out."""
 
@@ -113,7 +126,8 @@ def test_a_conv_output_used_twice_is_refused_by_the_logit_check(caplog):
     assert "serving the model unfolded" in caplog.text
 
 
-@pytest.mark.parametrize("factory", [lambda: make(SharedConv), lambda: make(StdConvNet)], ids=["shared", "std"])
+@pytest.mark.parametrize("factory", [lambda: make(SharedConv), lambda: make(ConvIntoTwoNorms), lambda: make(StdConvNet)],
+                         ids=["shared", "two-norms", "std"])
 def test_convs_that_cannot_absorb_a_scale_are_not_paired(factory):
     net = factory()
     assert find_pairs(net, images(2)) == []
@@ -125,10 +139,14 @@ def test_batchnorm_in_training_mode_is_not_folded():
     assert fold_batchnorms(net, images(2)) == (net, 0)
 
 
-def test_the_default_model_folds_every_batchnorm_and_keeps_its_layer_paths(default_model):
+@pytest.fixture(scope="module")
+def as_built():
+    """The default model without folding."""
+    return load_model(read_card(MODELS / "efficientnet_lite0.toml"), MODELS, CPU, fold_norms=False)
+
+
+def test_the_default_model_folds_every_batchnorm_and_keeps_its_layer_paths(default_model, as_built):
     """The real model: timm's BatchNormAct2d becomes dropout + activation under the same path."""
-    card = read_card(MODELS / "efficientnet_lite0.toml")
-    as_built = load_model(card, MODELS, CPU, fold_norms=False)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in as_built.module.modules()) == 49
     assert sum(isinstance(m, nn.BatchNorm2d) for m in default_model.module.modules()) == 0
     assert sum(isinstance(m, NormActivation) for m in default_model.module.modules()) == 49
@@ -137,12 +155,11 @@ def test_the_default_model_folds_every_batchnorm_and_keeps_its_layer_paths(defau
 
 
 @pytest.mark.parametrize(("name", "kw"), [("gradcam", {}), ("gradcam", {"layer": "conv_head"}), ("gradient", {}),
-                                          ("integrated-gradients", {"n_steps": 8}), ("smoothgrad", {"n_samples": 4}),
+                                          ("integrated-gradients", {"n_steps": 4}), ("smoothgrad", {"n_samples": 4}),
                                           ("fullgrad", {})], ids=lambda v: v if isinstance(v, str) else
                          v.get("layer", ""))
-def test_the_default_model_gives_the_same_maps_folded(default_model, chelsea_batch, name, kw):
+def test_the_default_model_gives_the_same_maps_folded(default_model, as_built, chelsea_batch, name, kw):
     """float32 on the real model: the same maps up to rounding (a ReLU6 unit at its clip may flip)."""
-    as_built = load_model(default_model.card, MODELS, CPU, fold_norms=False)
     with torch.no_grad():
         logits, built_logits = default_model.module(chelsea_batch), as_built.module(chelsea_batch)
     assert torch.allclose(logits, built_logits, atol=1e-4)

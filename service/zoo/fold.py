@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -111,7 +112,8 @@ def find_pairs(module: nn.Module, probe: torch.Tensor) -> list[Pair]:
     finally:
         for handle in handles:
             handle.remove()
-    return [p for p in candidates if calls[p.conv] == 1 and calls[p.norm] == 1]
+    per_conv = Counter(p.conv for p in candidates)  # one output into two BatchNorms: neither can take it
+    return [p for p in candidates if calls[p.conv] == 1 and calls[p.norm] == 1 and per_conv[p.conv] == 1]
 
 
 def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
