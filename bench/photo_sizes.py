@@ -1,4 +1,4 @@
-"""What an upload's size costs outside the model pass: input resize, gray PNG and overlay, per photo size.
+"""What an upload's size costs outside the model pass: decoding, input resize, gray PNG and overlay, per size.
 
     .venv/bin/python bench/photo_sizes.py [--repeats 3]
 
@@ -31,17 +31,20 @@ from service.zoo.preprocess import Preprocessor  # noqa: E402
 SIZES = [(451, 300), (1600, 1200), (4032, 3024)]
 
 
-def photo(width: int, height: int) -> Image.Image:
+def photo_jpeg(width: int, height: int) -> bytes:
     from skimage import data
 
     base = Image.fromarray(data.chelsea())
-    if (width, height) == base.size:
-        return base
     pixels = np.asarray(base.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
-    pixels = pixels + np.random.default_rng(0).integers(-6, 7, pixels.shape)
+    if (width, height) != base.size:
+        pixels = pixels + np.random.default_rng(0).integers(-6, 7, pixels.shape)
     buffer = io.BytesIO()
     Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
-    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    return buffer.getvalue()
+
+
+def baseline_decode(jpeg: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(jpeg)).convert("RGB")
 
 
 def best_ms(fn, repeats: int):
@@ -88,12 +91,23 @@ def main() -> None:
     preprocess = Preprocessor(PreprocessSpec(input_size=(224, 224), mean=(0.485, 0.456, 0.406),
                                              std=(0.229, 0.224, 0.225), interpolation="bilinear"))
     rows = []
+    limits = dict(max_bytes=50_000_000, max_pixels=50_000_000)
     for width, height in SIZES:
-        image = photo(width, height)
+        jpeg = photo_jpeg(width, height)
+        image = baseline_decode(jpeg)
         # A smooth map at the photo's size, as the worker hands it to the encoder (size=original).
         small = np.random.default_rng(1).random((7, 7)).astype(np.float32)
         heat = imaging.resize_map(small, (width, height))
         label = f"{width}x{height} ({width * height / 1e6:.1f} MP)"
+
+        def decode_and_resize():
+            upload = imaging.decode_upload(jpeg, **limits, min_side=preprocess.decode_side)
+            return np.asarray(preprocess._resized(upload.image))
+
+        ours_ms, ours = best_ms(decode_and_resize, args.repeats)
+        base_ms, base = best_ms(lambda: baseline_resize(baseline_decode(jpeg), (224, 224)), args.repeats)
+        rows.append((label, "decode the JPEG and resize to 224x224", ours_ms, base_ms,
+                     f"max diff {np.abs(ours.astype(int) - base.astype(int)).max()} levels", ""))
 
         ours_ms, ours = best_ms(lambda: np.asarray(preprocess._resized(image)), args.repeats)
         base_ms, base = best_ms(lambda: baseline_resize(image, (224, 224)), args.repeats)

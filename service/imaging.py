@@ -8,9 +8,10 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 # Formats whose decoders are built into Pillow. Anything else (EPS runs Ghostscript, for one) is refused
 # rather than handed to a decoder we did not mean to expose. JPEG also admits MPO (many phone photos).
@@ -32,12 +33,32 @@ class ImageError(ValueError):
     """An uploaded image was refused; the message names the image and the problem."""
 
 
-def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, index: int = 0) -> Image.Image:
-    """Decode uploaded bytes into a new RGB image, refusing anything unsafe or broken.
+@dataclass(frozen=True)
+class Upload:
+    """A decoded upload: its pixels, possibly at a reduced scale, and its size as people see it."""
 
-    The pixel count is checked from the header before any pixel is decoded, so a small file that
-    declares a huge canvas (a decompression bomb) costs nothing. `index` only labels error messages.
-    """
+    image: Image.Image  # upright 8-bit RGB; a large JPEG comes at 1/2, 1/4 or 1/8 of its size
+    size: tuple[int, int]  # (width, height) of the upload, EXIF orientation applied
+
+    @property
+    def reduced(self) -> bool:
+        return self.image.size != self.size
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, index: int = 0) -> Image.Image:
+    """The upload as an upright 8-bit RGB image at its full size; ImageError naming the problem otherwise."""
+    return _decode(data, max_bytes=max_bytes, max_pixels=max_pixels, index=index, min_side=None).image
+
+
+def decode_upload(data: bytes, *, max_bytes: int, max_pixels: int, min_side: int, index: int = 0) -> Upload:
+    """As `decode_image`, but a JPEG whose sides both reach twice `min_side` or more is decoded at a reduced
+    scale (1/2, 1/4 or 1/8, the largest whose sides stay >= `min_side`): libjpeg scales in the DCT, so it does
+    that much less of the decoding. A 12 MP photo decodes and resizes to the model input in 50-57 ms instead
+    of 144-166, within 2 levels of the full decode (docs/benchmarks.md, "Photo sizes")."""
+    return _decode(data, max_bytes=max_bytes, max_pixels=max_pixels, index=index, min_side=min_side)
+
+
+def _decode(data: bytes, *, max_bytes: int, max_pixels: int, index: int, min_side: int | None) -> Upload:
     label = f"image {index}"
     if not data:
         raise ImageError(f"{label}: empty upload")
@@ -53,12 +74,15 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, index: int = 0
             image_format = opened.format or "image"
             try:
                 opened.seek(0)  # animated images: explain the first frame
+                if min_side and image_format in ("JPEG", "MPO"):
+                    opened.draft(None, (min_side, min_side))  # scale only; the mode is left as stored
                 opened.load()
             except _BOMB_ERRORS as error:
                 raise _bomb_error(label, max_pixels, error) from error
             except _CORRUPT_DATA_ERRORS as error:
                 raise ImageError(f"{label}: truncated or corrupt {image_format}") from error
-            return _to_rgb(_upright(opened), label)
+            upright, turned = _upright(opened)
+            return Upload(_to_rgb(upright, label), (height, width) if turned else (width, height))
     except UnidentifiedImageError as error:
         raise ImageError(f"{label}: not a recognised image format") from error
     except _BOMB_ERRORS as error:
@@ -88,12 +112,14 @@ def _bomb_error(label: str, max_pixels: int, error: Exception) -> ImageError:
     return ImageError(f"{label}: declared size exceeds the limit of {min(max_pixels, pillow_limit)} pixels")
 
 
-def _upright(image: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation, so that maps line up with the image as people see it."""
+def _upright(image: Image.Image) -> tuple[Image.Image, bool]:
+    """Apply the EXIF orientation, so that maps line up with the image as people see it; and whether it
+    turned the image a quarter (orientations 5-8 swap width and height)."""
     try:
-        return ImageOps.exif_transpose(image)
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        return ImageOps.exif_transpose(image), orientation in (5, 6, 7, 8)
     except _CORRUPT_DATA_ERRORS:
-        return image  # broken EXIF should not cost the user the image; keep the stored orientation
+        return image, False  # broken EXIF should not cost the user the image; keep the stored orientation
 
 
 def _to_rgb(image: Image.Image, label: str) -> Image.Image:

@@ -29,7 +29,8 @@ class ExplainCall:
     model: LoadedModel
     method: Method
     params: MethodParams
-    images: list[Image.Image]
+    uploads: list[imaging.Upload]
+    blobs: list[bytes]  # the files as uploaded: a reduced decode is decoded again whole for its overlay
     pixels: torch.Tensor  # (B, 3, H, W) in model-input space, on the CPU
     hashes: list[str]  # content hash of each uploaded file (the result cache's key)
     targets: list[int | None]
@@ -38,12 +39,29 @@ class ExplainCall:
     cost: int = field(init=False)
 
     def __post_init__(self):
-        self.cost = self.method.cost(self.params) * len(self.images)
+        self.cost = self.method.cost(self.params) * len(self.uploads)
+
+    @property
+    def upload_pixels(self) -> int:
+        """Pixels of the uploads at their full size: what the call may hold decoded (an overlay at the
+        original size decodes a reduced upload again, whole)."""
+        return sum(width * height for width, height in (u.size for u in self.uploads))
 
     def original_size(self, index: int) -> tuple[int, int] | None:
         """(height, width) the map of image `index` is returned at, when that is the uploaded image's size."""
-        image = self.images[index]
-        return (image.height, image.width) if self.size == "original" else None
+        width, height = self.uploads[index].size
+        return (height, width) if self.size == "original" else None
+
+    def overlay_base(self, index: int, size: tuple[int, int]) -> Image.Image:
+        """The upload at `size` (width, height) for an overlay: as decoded when that is its size, else the
+        reduced decode resized (input-size maps), else the file decoded again whole (original-size maps)."""
+        upload = self.uploads[index]
+        if upload.image.size == size:
+            return upload.image
+        if upload.reduced and size == upload.size:
+            blob = self.blobs[index]
+            return imaging.decode_image(blob, max_bytes=len(blob), max_pixels=size[0] * size[1], index=index)
+        return upload.image.resize(size, reducing_gap=imaging.REDUCING_GAP)
 
 
 def resolve(registry: ModelRegistry, settings: Settings, model_name: str | None, method_name: str,
@@ -109,17 +127,18 @@ def prepare(settings: Settings, model: LoadedModel, method: Method, params: Meth
         raise ApiError(413, "too_many_pixels", f"the {len(blobs)} images of this request hold {declared} pixels; "
                                                f"the limit is {settings.max_request_pixels} per request: "
                                                "send fewer or smaller images per request")
-    images = []
+    uploads = []
     for i, blob in enumerate(blobs):
         try:
-            images.append(imaging.decode_image(blob, max_bytes=settings.max_image_bytes,
-                                               max_pixels=settings.max_image_pixels, index=i))
+            uploads.append(imaging.decode_upload(blob, max_bytes=settings.max_image_bytes,
+                                                 max_pixels=settings.max_image_pixels,
+                                                 min_side=model.preprocess.decode_side, index=i))
         except imaging.ImageError as exc:
             status = 413 if "exceeds" in str(exc) else 400
             raise ApiError(status, "bad_image", str(exc)) from None
-    pixels = model.preprocess.batch(images)
-    return ExplainCall(model, method, params, images, pixels, [content_hash(b) for b in blobs], targets,
-                       set(outputs or ["npy"]), size)
+    pixels = model.preprocess.batch([u.image for u in uploads])
+    return ExplainCall(model, method, params, uploads, list(blobs), pixels, [content_hash(b) for b in blobs],
+                       targets, set(outputs or ["npy"]), size)
 
 
 def _b64(data: bytes) -> str:
@@ -130,7 +149,6 @@ def _b64(data: bytes) -> str:
 def encode_result(call: ExplainCall, index: int, result: ImageExplanation, queue_ms: float,
                   compute_ms: float) -> dict[str, Any]:
     """One image's entry of the response (JSON-ready)."""
-    image = call.images[index]
     heat = result.heatmap.numpy()
     size = call.original_size(index)
     if size is not None and heat.shape != size:
@@ -143,8 +161,7 @@ def encode_result(call: ExplainCall, index: int, result: ImageExplanation, queue
     if "png" in call.outputs:
         out_map["png"] = _b64(imaging.encode_png_gray(heat))
     if "overlay" in call.outputs:
-        base = (image if call.size == "original"
-                else image.resize((heat.shape[1], heat.shape[0]), reducing_gap=imaging.REDUCING_GAP))
+        base = call.overlay_base(index, (heat.shape[1], heat.shape[0]))
         out_map["overlay"] = _b64(imaging.encode_png(imaging.overlay(base, heat), photo=True))
     entry = {
         "target": result.target, "label": result.label, "probability": result.probability,

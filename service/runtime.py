@@ -243,7 +243,7 @@ class Runtime:
         cost = call.method.batch_cost(call.params)
         deadline = time.monotonic() + deadline_s
         items = [WorkItem(key=key, cost=cost, payload=Payload(call, i, job), deadline=deadline,
-                          progress=job.progress_for(i)) for i in range(len(call.images))]
+                          progress=job.progress_for(i)) for i in range(len(call.uploads))]
         pool = self.bulk_pool if call.method.cost(call.params) > self.settings.bulk_cost else self.pool
         pixels = self.hold_pixels(call, pool.retry_after)
         submitted: list[WorkItem] = []
@@ -275,7 +275,7 @@ class Runtime:
 
     def hold_pixels(self, call: ExplainCall, retry_after: Callable[[], float]) -> int:
         """Reserve the call's decoded pixels in the in-flight budget, or refuse the call with a 429."""
-        pixels = sum(image.width * image.height for image in call.images)
+        pixels = call.upload_pixels
         if not self.pixels_in_flight.hold(pixels):
             raise ApiError(429, "queue_full", f"the calls in flight hold {self.pixels_in_flight.held} pixels of "
                                               f"images and this one {pixels}; the limit is "

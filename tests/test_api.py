@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from service.engine import explain
-from service.imaging import resize_map
+from service.imaging import decode_image, overlay, resize_map
 from service.methods import METHODS
 from service.settings import Settings
 from service.zoo import ModelRegistry
@@ -113,6 +113,29 @@ def test_accept_png_returns_the_overlay(server, chelsea_png):
                    headers={"Accept": "image/png"}, timeout=60)
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(r.content)).size == (451, 300)
+
+
+def test_a_large_jpeg_decoded_reduced_is_explained_and_overlaid_at_its_full_size(server, chelsea, registry):
+    """The model input comes from a half-scale decode (imaging.decode_upload); the map and the overlay are at
+    the upload's size, the overlay over the whole decode."""
+    base, _ = server
+    buffer = io.BytesIO()
+    chelsea.resize((2016, 1344), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=92)
+    blob = buffer.getvalue()
+    r = httpx.post(f"{base}/v1/explain/gradcam", files=[("image", ("big.jpg", blob, "image/jpeg"))],
+                   data={"outputs": "npy,overlay"}, timeout=120)
+    assert r.status_code == 200, r.text
+    res = r.json()["results"][0]
+    heat = npy(res["map"]["npy"])
+    assert heat.shape == (1344, 2016) and res["label"] == "Egyptian cat"
+    whole = decode_image(blob, max_bytes=len(blob), max_pixels=2016 * 1344)
+    got = Image.open(io.BytesIO(base64.b64decode(res["map"]["overlay"])))
+    assert got.size == (2016, 1344) and np.array_equal(np.asarray(got), np.asarray(overlay(whole, heat)))
+    # The prediction from the whole decode, in process: the same class, nearly the same probability.
+    model = registry.models["efficientnet_lite0"]
+    with torch.no_grad():
+        probability = model.module(model.preprocess(whole).unsqueeze(0)).softmax(1)[0, res["target"]].item()
+    assert abs(res["probability"] - probability) < 0.01
 
 
 def direct(registry, image: Image.Image, method: str, target, params) -> np.ndarray:

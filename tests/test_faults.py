@@ -69,7 +69,8 @@ def test_an_exception_fails_only_the_request_it_concerns(server):
 
     def poison(items):
         for item in items:
-            if item.payload.call.images[item.payload.index].tobytes() == Image.open(io.BytesIO(poisoned)).tobytes():
+            image = item.payload.call.uploads[item.payload.index].image
+            if image.tobytes() == Image.open(io.BytesIO(poisoned)).tobytes():
                 raise RuntimeError("injected failure for one image")
 
     runtime.fault_hook = poison

@@ -13,6 +13,7 @@ from service.imaging import (
     ImageError,
     declared_pixels,
     decode_image,
+    decode_upload,
     decode_npy,
     encode_npy,
     encode_png,
@@ -301,3 +302,39 @@ def test_declared_pixels_reads_the_header_only():
     assert declared_pixels(save(noise_rgb(80, 60), "JPEG")) == 4800
     assert declared_pixels(png_declaring(3000, 2000)) == 6_000_000  # no pixel data behind the header
     assert declared_pixels(b"not an image") == 0 and declared_pixels(b"") == 0
+
+
+# --- reduced decoding of large JPEGs ---------------------------------------------------------------
+
+
+def photo(width: int, height: int) -> Image.Image:
+    """A smooth photo-like image (noise blown up), as a phone camera's JPEG would hold."""
+    return noise_rgb(40, 30, seed=4).resize((width, height), Image.Resampling.BICUBIC)
+
+
+@pytest.mark.parametrize(("size", "scaled"), [((2016, 1512), (1008, 756)), ((4032, 3024), (1008, 756)),
+                                              ((1300, 1400), (1300, 1400)), ((451, 300), (451, 300))])
+def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_keeps_min_side(size, scaled):
+    upload = decode_upload(save(photo(*size), "JPEG", quality=90), **LIMITS, min_side=672)
+    assert upload.size == size and upload.image.size == scaled and upload.image.mode == "RGB"
+    assert upload.reduced == (scaled != size)
+
+
+def test_a_reduced_decode_is_the_whole_decode_shrunk():
+    """Oracle: the whole decode resized to the reduced size with a box filter (what a DCT scaling averages)."""
+    data = save(photo(2016, 1512), "JPEG", quality=95)
+    reduced = np.asarray(decode_upload(data, **LIMITS, min_side=672).image, dtype=np.int16)
+    whole = np.asarray(decode(data).resize((1008, 756), Image.Resampling.BOX), dtype=np.int16)
+    assert np.abs(reduced - whole).mean() < 1.0 and np.percentile(np.abs(reduced - whole), 99) <= 4
+
+
+def test_a_reduced_decode_reports_the_upright_size():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the stored 2016 x 1512 is seen as 1512 x 2016
+    upload = decode_upload(save(photo(2016, 1512), "JPEG", exif=exif), **LIMITS, min_side=672)
+    assert upload.size == (1512, 2016) and upload.image.size == (756, 1008)
+
+
+def test_other_formats_are_decoded_whole():
+    upload = decode_upload(save(photo(1600, 1400), "PNG"), **LIMITS, min_side=672)
+    assert upload.image.size == upload.size == (1600, 1400) and not upload.reduced

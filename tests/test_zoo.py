@@ -1,6 +1,7 @@
 """Model cards, safe loading and preprocessing."""
 from __future__ import annotations
 
+import io
 import pickle
 import shutil
 from pathlib import Path
@@ -145,3 +146,21 @@ def test_a_large_photo_is_resized_within_two_levels_of_the_full_filter(default_m
     got = np.asarray(default_model.preprocess._resized(photo), dtype=np.int16)
     full = np.asarray(photo.resize((224, 224), Image.Resampling.BILINEAR), dtype=np.int16)
     assert got.shape == (224, 224, 3) and np.abs(got - full).max() <= 2 and np.abs(got - full).mean() < 0.25
+
+
+def test_a_large_jpeg_decoded_reduced_gives_the_model_input_within_two_levels(default_model):
+    """Decoding a 12 MP JPEG at 1/4 scale (imaging.decode_upload) against the whole decode and Pillow's full
+    bilinear filter over it: the model sees nearly the same pixels."""
+    from service.imaging import decode_image, decode_upload
+
+    rng = np.random.default_rng(6)
+    small = Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    small.resize((4032, 3024), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=92)
+    limits = dict(max_bytes=50_000_000, max_pixels=40_000_000)
+    upload = decode_upload(buffer.getvalue(), **limits, min_side=default_model.preprocess.decode_side)
+    assert upload.image.size == (1008, 756) and upload.size == (4032, 3024)
+    got = np.asarray(default_model.preprocess._resized(upload.image), dtype=np.int16)
+    whole = decode_image(buffer.getvalue(), **limits)
+    full = np.asarray(whole.resize((224, 224), Image.Resampling.BILINEAR), dtype=np.int16)
+    assert np.abs(got - full).max() <= 2 and np.abs(got - full).mean() < 0.25

@@ -115,7 +115,7 @@ class RayRuntime(Runtime):
         loop = asyncio.get_running_loop()
         pixels = self.hold_pixels(call, lambda: 1.0)  # the replicas' queues are not visible from here
         items = []
-        for i in range(len(call.images)):
+        for i in range(len(call.uploads)):
             item = WorkItem(key=key, cost=cost, payload=Payload(call, i, job),
                             deadline=time.monotonic() + deadline_s)
             item.future.set_running_or_notify_cancel()  # the replica enforces the start deadline, not a timer

@@ -23,6 +23,13 @@ class Preprocessor:
         """(height, width) of the model input."""
         return self.spec.input_size
 
+    @property
+    def decode_side(self) -> int:
+        """The shortest side an upload must keep when it is decoded at a reduced scale: what the resize's
+        block reduction would keep anyway (REDUCING_GAP times the input), so the model input is the same
+        filter over nearly the same pixels (imaging.decode_upload)."""
+        return int(np.ceil(max(self.spec.input_size) * REDUCING_GAP))
+
     def _resized(self, image: Image.Image) -> Image.Image:
         if image.mode != "RGB":
             image = image.convert("RGB")
