@@ -51,27 +51,23 @@ class NormActivation(nn.Module):
         return self.act(self.drop(x))
 
 
+def _timm_class(name: str) -> type | None:
+    """A layer class of timm's, or None without timm (torchvision and builtin models do not need it)."""
+    try:
+        import timm.layers
+    except ImportError:
+        return None
+    return getattr(timm.layers, name, None)
+
+
 def _linear_in_weight(conv: nn.Module) -> bool:
     """Convs whose forward uses `weight` as is (not e.g. timm's StdConv2d, which standardises it)."""
-    if type(conv) is nn.Conv2d:
-        return True
-    try:
-        from timm.layers import Conv2dSame
-    except ImportError:
-        return False
-    return type(conv) is Conv2dSame
+    return type(conv) in (nn.Conv2d, _timm_class("Conv2dSame"))
 
 
 def _foldable_norm(norm: nn.Module) -> bool:
-    if isinstance(norm, nn.BatchNorm2d) and not norm.training and norm.running_mean is not None:
-        if type(norm) is nn.BatchNorm2d:
-            return True
-        try:
-            from timm.layers import BatchNormAct2d
-        except ImportError:
-            return False
-        return type(norm) is BatchNormAct2d
-    return False
+    return (type(norm) in (nn.BatchNorm2d, _timm_class("BatchNormAct2d")) and not norm.training
+            and norm.running_mean is not None)
 
 
 @dataclass(frozen=True)
