@@ -185,7 +185,8 @@ def load_subject(args: argparse.Namespace, device: torch.device, photos: list) -
         loaded = registry.get(args.model)
     except LookupError as exc:
         raise SystemExit(f"error: {exc}") from None
-    as_built = load_model(loaded.card, ROOT / "models", device, fold_norms=False).module
+    as_built = (loaded.module if args.no_fold else
+                load_model(loaded.card, ROOT / "models", device, fold_norms=False).module)
     return Subject(f"{loaded.name} ({loaded.card.architecture}, {loaded.card.description})",
                    loaded.explainee(args.max_batch), loaded.preprocess, device, as_built)
 
