@@ -9,6 +9,7 @@
 #   bash bench/gpu.sh service2   # the service with thread and process workers, Grad-CAM and IG; the GIL probe
 #   bash bench/gpu.sh autotune   # the service with cuDNN autotuning on
 #   bash bench/gpu.sh moreau     # MoreauGrad 200 x 32 on ResNet-50 at batch 8: fp32, and fp16 (whole pass)
+#   bash bench/gpu.sh fold       # BatchNorm folding: folded vs as built; IG/SmoothGrad vs Captum, fp32 and bf16
 #
 # On the lent GPU machine (Python 3.12 with torch, no registry), first install the wheels that
 # ../shared/gpu/fetch-wheels.sh put in .whl (it prints the line); the stages only need `python3`. Beyond its
@@ -96,6 +97,15 @@ case ${1:-limit} in
     stage tests_fp16 150 $py -m pytest -q -m gpu tests/test_precision.py -k moreaugrad
     moreau fp16
     moreau fp32
+    ;;
+  fold)  # BatchNorm folding (docs/benchmarks.md, "BatchNorm folding"): the engine on the folded model against
+    # the model as built, then ours (folded) against Captum on the model as built, fp32 and bf16
+    stage fold_lite0 150 $py bench/fold.py --device cuda
+    for precision in fp32 bf16; do
+      stage "methods_r50_${precision}_fold" 180 $py bench/methods.py --arch resnet50 --device cuda \
+        --batch-sizes 1,8 --methods integrated-gradients,smoothgrad,gradient --ig-steps 50 --sg-samples 25 \
+        --repeats 3 --budget 2 --precision $precision
+    done
     ;;
   *) echo "unknown stage set: $1" >&2; exit 2 ;;
 esac
