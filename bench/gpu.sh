@@ -10,11 +10,13 @@
 #   bash bench/gpu.sh autotune   # the service with cuDNN autotuning on
 #   bash bench/gpu.sh moreau     # MoreauGrad 200 x 32 on ResNet-50 at batch 8: fp32, and fp16 (whole pass)
 #   bash bench/gpu.sh fold       # BatchNorm folding: folded vs as built; IG/SmoothGrad vs Captum, fp32 and bf16
+#   bash bench/gpu.sh profile    # the warmed server at 16 clients under py-spy: on a CPU and holding the GIL
 #
 # On the lent GPU machine (Python 3.12 with torch, no registry), first install the wheels that
 # ../shared/gpu/fetch-wheels.sh put in .whl (it prints the line); the stages only need `python3`. Beyond its
 # list this project needs (versions as in .venv):
-#   bash ../shared/gpu/fetch-wheels.sh orjson==3.13.0 pybase64==1.5.1 ttach==0.0.3 opentelemetry-api==1.45.2
+#   bash ../shared/gpu/fetch-wheels.sh orjson==3.13.0 pybase64==1.5.1 ttach==0.0.3 opentelemetry-api==1.45.2 \
+#     py-spy==0.4.3
 #   .venv/bin/pip wheel -q --no-deps grad-cam==1.5.7 -w .whl     # sdist only on PyPI: build it here
 # (fastapi >= 0.16x imports opentelemetry; without it the server does not start there.) Stage timeouts keep
 # each set under the device's 10-minute call; the first two sets took 470 and 430 s on an H100.
@@ -105,6 +107,13 @@ case ${1:-limit} in
       stage "methods_r50_${precision}_fold" 180 $py bench/methods.py --arch resnet50 --device cuda \
         --batch-sizes 1,8 --methods integrated-gradients,smoothgrad,gradient --ig-steps 50 --sg-samples 25 \
         --repeats 3 --budget 2 --precision $precision
+    done
+    ;;
+  profile)  # where the steady state's time goes at 16 clients (the service table's new columns say whether the
+    # worker or the host side is the limit; this says which threads and functions): both workers
+    for worker in thread process; do
+      stage "profile_$worker" 150 $py bench/server_profile.py --device cuda --worker $worker --clients 16 \
+        --seconds 15 --out "$out"
     done
     ;;
   *) echo "unknown stage set: $1" >&2; exit 2 ;;

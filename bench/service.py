@@ -94,6 +94,18 @@ def post(client: httpx.Client, base: str, method: str, blob: bytes, params: dict
     return r
 
 
+def worker_totals(base: str, method: str) -> tuple[float, float, float]:
+    """(batches, images, compute seconds) the server has run for `method` so far, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals = {"saliency_batch_size_count": 0.0, "saliency_batch_size_sum": 0.0, "saliency_compute_seconds_sum": 0.0}
+    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name in totals and sample.labels.get("method") == method:
+                totals[sample.name] += sample.value
+    return tuple(totals.values())
+
+
 def load(base: str, method: str, blobs: list[bytes], params: dict, clients: int, requests: int):
     """Latencies (s) of `requests` calls from `clients` concurrent clients, and the wall time."""
     local = threading.local()
@@ -239,14 +251,19 @@ def main() -> None:
                 per_client = (8 if name == "gradcam" else 2) * scale
                 for clients in map(int, args.clients.split(",")):
                     n = max(per_client * min(clients, 4), clients)
+                    before = worker_totals(base, name)
                     latencies, wall = load(base, name, blobs, params, clients, n)
+                    batches, imgs, busy_s = (b - a for a, b in zip(before, worker_totals(base, name)))
                     throughput = n / wall
                     p50 = statistics.median(latencies) * 1000
                     p95 = float(np.percentile(latencies, 95)) * 1000
                     slowest = sorted(latencies)[-5:]
                     print(f"{worker} {name} {clients} clients: slowest {[round(t * 1000) for t in slowest]} ms, "
                           f"mean {statistics.mean(latencies) * 1000:.0f} ms", flush=True)
-                    rows.append((worker, name, clients, n, throughput, p50, p95, peer_name))
+                    # Where the limit is: a worker busy ~100 % of the wall is bound by its passes (GIL
+                    # contention shows as longer passes); one that idles waits on the host side.
+                    worker_side = (imgs / max(batches, 1), 1000 * busy_s / max(batches, 1), 100 * busy_s / wall)
+                    rows.append((worker, name, clients, n, throughput, p50, p95, peer_name, worker_side))
             overheads[worker] = idle_overhead(base, model, images[0], 15 * scale)
         finally:
             proc.terminate()
@@ -260,14 +277,16 @@ def main() -> None:
               f"the ratios use the faster")
         peer_s[name] = min(peer_s[name], peer_after[name])
     print(f"\nIG n_steps = {args.ig_steps} on both sides; images: skimage chelsea, coffee, astronaut, rocket\n")
+    print("The last three columns come from the server's /metrics over each row: images per batch, the worker's\n"
+          "time per batch (its pass, top-k and map resizing), and that time as a share of the row's wall time.\n")
     print("| worker | method | clients | requests | service img/s | p50 ms | p95 ms | peer in-process img/s | ratio "
-          "| peer |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for worker, name, clients, n, tp, p50, p95, peer_name in rows:
+          "| peer | images/batch | ms/batch | worker busy % |")
+    print("|---|---|---|---|---|---|---|---|---|---|---:|---:|---:|")
+    for worker, name, clients, n, tp, p50, p95, peer_name, (per_batch, batch_ms, busy) in rows:
         peer_tp = 1 / peer_s[name]
         ratio = tp / peer_tp
         print(f"| {worker} | {name} | {clients} | {n} | {tp:.2f} | {p50:.0f} | {p95:.0f} | {peer_tp:.2f} | "
-              f"{ratio:.2f}x | {peer_name} |")
+              f"{ratio:.2f}x | {peer_name} | {per_batch:.1f} | {batch_ms:.1f} | {busy:.0f} |")
     print("\nService overhead: one Grad-CAM request (chelsea, 451x300, map as .npy at the original size) on an idle "
           "server;\noverhead = p50 latency - the same explanation in this process (engine.explain on the "
           "preprocessed tensor).\nDecoding, preprocessing, encoding and HTTP all count as overhead. The last "
