@@ -126,6 +126,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     spies: dict[str, subprocess.CompletedProcess] = {}
+    stacks = {run: out / f"profile_{args.worker}_{args.clients}_{run.replace(' ', '_')}.txt" for run in RUNS}
     try:
         for _ in range(2):  # every pass size the clients make, seen before sampling starts
             bench_service.load(base, "gradcam", blobs, {}, args.clients, 8 * args.clients)
@@ -142,7 +143,7 @@ def main() -> None:
         for run, flags in RUNS.items():
             command = [py_spy(), "record", "--pid", str(proc.pid), "--duration", str(args.seconds), "--rate",
                        str(args.rate), "--format", "raw", "--threads", "--subprocesses", *flags,
-                       "--output", str(out / f"profile_{args.worker}_{args.clients}_{run.replace(' ', '_')}.txt")]
+                       "--output", str(stacks[run])]
             if args.native:  # native frames need the process paused at each sample: it runs slower meanwhile
                 command.insert(2, "--native")
             else:
@@ -164,8 +165,7 @@ def main() -> None:
           f"{1000 * busy_s / max(batches, 1):.1f} ms per batch, worker busy {100 * busy_s / wall:.0f} %")
     print(f"{len(RUNS)} py-spy runs of {args.seconds} s at {args.rate} samples/s, one after the other; collapsed "
           f"stacks in {out}/\n")
-    runs = {run: parse_collapsed((out / f"profile_{args.worker}_{args.clients}_{run.replace(' ', '_')}.txt")
-                                 .read_text(), proc.pid) for run in RUNS}
+    runs = {run: parse_collapsed(path.read_text(), proc.pid) for run, path in stacks.items()}
     print(summarise(runs, args.seconds * args.rate, args.top))
 
 
