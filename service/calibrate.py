@@ -2,7 +2,13 @@
 
 At start-up on a GPU, each model runs forward+backward at two batch sizes; the peak memory gives a fixed
 cost and a per-image cost, and the largest batch that fits in a fraction of the free memory becomes the
-model's pass batch (capped by the `max_pass_batch` setting). On the CPU the setting is used as is.
+model's pass batch (capped by the `max_pass_batch` setting).
+
+On the CPU the `cpu_pass_batch` setting is the cap, lowered when the server retains freed memory
+(service/hostmem.py) so that one pass's largest activation stays below glibc's mmap threshold. glibc maps
+any larger block afresh, so a pass whose activations cross it page-faults and zeroes them again every time:
+EfficientNet-Lite0's largest activation is 4.8 MB per image, and on a server at 16 clients its passes of 7
+or 8 images took 17,000-28,000 faults each, its passes of 6 next to none (docs/benchmarks.md, "Page faults").
 
 Two lanes (interactive and bulk) may each run a pass at the same moment on one device, so each gets half of
 the `gpu_memory_fraction` setting. An engine process (worker=process) is also held to its half by PyTorch's
@@ -15,6 +21,7 @@ import logging
 
 import torch
 
+from .hostmem import MMAP_THRESHOLD
 from .methods.gradients import input_gradients
 from .settings import Settings
 from .zoo import LoadedModel
@@ -22,6 +29,7 @@ from .zoo import LoadedModel
 log = logging.getLogger(__name__)
 PROBE_SIZES = (1, 4)
 LANES = 2  # interactive and bulk: passes that may run at the same moment on one device
+_ALLOCATOR_SLACK = 4096  # bytes a tensor's block may take beyond its data (alignment, glibc's chunk header)
 
 
 def pass_batch_from_peaks(peaks: dict[int, int], free_bytes: int, fraction: float, cap: int) -> int:
@@ -49,13 +57,53 @@ def measure_peaks(model: LoadedModel, sizes=PROBE_SIZES) -> dict[int, int]:
     return peaks
 
 
+def largest_activation_bytes(model: LoadedModel) -> int:
+    """Bytes of the largest tensor that one image's forward pass produces: the input or any module's output
+    (the backward's input-gradients have the same shapes)."""
+    largest = 0
+
+    def record(output) -> None:
+        nonlocal largest
+        if isinstance(output, torch.Tensor):
+            largest = max(largest, output.numel() * output.element_size())
+        elif isinstance(output, (tuple, list)):
+            for item in output:
+                record(item)
+        elif isinstance(output, dict):
+            for item in output.values():
+                record(item)
+
+    height, width = model.preprocess.size
+    x = torch.zeros(1, 3, height, width, device=model.device)
+    record(x)
+    handles = [m.register_forward_hook(lambda _m, _i, out: record(out)) for m in model.module.modules()]
+    try:
+        with torch.no_grad():
+            model.module(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return largest
+
+
+def host_pass_batch(model: LoadedModel, block_limit: int) -> int:
+    """Most images per pass whose largest activation stays below `block_limit` bytes (at least one): a tensor's
+    block is a little larger than its data, and glibc maps a block of exactly its threshold."""
+    return max(1, (block_limit - _ALLOCATOR_SLACK) // largest_activation_bytes(model))
+
+
 def calibrate(models: dict[str, LoadedModel], cap: int, cpu_pass_batch: int | None = None,
-              fraction: float = 0.5) -> dict[str, int]:
-    """Pass batch per model: from measured memory on a GPU; `cpu_pass_batch` (within the cap) on a CPU."""
+              fraction: float = 0.5, host_block_limit: int | None = None) -> dict[str, int]:
+    """Pass batch per model: from measured memory on a GPU; on a CPU `cpu_pass_batch` (within the cap),
+    lowered so that each activation stays below `host_block_limit` bytes when one is given."""
     out = {}
     for name, model in models.items():
         if model.device.type != "cuda":
             out[name] = min(cap, cpu_pass_batch or cap)
+            if host_block_limit is not None and host_pass_batch(model, host_block_limit) < out[name]:
+                out[name] = host_pass_batch(model, host_block_limit)
+                log.info("%s: %d images per pass on the CPU, the most whose largest activation stays below "
+                         "glibc's mmap threshold (%d MiB)", name, out[name], host_block_limit // 2**20)
             continue
         free, _ = torch.cuda.mem_get_info(model.device)
         out[name] = pass_batch_from_peaks(measure_peaks(model), free, fraction, cap)
@@ -70,7 +118,8 @@ def lane_share(settings: Settings) -> float:
 
 def calibrate_lane(models: dict[str, LoadedModel], settings: Settings) -> dict[str, int]:
     """Pass batch per model for one lane under `settings`."""
-    return calibrate(models, settings.max_pass_batch, settings.cpu_pass_batch, lane_share(settings))
+    return calibrate(models, settings.max_pass_batch, settings.cpu_pass_batch, lane_share(settings),
+                     MMAP_THRESHOLD if settings.retain_host_memory else None)
 
 
 def process_memory_fraction(reserved: int, free: int, total: int, share: float) -> float:

@@ -21,6 +21,7 @@ from .engine_process import Batch, EngineProcess, EngineProcessDied
 from .hostmem import retain_freed_memory
 from .jobs import Job, JobStore
 from .metrics import Metrics
+from .openmp import run_in_passing_thread
 from .pipeline import ExplainCall, encode_result, response_body
 from .settings import Settings
 from .warmup import warm_up
@@ -124,7 +125,9 @@ class Runtime:
             while not self._loaded.wait(0.5):
                 if self._stopping:
                     return
-            if not self.isolated and self.registry is not None and self.load_error is None:
+            # Not the bulk lane's thread on a CPU: its passes run in passing threads (service/openmp.py).
+            passing = lane == "bulk" and self.device.type == "cpu"
+            if not self.isolated and not passing and self.registry is not None and self.load_error is None:
                 warm_up(self.registry.models, self.pass_batch, self.settings)
         finally:
             self._warmed[lane].set()
@@ -169,7 +172,14 @@ class Runtime:
 
     # ------------------------------------------------------------------ worker side
     def _run_batch(self, items: list[WorkItem], lane: str) -> list[Any]:
-        """Runs on the lane's worker thread: items share model, method and params (their key says so)."""
+        """Runs on the lane's worker thread, except the bulk lane's torch work on a CPU, which runs in a thread
+        that ends with the batch (service/openmp.py)."""
+        if lane == "bulk" and not self.isolated and self.device.type == "cpu":
+            return run_in_passing_thread(self._run_batch_here, items, lane)
+        return self._run_batch_here(items, lane)
+
+    def _run_batch_here(self, items: list[WorkItem], lane: str) -> list[Any]:
+        """Items share model, method and params (their key says so)."""
         call = items[0].payload.call
         jobs = [item.payload.job for item in items]
 

@@ -39,8 +39,10 @@ class Settings(BaseSettings):
     gpu_warmup: bool = Field(True, description="on a GPU, each thread that runs passes first runs one at each "
                              "padded batch size a queue batch can reach (service/warmup.py); /readyz waits for it")
     cache_bytes: int = Field(256 * 2**20, ge=0, description="result cache size (0 disables it)")
-    cpu_pass_batch: int = Field(8, ge=1, description="images per forward pass on a CPU: measured on a 2-core "
-                                                     "Xeon, the cost per image grows past 8 (docs/benchmarks.md)")
+    cpu_pass_batch: int = Field(8, ge=1, description="most images per forward pass on a CPU: measured on a 2-core "
+                                "Xeon, the cost per image grows past 8 (docs/benchmarks.md); with "
+                                "retain_host_memory, lowered per model at start-up so that its largest activation "
+                                "stays below glibc's 32 MiB mmap threshold (service/calibrate.py)")
     max_queue: int = Field(256, ge=1, description="pending images before requests get 429 (per lane)")
     bulk_cost: int = Field(2000, ge=1, description="images costing more passes than this run on the bulk lane, "
                                                    "a second worker, so they never hold up interactive work")
@@ -56,7 +58,8 @@ class Settings(BaseSettings):
                                  "at load (the same function, one op fewer per layer; every method's maps are "
                                  "unchanged, service/zoo/fold.py)")
     retain_host_memory: bool = Field(True, description="keep freed host memory for the next pass instead of "
-                                     "returning it to the kernel (glibc only; see service/hostmem.py)")
+                                     "returning it to the kernel (glibc only; see service/hostmem.py); each CPU "
+                                     "pass thread then runs two passes before /readyz says ready (service/warmup.py)")
 
     watchdog_s: float = Field(1.0, gt=0, description="how often a dead worker thread is noticed and restarted")
 

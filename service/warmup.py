@@ -1,10 +1,15 @@
-"""Warm a GPU pass thread before it takes requests.
+"""Warm a pass thread before it takes requests.
 
 PyTorch keeps cuDNN's execution plans per thread (a `thread_local` cache in aten's cudnn Conv_v8.cpp, since
 plans are not guaranteed thread-safe) and builds them the first time a thread runs a shape. On an H100 that
 took seconds per new batch size with autotuning off, and a warm-up in the model-loading thread did not help
 the worker threads (docs/benchmarks.md, "GPU: NVIDIA H100, second run"). So the thread that will run the
 passes runs one pass at each padded size (service/engine.py `pass_sizes`) that a queue batch can reach.
+
+On a CPU whose server keeps freed memory (service/hostmem.py) the interactive lane's thread runs two passes at
+its largest size: until the heap has grown to a pass's peak, every new peak is page-faulted and zeroed. A
+cold server's first round of 16 clients took ~4,800 faults and 44 ms of system time per image that way
+(docs/benchmarks.md, "Page faults"). The bulk lane's thread does not warm on a CPU (service/openmp.py).
 """
 from __future__ import annotations
 
@@ -30,22 +35,26 @@ def warm_sizes(model: LoadedModel, pass_batch: int, settings: Settings) -> list[
 
 
 def warm_up(models: dict[str, LoadedModel], pass_batch: dict[str, int], settings: Settings) -> int:
-    """Run each GPU model's gradient pass (a forward and a backward to the input: every convolution's forward
-    and input-gradient plans, the ones Grad-CAM, FullGrad and Gradient use) at its warm sizes, in the calling
-    thread. Returns the passes run: 0 on a CPU or with `gpu_warmup` off."""
-    if not settings.gpu_warmup:
-        return 0
+    """Run each model's gradient pass (a forward and a backward to the input: every convolution's forward and
+    input-gradient plans, the ones Grad-CAM, FullGrad and Gradient use) in the calling thread: on a GPU at its
+    warm sizes (with `gpu_warmup`), on a CPU twice at its pass batch (with `retain_host_memory`). Returns the
+    passes run."""
     method = METHODS["gradient"]
     runs = 0
     for name, model in models.items():
-        if model.device.type != "cuda":
+        on_gpu = model.device.type == "cuda"
+        if not (settings.gpu_warmup if on_gpu else settings.retain_host_memory):
             continue
-        started = time.perf_counter()
+        started, before = time.perf_counter(), runs
         height, width = model.preprocess.size
-        for size in warm_sizes(model, pass_batch[name], settings):
+        # On a CPU twice: the second pass still grew the heap by 0-8 % of the first's faults (docs/benchmarks.md).
+        sizes = warm_sizes(model, pass_batch[name], settings) if on_gpu else [pass_batch[name]] * 2
+        for size in sizes:
             x = torch.zeros(size, 3, height, width)
             explain(model, method, x, [None] * size, method.Params(), max_batch=pass_batch[name])
             runs += 1
-        torch.cuda.synchronize(model.device)
-        log.info("warmed %s in this thread: %d pass sizes in %.1f s", name, runs, time.perf_counter() - started)
+        if on_gpu:
+            torch.cuda.synchronize(model.device)
+        log.info("warmed %s in this thread: %d pass sizes in %.1f s", name, runs - before,
+                 time.perf_counter() - started)
     return runs

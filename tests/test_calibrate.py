@@ -3,8 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.calibrate import (calibrate, calibrate_lane, hold_process_to_lane_share, lane_share, measure_peaks,
-                               pass_batch_from_peaks, process_memory_fraction)
+from service.calibrate import (calibrate, calibrate_lane, hold_process_to_lane_share, lane_share,
+                               largest_activation_bytes, measure_peaks, pass_batch_from_peaks,
+                               process_memory_fraction)
 from service.settings import Settings
 
 
@@ -39,6 +40,17 @@ def test_cpu_models_use_the_cpu_setting_within_the_cap(registry):
     assert calibrate(registry.models, cap=48, cpu_pass_batch=8) == {name: 8 for name in registry.models}
     assert calibrate(registry.models, cap=4, cpu_pass_batch=8) == {name: 4 for name in registry.models}
     assert calibrate_lane(registry.models, Settings(cpu_pass_batch=6)) == {name: 6 for name in registry.models}
+
+
+def test_cpu_passes_keep_the_largest_activation_below_the_host_block_limit(registry):
+    largest = {name: largest_activation_bytes(model) for name, model in registry.models.items()}
+    assert largest["efficientnet_lite0"] == 96 * 112 * 112 * 4  # blocks.1.0's expansion, per image
+    limit = 3 * largest["tiny_cnn"] + 4096  # room for three, with the allocator's slack
+    assert calibrate(registry.models, cap=48, cpu_pass_batch=8, host_block_limit=limit) == {
+        "tiny_cnn": 3, "efficientnet_lite0": 1}  # never below one image
+    # The server's settings: glibc's 32 MiB when freed memory is retained (6 x 4.8 MB fit), the setting when not.
+    assert calibrate_lane(registry.models, Settings()) == {"tiny_cnn": 8, "efficientnet_lite0": 6}
+    assert calibrate_lane(registry.models, Settings(retain_host_memory=False)) == {name: 8 for name in largest}
 
 
 @pytest.mark.gpu

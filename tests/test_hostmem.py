@@ -1,4 +1,5 @@
-"""Freed host memory is reused by the next pass instead of being page-faulted in again."""
+"""Freed host memory is reused by the next pass instead of being page-faulted in again: within glibc's mmap
+threshold (the CPU pass batch is sized for it), and from the first request on (the warm-up)."""
 import platform
 import statistics
 import subprocess
@@ -7,40 +8,56 @@ from pathlib import Path
 
 import pytest
 
+from service.calibrate import host_pass_batch, largest_activation_bytes
+from service.hostmem import MMAP_THRESHOLD
+
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="the thresholds are glibc's")
 
-# Page faults of each of 8 gradient passes of the default model, in a fresh process.
+# Page faults of gradient passes of the default model, in a fresh process, in a thread of their own as the
+# server's passes run. argv: retain or glibc's defaults, images per
+# pass, and what is counted: "passes" (eight, after two), "first" (the thread's first pass) or "warmed" (its
+# first pass after service.warmup's warm-up in the same thread).
 _PASSES = """
-import resource, sys, torch
+import ctypes, resource, sys, threading, torch
 from pathlib import Path
 from service.hostmem import retain_freed_memory
 from service.methods import METHODS
+from service.settings import Settings
+from service.warmup import warm_up
 from service.zoo import ModelRegistry
-if sys.argv[1] == "retain":
+mode, batch, what = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+libc = ctypes.CDLL(None)
+if mode == "retain":
     assert retain_freed_memory()
 else:  # glibc's starting thresholds (128 KiB), pinned: left alone, glibc adapts them at its own moments
-    import ctypes
-    libc = ctypes.CDLL(None)
-    assert libc.mallopt(-3, 128 * 1024) and libc.mallopt(-1, 128 * 1024)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    assert libc.mallopt(-3, 128 * 1024) and libc.mallopt(-1, 128 * 1024)
 model = ModelRegistry.from_dir(Path("models"), torch.device("cpu"), only={"efficientnet_lite0"})
 model = model.get("efficientnet_lite0")
-x, gradient = torch.zeros(1, 3, 224, 224), METHODS["gradient"]
+x, gradient = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)), METHODS["gradient"]
 def a_pass():
-    gradient.attribute(model.explainee(), x, torch.tensor([-1]), gradient.Params())
-a_pass(); a_pass()
-faults = []
-for _ in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    a_pass()
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    gradient.attribute(model.explainee(batch), x, torch.tensor([-1] * batch), gradient.Params())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults = []
+def passes():
+    if what == "passes":
+        a_pass(); a_pass()
+        faults.extend(a_pass() for _ in range(8))
+        return
+    if what == "warmed":
+        assert warm_up({model.name: model}, {model.name: batch}, Settings()) == 2
+    faults.append(a_pass())
+thread = threading.Thread(target=passes)
+thread.start(); thread.join()
 print(*faults)
 """
 
 
-def _median_faults_per_pass(mode: str) -> float:
-    out = subprocess.run([sys.executable, "-c", _PASSES, mode], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent.parent)
+def _faults(mode: str, batch: int = 1, what: str = "passes") -> float:
+    """Median page faults per pass."""
+    out = subprocess.run([sys.executable, "-c", _PASSES, mode, str(batch), what], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parent.parent)
     return statistics.median(int(n) for n in out.stdout.split())
 
 
@@ -48,6 +65,23 @@ def test_passes_stop_page_faulting_once_freed_memory_is_retained():
     # Medians over passes: the heap still grows once in a while (fragmentation), which is not a per-pass cost.
     # Left alone, glibc raises its thresholds after some frees and not others: a plain process measured
     # 400-3,500 faults per pass in most runs and none in a few, hence the pinned starting thresholds.
-    default, retained = _median_faults_per_pass("glibc-defaults"), _median_faults_per_pass("retain")
+    default, retained = _faults("glibc-defaults"), _faults("retain")
     assert default > 200  # activations handed back to the kernel and faulted in again on every pass
     assert retained < default / 10
+
+
+def test_the_cpu_pass_batch_keeps_each_activation_below_the_mmap_threshold(default_model):
+    # EfficientNet-Lite0's largest activation is blocks.1.0's expansion: 96 x 112 x 112 float32 per image.
+    assert largest_activation_bytes(default_model) == 96 * 112 * 112 * 4
+    fits = host_pass_batch(default_model, MMAP_THRESHOLD)
+    assert fits == 6  # 6 x 4.8 MB < 32 MiB < 7 x 4.8 MB
+    # glibc maps a block above its threshold afresh whatever is retained: thousands of faults on every pass.
+    within, beyond = _faults("retain", fits), _faults("retain", fits + 2)
+    assert beyond > 5000
+    assert within < beyond / 20
+
+
+def test_the_warm_up_grows_the_heap_before_the_first_pass():
+    cold, warmed = _faults("retain", 6, "first"), _faults("retain", 6, "warmed")
+    assert cold > 20000  # the first pass of a fresh thread faults in all its activations
+    assert warmed < cold / 10

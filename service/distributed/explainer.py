@@ -21,6 +21,7 @@ from ..engine import explain
 from ..hostmem import retain_freed_memory
 from ..metrics import _rss_bytes
 from ..methods import get_method
+from ..openmp import run_in_passing_thread
 from ..runtime import Cancelled
 from ..settings import Settings
 from ..warmup import warm_up
@@ -43,16 +44,14 @@ class Explainer:
             retain_freed_memory()
         set_cudnn_autotuning(self.settings.cudnn_benchmark)
         self.device = resolve_device(self.settings.device)
-        registry = ModelRegistry.from_dir(self.settings.models_dir, self.device, only={model},
-                                           fold_norms=self.settings.fold_batchnorm)
-        self.model = registry.get(model)  # unavailable: the replica fails to start and Serve reports why
-        # Images per forward pass: measured from free GPU memory, as the embedded runtime does (CPU: the setting).
-        self.pass_batch = calibrate_lane({model: self.model}, self.settings)[model]
         # One thread per lane runs its passes, warmed before the replica answers: PyTorch builds cuDNN plans per
         # thread and shape (service/warmup.py), so passes spread over a pool of threads would each build them.
+        # On a CPU only the interactive lane's thread keeps an OpenMP team (service/openmp.py): the model loads
+        # in it, and the bulk lane's passes run in passing threads.
         self.lanes = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"passes-{lane}") for lane in LANES}
+        self.model, self.pass_batch = self.lanes["interactive"].submit(self._load, model).result()
         warming = [lane.submit(warm_up, {model: self.model}, {model: self.pass_batch}, self.settings)
-                   for lane in self.lanes.values()]
+                   for name, lane in self.lanes.items() if name == "interactive" or self.device.type != "cpu"]
         for done in warming:
             done.result()
         self.state = state
@@ -62,6 +61,13 @@ class Explainer:
             lane.set_max_batch_size(self.settings.max_batch_cost)
             lane.set_batch_wait_timeout_s(self.settings.max_wait_ms / 1000)
         self.pending = 0
+
+    def _load(self, model: str):
+        registry = ModelRegistry.from_dir(self.settings.models_dir, self.device, only={model},
+                                           fold_norms=self.settings.fold_batchnorm)
+        loaded = registry.get(model)  # unavailable: the replica fails to start and Serve reports why
+        # Images per forward pass: measured from free GPU memory, as the embedded runtime does (CPU: the setting).
+        return loaded, calibrate_lane({model: loaded}, self.settings)[model]
 
     async def ping(self) -> str:
         return self.replica
@@ -95,8 +101,10 @@ class Explainer:
                 outcomes[id(item)] = Outcome(error=(DEADLINE, "the work could not start before its deadline"),
                                              replica=self.replica)
             if step.batch:
+                compute = ((lambda tasks: run_in_passing_thread(self._compute, tasks))
+                           if lane == "bulk" and self.device.type == "cpu" else self._compute)
                 results = await asyncio.get_running_loop().run_in_executor(
-                    self.lanes[lane], self._compute, [item.payload for item in step.batch])
+                    self.lanes[lane], compute, [item.payload for item in step.batch])
                 outcomes.update((id(item), outcome) for item, outcome in zip(step.batch, results))
             pending = step.remaining
         return [outcomes[id(item)] for item in order]
