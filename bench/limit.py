@@ -25,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from service.calibrate import calibrate_lane  # noqa: E402
 from service.engine import AUTOCAST, explain  # noqa: E402
 from service.methods import METHODS  # noqa: E402
 from service.methods.gradients import input_gradients  # noqa: E402
@@ -109,8 +110,11 @@ def main() -> None:
              ("integrated-gradients", {"n_steps": steps}, steps),
              ("smoothgrad", {"n_samples": samples}, samples),
              ("moreaugrad", {"iterations": 3, "n_samples": mg_samples}, 3 * mg_samples)]
-    settings = Settings()  # the service's pass batch: cpu_pass_batch on a CPU, the cap on a GPU
-    pass_batch = settings.cpu_pass_batch if device.type == "cpu" else settings.max_pass_batch
+    # The service's pass batch: on a CPU cpu_pass_batch, lowered for glibc's mmap threshold (service/calibrate.py);
+    # on a GPU the cap.
+    settings = Settings()
+    pass_batch = (calibrate_lane({"model": model}, settings)["model"] if device.type == "cpu"
+                  else settings.max_pass_batch)
     print(f"\npasses of at most {pass_batch} images, as the service runs them on this device")
     if args.precision != "fp32":
         print("the yardstick is a whole-pass autocast; gradient, IG, SmoothGrad and MoreauGrad run their forward in "

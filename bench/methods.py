@@ -112,7 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def service_pass_batch(device: torch.device) -> int:
-    """Images per forward pass the service uses by default on this device (before GPU memory calibration)."""
+    """Images per forward pass the service uses by default on this device (before GPU memory calibration, and
+    before the CPU's cap for glibc's mmap threshold, which applies to a server that retains freed memory)."""
     from service.settings import Settings
 
     fields = Settings.model_fields
