@@ -55,6 +55,6 @@ def warm_up(models: dict[str, LoadedModel], pass_batch: dict[str, int], settings
             runs += 1
         if on_gpu:
             torch.cuda.synchronize(model.device)
-        log.info("warmed %s in this thread: %d pass sizes in %.1f s", name, runs - before,
-                 time.perf_counter() - started)
+        log.info("warmed %s in this thread: %d passes of %s images in %.1f s", name, runs - before,
+                 sorted(set(sizes)), time.perf_counter() - started)
     return runs
