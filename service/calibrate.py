@@ -100,8 +100,9 @@ def calibrate(models: dict[str, LoadedModel], cap: int, cpu_pass_batch: int | No
     for name, model in models.items():
         if model.device.type != "cuda":
             out[name] = min(cap, cpu_pass_batch or cap)
-            if host_block_limit is not None and host_pass_batch(model, host_block_limit) < out[name]:
-                out[name] = host_pass_batch(model, host_block_limit)
+            fits = host_pass_batch(model, host_block_limit) if host_block_limit is not None else out[name]
+            if fits < out[name]:
+                out[name] = fits
                 log.info("%s: %d images per pass on the CPU, the most whose largest activation stays below "
                          "glibc's mmap threshold (%d MiB)", name, out[name], host_block_limit // 2**20)
             continue

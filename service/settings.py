@@ -58,8 +58,9 @@ class Settings(BaseSettings):
                                  "at load (the same function, one op fewer per layer; every method's maps are "
                                  "unchanged, service/zoo/fold.py)")
     retain_host_memory: bool = Field(True, description="keep freed host memory for the next pass instead of "
-                                     "returning it to the kernel (glibc only; see service/hostmem.py); each CPU "
-                                     "pass thread then runs two passes before /readyz says ready (service/warmup.py)")
+                                     "returning it to the kernel (glibc only; see service/hostmem.py); on a CPU the "
+                                     "interactive lane's pass thread then runs two passes before /readyz says ready "
+                                     "(service/warmup.py)")
 
     watchdog_s: float = Field(1.0, gt=0, description="how often a dead worker thread is noticed and restarted")
 
