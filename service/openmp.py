@@ -17,6 +17,12 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+def passes_in_passing_threads(lane: str, device) -> bool:
+    """True for the lane whose passes run in passing threads, and which therefore does not warm up: the bulk
+    lane on a CPU (on a GPU every lane keeps its thread, which holds its cuDNN plans: service/warmup.py)."""
+    return lane == "bulk" and device.type == "cpu"
+
+
 def run_in_passing_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """`fn(*args, **kwargs)` in a new thread that ends when it returns; its result, or its exception re-raised.
     (A thread pool would keep the thread, and with it the team.)"""

@@ -21,7 +21,7 @@ from .engine_process import Batch, EngineProcess, EngineProcessDied
 from .hostmem import retain_freed_memory
 from .jobs import Job, JobStore
 from .metrics import Metrics
-from .openmp import run_in_passing_thread
+from .openmp import passes_in_passing_threads, run_in_passing_thread
 from .pipeline import ExplainCall, encode_result, response_body
 from .settings import Settings
 from .warmup import warm_up
@@ -125,8 +125,7 @@ class Runtime:
             while not self._loaded.wait(0.5):
                 if self._stopping:
                     return
-            # Not the bulk lane's thread on a CPU: its passes run in passing threads (service/openmp.py).
-            passing = lane == "bulk" and self.device.type == "cpu"
+            passing = passes_in_passing_threads(lane, self.device)  # then nothing to warm: service/openmp.py
             if not self.isolated and not passing and self.registry is not None and self.load_error is None:
                 warm_up(self.registry.models, self.pass_batch, self.settings)
         finally:
@@ -174,7 +173,7 @@ class Runtime:
     def _run_batch(self, items: list[WorkItem], lane: str) -> list[Any]:
         """Runs on the lane's worker thread, except the bulk lane's torch work on a CPU, which runs in a thread
         that ends with the batch (service/openmp.py)."""
-        if lane == "bulk" and not self.isolated and self.device.type == "cpu":
+        if not self.isolated and passes_in_passing_threads(lane, self.device):
             return run_in_passing_thread(self._run_batch_here, items, lane)
         return self._run_batch_here(items, lane)
 

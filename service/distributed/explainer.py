@@ -21,7 +21,7 @@ from ..engine import explain
 from ..hostmem import retain_freed_memory
 from ..metrics import _rss_bytes
 from ..methods import get_method
-from ..openmp import run_in_passing_thread
+from ..openmp import passes_in_passing_threads, run_in_passing_thread
 from ..runtime import Cancelled
 from ..settings import Settings
 from ..warmup import warm_up
@@ -51,7 +51,7 @@ class Explainer:
         self.lanes = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"passes-{lane}") for lane in LANES}
         self.model, self.pass_batch = self.lanes["interactive"].submit(self._load, model).result()
         warming = [lane.submit(warm_up, {model: self.model}, {model: self.pass_batch}, self.settings)
-                   for name, lane in self.lanes.items() if name == "interactive" or self.device.type != "cpu"]
+                   for name, lane in self.lanes.items() if not passes_in_passing_threads(name, self.device)]
         for done in warming:
             done.result()
         self.state = state
@@ -102,7 +102,7 @@ class Explainer:
                                              replica=self.replica)
             if step.batch:
                 compute = ((lambda tasks: run_in_passing_thread(self._compute, tasks))
-                           if lane == "bulk" and self.device.type == "cpu" else self._compute)
+                           if passes_in_passing_threads(lane, self.device) else self._compute)
                 results = await asyncio.get_running_loop().run_in_executor(
                     self.lanes[lane], compute, [item.payload for item in step.batch])
                 outcomes.update((id(item), outcome) for item, outcome in zip(step.batch, results))
