@@ -73,12 +73,13 @@ def test_passes_stop_page_faulting_once_freed_memory_is_retained_within_the_pass
     fits = host_pass_batch(default_model, MMAP_THRESHOLD)
     assert fits == 6  # 6 x 4.8 MB < 32 MiB < 7 x 4.8 MB
     [default] = _faults("glibc-defaults")
-    one, within, beyond = _faults("retain", (1, fits, fits + 2))
+    one, within = _faults("retain", (1, fits))
     assert default > 200  # activations handed back to the kernel and faulted in again on every pass
     assert one < default / 10
-    # glibc maps a block above its threshold afresh whatever is retained: thousands of faults on every pass.
-    assert beyond > 5000
-    assert within < beyond / 20
+    # A pass of the calibrated size reuses its blocks too. (Above the threshold glibc maps blocks afresh unless
+    # freed heap space happens to fit them: 16,600-28,400 faults per pass of 7-8 in most runs, none in some, so
+    # that side is measured in docs/benchmarks.md, not asserted here.)
+    assert within < 200
 
 
 def test_the_warm_up_grows_the_heap_before_the_first_pass():
