@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from saliency_client import (APIConnectionError, APITimeoutError, AsyncClient, AuthenticationError, BadRequestError, Client,
-                             JobFailedError, NotFoundError, RateLimitError, ValidationError, salient_region)
+                             DeadlineExceededError, JobFailedError, NotFoundError, RateLimitError, ValidationError,
+                             salient_region)
 from saliency_client import schemas as client_schemas
 from service.api import schemas as server_schemas
 from service.settings import Settings
@@ -140,6 +141,68 @@ def test_slow_sync_call_is_followed_into_its_job(small_registry):
         assert result.method == "moreaugrad" and result[0].map.shape == (64, 64)
 
 
+def test_a_call_timeout_bounds_the_job_it_became_and_cancels_it(small_registry):
+    with running_server(Settings(default_model="tiny_cnn", sync_wait_s=0.2), small_registry) as (base, app):
+        with Client(base, poll_interval=0.05) as c:
+            started = time.monotonic()
+            with pytest.raises(APITimeoutError, match="time limit"):
+                c.explain(noise(7), "moreaugrad", iterations=2000, n_samples=32, timeout=1.5)
+            took = time.monotonic() - started
+            assert 1.0 <= took < 4.0  # the POST (0.2 s to its 202), then polls until the limit
+            jobs = app.state.runtime.jobs.all()
+            assert [j.status for j in jobs] == ["cancelled"]  # the server stopped the work the caller gave up
+
+
+def test_ig_quadrature_method_goes_in_params(small_registry):
+    """IG's own parameter `method` (the quadrature rule) shares its name with the client's argument."""
+    with running_server(Settings(default_model="tiny_cnn"), small_registry) as (base, _), Client(base) as c:
+        image = noise(14)
+        rules = {rule: c.explain(image, "integrated-gradients", params={"method": rule, "n_steps": 8},
+                                 outputs=["raw"])
+                 for rule in ("gausslegendre", "riemann_left")}
+        assert [r.params["method"] for r in rules.values()] == ["gausslegendre", "riemann_left"]
+        assert not np.array_equal(rules["gausslegendre"][0].raw, rules["riemann_left"][0].raw)
+        same = c.explain(image, "integrated-gradients", params={"method": "riemann_left"}, n_steps=8,
+                         outputs=["raw"])  # keyword arguments and params= together
+        np.testing.assert_array_equal(same[0].raw, rules["riemann_left"][0].raw)
+
+
+def _recording_client(answer: httpx.Response, **kwargs) -> tuple[Client, list[httpx.Request]]:
+    seen: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return answer
+
+    return Client("http://saliency.test", transport=httpx.MockTransport(handle), **kwargs), seen
+
+
+def test_caller_headers_join_the_client_own_and_numpy_targets_are_plain_ints():
+    fail = httpx.Response(422, json={"error": {"code": "invalid_params", "message": "stop here"}})
+    c, seen = _recording_client(fail, headers={"X-Trace": "abc"}, api_key="k" * 24)
+    for targets in (np.int64(281), np.array([281, 3]), [np.int64(281), None]):
+        with pytest.raises(ValidationError):
+            c.explain([b"x", b"y"], "gradcam", targets=targets)
+    request = seen[0]
+    assert request.headers["x-trace"] == "abc" and request.headers["authorization"] == "Bearer " + "k" * 24
+    import json
+    assert [json.loads(r.content)["targets"] for r in seen] == [[281, 281], [281, 3], [281, None]]
+
+
+def test_a_job_that_missed_its_start_deadline_raises_what_the_call_would():
+    """explain() followed a 202 into a job that then failed with deadline_exceeded: 504's error, not a job's."""
+    job = {"id": "j1", "method": "gradcam", "model": "tiny_cnn", "status": "failed", "created": 0.0,
+           "progress": {"done": 0, "total": 1},
+           "error": {"code": "deadline_exceeded", "message": "work did not start within 30 s"}}
+    answers = iter([httpx.Response(202, json={**job, "status": "queued", "error": None}),
+                    httpx.Response(200, json=job)])
+    c = Client("http://saliency.test", poll_interval=0.01,
+               transport=httpx.MockTransport(lambda request: next(answers)))
+    with pytest.raises(DeadlineExceededError, match="did not start") as e:
+        c.explain(b"x", "gradcam")
+    assert e.value.status_code == 504 and e.value.code == "deadline_exceeded"
+
+
 def test_queue_full_raises_then_retry_honours_retry_after(small_registry):
     settings = Settings(default_model="tiny_cnn", max_queue=1, max_wait_ms=0)
     with running_server(settings, small_registry) as (base, app), Client(base, timeout=60) as c:
@@ -224,3 +287,23 @@ def test_salient_region_is_the_blob_around_the_peak():
     assert region.box == (10, 5, 30, 15) and region.mask.sum() == 200 and region.peak == 1.0
     assert region.box_percent == pytest.approx((100 * 10 / 60, 100 * 5 / 40, 100 * 20 / 60, 100 * 10 / 40))
     assert salient_region(np.zeros((4, 4), np.float32)).mask.sum() == 1
+
+
+def _flood(allowed: np.ndarray, seed: tuple[int, int]) -> np.ndarray:
+    """The oracle: a plain breadth-first 4-connected fill."""
+    mask, todo = np.zeros_like(allowed), [seed]
+    while todo:
+        y, x = todo.pop()
+        if 0 <= y < allowed.shape[0] and 0 <= x < allowed.shape[1] and allowed[y, x] and not mask[y, x]:
+            mask[y, x] = True
+            todo += [(y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)]
+    return mask
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_salient_region_equals_a_flood_fill_from_the_peak(seed):
+    heat = np.random.default_rng(seed).random((30, 45)).astype(np.float32)
+    for threshold in (0.3, 0.6, 0.9):
+        region = salient_region(heat, threshold)
+        peak = np.unravel_index(np.argmax(heat), heat.shape)
+        np.testing.assert_array_equal(region.mask, _flood(heat >= threshold * heat.max(), peak))

@@ -31,7 +31,7 @@ class SaliencyFunction:
         self.method, self.model, self.threshold, self.params = method, model, threshold, params
 
     def detect(self, context: cvataa.DetectionFunctionContext, image: PIL.Image.Image):
-        result = self.client.explain(image, self.method, model=self.model, **self.params)[0]
+        result = self.client.explain(image, self.method, model=self.model, params=self.params)[0]
         if context.conf_threshold is not None and result.probability < context.conf_threshold:
             return []  # the class the map explains is below the caller's confidence floor
         region = salient_region(result.map, self.threshold)

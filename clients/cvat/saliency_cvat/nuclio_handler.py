@@ -16,11 +16,13 @@ def init_context(context) -> None:
     context.user_data.method = os.environ.get("SALIENCY_METHOD", "gradcam")
     context.user_data.model = os.environ.get("SALIENCY_MODEL") or None
     context.user_data.region_threshold = float(os.environ.get("SALIENCY_THRESHOLD", 0.5))
+    # the whole call, a job the service turned it into included, ends before nuclio's eventTimeout (60 s)
+    context.user_data.timeout = float(os.environ.get("SALIENCY_TIMEOUT", 55))
 
 
 def shapes(image: bytes, client: Client, method: str, model: str | None, region_threshold: float,
-           conf_threshold: float | None = None) -> list[dict]:
-    result = client.explain(image, method, model=model)[0]
+           conf_threshold: float | None = None, timeout: float | None = None) -> list[dict]:
+    result = client.explain(image, method, model=model, timeout=timeout)[0]
     if conf_threshold is not None and result.probability < conf_threshold:
         return []
     region = salient_region(result.map, region_threshold)
@@ -36,5 +38,5 @@ def handler(context, event):
     body = event.body if isinstance(event.body, dict) else json.loads(event.body)
     data = context.user_data
     out = shapes(base64.b64decode(body["image"]), data.client, data.method, data.model, data.region_threshold,
-                 body.get("threshold"))
+                 body.get("threshold"), data.timeout)
     return context.Response(body=json.dumps(out), headers={}, content_type="application/json", status_code=200)

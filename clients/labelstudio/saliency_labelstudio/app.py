@@ -17,7 +17,7 @@ from saliency_client import Client, SaliencyError
 
 from .fetch import FetchError, ImageFetcher
 from .predict import ConfigError, predict
-from .settings import BackendSettings
+from .settings import BackendSettings, SettingsError
 
 log = logging.getLogger("saliency_labelstudio")
 
@@ -59,7 +59,10 @@ def create_app(settings: BackendSettings | None = None) -> Starlette:
     async def setup(request: Request):
         body = await request.json()
         project = str(body.get("project", ""))
-        current = settings.for_project(body.get("extra_params"))
+        try:
+            current = settings.for_project(body.get("extra_params"))
+        except SettingsError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
         if not settings.label_studio_url and body.get("hostname"):
             # Label Studio tells us its address and a token to fetch task files with
             current = replace(current, label_studio_url=body["hostname"],

@@ -90,6 +90,7 @@ def predict(tasks: list[dict[str, Any]], label_config: str, settings: BackendSet
     for start in range(0, len(blobs), batch):
         # maps at the original size: Label Studio decodes the RLE into an image of the photo's own size
         explanation = client.explain(blobs[start:start + batch], settings.method, model=settings.model,
-                                     outputs=["npy"], size="original", **settings.params)
+                                     outputs=["npy"], size="original", params=settings.params,
+                                     timeout=settings.timeout)
         out += [prediction(targets, r, settings) for r in explanation]
     return out

@@ -8,6 +8,10 @@ from typing import Any
 PER_PROJECT = ("method", "model", "threshold", "params")
 
 
+class SettingsError(ValueError):
+    """A project's extra params that cannot be used (answered 400 by /setup)."""
+
+
 @dataclass(frozen=True)
 class BackendSettings:
     saliency_url: str = "http://127.0.0.1:8000"
@@ -38,9 +42,23 @@ class BackendSettings:
     def for_project(self, extra: dict[str, Any] | None) -> BackendSettings:
         """This backend's settings with a project's overrides (unknown keys are ignored)."""
         extra = extra or {}
+        if not isinstance(extra, dict):
+            raise SettingsError(f"extra_params must be an object, not {type(extra).__name__}")
         update = {k: extra[k] for k in PER_PROJECT if extra.get(k) is not None}
+        for key in ("method", "model"):
+            if key in update and not isinstance(update[key], str):
+                raise SettingsError(f"extra_params.{key} must be a string, not {update[key]!r}")
         if "threshold" in update:
-            update["threshold"] = float(update["threshold"])
+            try:
+                update["threshold"] = float(update["threshold"])
+            except (TypeError, ValueError):
+                raise SettingsError(f"extra_params.threshold must be a number, not {update['threshold']!r}") from None
+            if not 0.0 <= update["threshold"] <= 1.0:
+                raise SettingsError(f"extra_params.threshold must be in [0, 1] (of the map's peak), "
+                                    f"not {update['threshold']}")
+        if "params" in update and not isinstance(update["params"], dict):
+            raise SettingsError("extra_params.params must be an object of the method's parameters, "
+                                f"not {update['params']!r}")
         return replace(self, **update)
 
     @property

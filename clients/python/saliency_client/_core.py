@@ -5,8 +5,9 @@ so building requests, retrying on 429/503, following a 202 into its job and pars
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -49,17 +50,24 @@ class Core:
         return h
 
     # ------------------------------------------------------------------ building blocks
-    def request(self, call: Call) -> Flow:
-        """One call, retried on 429/503 while `max_retries` allows and the server's Retry-After is short enough."""
+    def request(self, call: Call, deadline: float | None = None) -> Flow:
+        """One call, retried on 429/503 while `max_retries` allows and the server's Retry-After is short enough.
+
+        `deadline` (time.monotonic()) bounds the call with its retries: each try gets the time left at most.
+        """
         attempt = 0
         while True:
+            if deadline is not None:
+                left = _time_left(deadline, call.path)
+                call = replace(call, timeout=min(left, call.timeout or self.timeout))
             response: httpx.Response = yield call
             if response.status_code < 400:
                 return response
             error = errors.from_response(response)
             wait = errors.retry_after(response)
             if (response.status_code in (429, 503) and attempt < self.max_retries and wait is not None
-                    and wait <= self.max_retry_wait):
+                    and wait <= self.max_retry_wait
+                    and (deadline is None or time.monotonic() + wait < deadline)):
                 attempt += 1
                 yield Sleep(wait)
                 continue
@@ -69,7 +77,8 @@ class Core:
     def body(images: ImageInput | Sequence[ImageInput], model: str | None, targets, outputs, size: str,
              params: dict[str, Any]) -> dict[str, Any]:
         blobs = [b64(to_bytes(i)) for i in as_list(images)]
-        if targets is not None and not isinstance(targets, (list, tuple)):
+        targets = _plain(targets)
+        if targets is not None and not isinstance(targets, list):
             targets = [targets] * len(blobs)  # one class for every image
         # Built unvalidated: the server validates (one source of truth), and a bad value comes back as the
         # APIStatusError of its status with the server's code, like every other refusal.
@@ -79,32 +88,53 @@ class Core:
         return req.model_dump(exclude_none=True)
 
     # ------------------------------------------------------------------ flows
-    def explain(self, method: str, body: dict[str, Any], progress: bool = False) -> Flow:
-        response = yield from self.request(Call("POST", f"/v1/explain/{method}", body))
-        if response.status_code == 202:  # the server turned a slow call into a job: follow it
-            job = JobOut.model_validate(response.json())
-            return (yield from self.wait(job.id, progress=progress, first=job))
-        return Explanation.from_wire(ExplainResponse.model_validate(response.json()))
+    def explain(self, method: str, body: dict[str, Any], progress: bool = False,
+                timeout: float | None = None) -> Flow:
+        """`timeout` bounds the whole call (seconds), a job it turned into included: that job is then cancelled."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        response = yield from self.request(Call("POST", f"/v1/explain/{method}", body), deadline)
+        if response.status_code != 202:
+            return Explanation.from_wire(ExplainResponse.model_validate(response.json()))
+        # the server turned a slow call into a job: follow it, as the same call
+        job = JobOut.model_validate(response.json())
+        try:
+            return (yield from self.wait(job.id, progress=progress, first=job, deadline=deadline))
+        except errors.APITimeoutError:
+            yield from self._cancel_quietly(job.id)
+            raise
+        except errors.JobFailedError as exc:
+            error = exc.job.error or {}
+            if error.get("code") == "deadline_exceeded":  # what the call itself would have answered: 504
+                raise errors.DeadlineExceededError(504, error["code"], str(error.get("message", ""))) from exc
+            raise
 
     def submit(self, method: str, body: dict[str, Any]) -> Flow:
         response = yield from self.request(Call("POST", f"/v1/jobs/{method}", body))
         return JobOut.model_validate(response.json())
 
-    def job(self, job_id: str) -> Flow:
-        response = yield from self.request(Call("GET", f"/v1/jobs/{job_id}"))
+    def job(self, job_id: str, deadline: float | None = None) -> Flow:
+        response = yield from self.request(Call("GET", f"/v1/jobs/{job_id}"), deadline)
         return JobOut.model_validate(response.json())
 
     def cancel(self, job_id: str) -> Flow:
         response = yield from self.request(Call("DELETE", f"/v1/jobs/{job_id}"))
         return JobOut.model_validate(response.json())
 
-    def wait(self, job_id: str, progress: bool = False, timeout: float | None = None,
-             first: Job | None = None) -> Flow:
-        """Poll until the job ends; its Explanation, or JobFailedError. `timeout` bounds the wait (seconds)."""
-        bar = _bar(job_id) if progress else None
-        waited = 0.0
+    def _cancel_quietly(self, job_id: str) -> Flow:
+        """Best effort: the caller has given up, so the server need not finish the work."""
         try:
-            job = first or (yield from self.job(job_id))
+            yield from self.request(Call("DELETE", f"/v1/jobs/{job_id}", timeout=min(5.0, self.timeout)))
+        except errors.SaliencyError:
+            pass
+
+    def wait(self, job_id: str, progress: bool = False, timeout: float | None = None,
+             first: Job | None = None, deadline: float | None = None) -> Flow:
+        """Poll until the job ends; its Explanation, or JobFailedError. `timeout` bounds the wait (seconds)."""
+        if timeout is not None:
+            deadline = time.monotonic() + timeout if deadline is None else min(deadline, time.monotonic() + timeout)
+        bar = _bar(job_id) if progress else None
+        try:
+            job = first or (yield from self.job(job_id, deadline))
             while True:
                 if bar is not None:
                     bar.total = max(job.progress.total, 1)
@@ -114,11 +144,10 @@ class Core:
                     return Explanation.from_wire(job.result)
                 if job.status in ("failed", "cancelled"):
                     raise errors.JobFailedError(job)
-                if timeout is not None and waited >= timeout:
-                    raise errors.APITimeoutError(f"job {job_id} still {job.status} after {timeout:g}s")
+                if deadline is not None and time.monotonic() + self.poll_interval >= deadline:
+                    raise errors.APITimeoutError(f"job {job_id} still {job.status} at the call's time limit")
                 yield Sleep(self.poll_interval)
-                waited += self.poll_interval
-                job = yield from self.job(job_id)
+                job = yield from self.job(job_id, deadline)
         finally:
             if bar is not None:
                 bar.close()
@@ -135,6 +164,22 @@ class Core:
         """/readyz as a dict (`ready`, `models`, ...); raises ServiceUnavailableError while starting."""
         response = yield from self.request(Call("GET", "/readyz"))
         return response.json()
+
+
+def _time_left(deadline: float, path: str) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise errors.APITimeoutError(f"{path}: the call's time limit ran out")
+    return left
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays as Python ints and lists (JSON has no int64); anything else as it is."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _bar(job_id: str):

@@ -44,11 +44,11 @@ def cmd_explain(client: Client, args) -> int:
     many = len(args.images) > 1
     if args.job:
         job = client.submit(args.images, args.method, model=args.model, targets=args.target, outputs=outputs,
-                            **params)
+                            params=params)
         result = client.wait(job.id, progress=not args.quiet)
     else:
         result = client.explain(args.images, args.method, model=args.model, targets=args.target,
-                                outputs=outputs, **params)
+                                outputs=outputs, params=params)
     for image, r in zip(args.images, result):
         written = []
         for template, save in ((args.out, lambda p: r.overlay.save(p)), (args.gray, lambda p: r.png.save(p)),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -25,7 +25,7 @@ def _transport_error(exc: httpx.TransportError) -> errors.APIConnectionError:
 
 
 class _Base:
-    """Arguments shared by both clients; `**httpx_kwargs` go to the httpx client (transport, proxies, ...)."""
+    """Arguments shared by both clients; `**httpx_kwargs` go to the httpx client (transport, proxy, headers, ...)."""
 
     def __init__(self, base_url: str = DEFAULT_URL, api_key: str | None = None, *, timeout: float = 120.0,
                  max_retries: int = 0, max_retry_wait: float = 60.0, poll_interval: float = 0.25):
@@ -35,12 +35,23 @@ class _Base:
     def base_url(self) -> str:
         return self._core.base_url
 
-    def _explain_flow(self, images, method, model, targets, outputs, size, progress, params) -> Flow:
-        body = self._core.body(images, model, targets, outputs, size, params)
-        return self._core.explain(method, body, progress=progress)
+    def _explain_flow(self, images, method, model, targets, outputs, size, progress, timeout, params,
+                      more) -> Flow:
+        body = self._core.body(images, model, targets, outputs, size, _merged(params, more))
+        return self._core.explain(method, body, progress=progress, timeout=timeout)
 
-    def _submit_flow(self, images, method, model, targets, outputs, size, params) -> Flow:
-        return self._core.submit(method, self._core.body(images, model, targets, outputs, size, params))
+    def _submit_flow(self, images, method, model, targets, outputs, size, params, more) -> Flow:
+        return self._core.submit(method, self._core.body(images, model, targets, outputs, size,
+                                                         _merged(params, more)))
+
+    def _headers(self, httpx_kwargs: dict[str, Any]) -> dict[str, str]:
+        """The client's own headers, then the caller's (`headers=` of httpx) over them."""
+        return {**self._core.headers(), **dict(httpx_kwargs.pop("headers", None) or {})}
+
+
+def _merged(params: Mapping[str, Any] | None, more: dict[str, Any]) -> dict[str, Any]:
+    """The method's parameters: `params=` (any name, IG's own `method` included) and keyword arguments."""
+    return {**(params or {}), **more}
 
 
 class Client(_Base):
@@ -55,8 +66,8 @@ class Client(_Base):
                  **httpx_kwargs: Any):
         super().__init__(base_url, api_key, timeout=timeout, max_retries=max_retries,
                          max_retry_wait=max_retry_wait, poll_interval=poll_interval)
-        self._http = httpx.Client(base_url=self._core.base_url, headers=self._core.headers(), timeout=timeout,
-                                  **httpx_kwargs)
+        headers = self._headers(httpx_kwargs)
+        self._http = httpx.Client(base_url=self._core.base_url, headers=headers, timeout=timeout, **httpx_kwargs)
 
     def _run(self, flow: Flow):
         step = next(flow)
@@ -78,15 +89,19 @@ class Client(_Base):
 
     def explain(self, images: Images, method: str = "gradcam", *, model: str | None = None,
                 targets: Targets = None, outputs: Sequence[str] | str = ("npy",), size: str = "original",
-                progress: bool = False, **params: Any) -> Explanation:
-        """Explain one image or a list; method parameters are keyword arguments (n_steps=32, ...)."""
-        return self._run(self._explain_flow(images, method, model, targets, outputs, size, progress, params))
+                progress: bool = False, timeout: float | None = None, params: Mapping[str, Any] | None = None,
+                **more: Any) -> Explanation:
+        """Explain one image or a list. Method parameters are keyword arguments (n_steps=32, ...) or `params=`
+        (the only way to pass IG's own `method`). `timeout` bounds the whole call in seconds, a job the server
+        turned it into included (that job is then cancelled); None: no bound beyond each request's."""
+        return self._run(self._explain_flow(images, method, model, targets, outputs, size, progress, timeout,
+                                            params, more))
 
     def submit(self, images: Images, method: str = "gradcam", *, model: str | None = None,
                targets: Targets = None, outputs: Sequence[str] | str = ("npy",), size: str = "original",
-               **params: Any) -> Job:
+               params: Mapping[str, Any] | None = None, **more: Any) -> Job:
         """Start the work as a job and return at once (its id, status and progress)."""
-        return self._run(self._submit_flow(images, method, model, targets, outputs, size, params))
+        return self._run(self._submit_flow(images, method, model, targets, outputs, size, params, more))
 
     def job(self, job_id: str) -> Job:
         return self._run(self._core.job(job_id))
@@ -125,8 +140,9 @@ class AsyncClient(_Base):
                  **httpx_kwargs: Any):
         super().__init__(base_url, api_key, timeout=timeout, max_retries=max_retries,
                          max_retry_wait=max_retry_wait, poll_interval=poll_interval)
-        self._http = httpx.AsyncClient(base_url=self._core.base_url, headers=self._core.headers(),
-                                       timeout=timeout, **httpx_kwargs)
+        headers = self._headers(httpx_kwargs)
+        self._http = httpx.AsyncClient(base_url=self._core.base_url, headers=headers, timeout=timeout,
+                                       **httpx_kwargs)
 
     async def _run(self, flow: Flow):
         step = next(flow)
@@ -148,13 +164,15 @@ class AsyncClient(_Base):
 
     async def explain(self, images: Images, method: str = "gradcam", *, model: str | None = None,
                       targets: Targets = None, outputs: Sequence[str] | str = ("npy",), size: str = "original",
-                      progress: bool = False, **params: Any) -> Explanation:
-        return await self._run(self._explain_flow(images, method, model, targets, outputs, size, progress, params))
+                      progress: bool = False, timeout: float | None = None,
+                      params: Mapping[str, Any] | None = None, **more: Any) -> Explanation:
+        return await self._run(self._explain_flow(images, method, model, targets, outputs, size, progress,
+                                                  timeout, params, more))
 
     async def submit(self, images: Images, method: str = "gradcam", *, model: str | None = None,
                      targets: Targets = None, outputs: Sequence[str] | str = ("npy",), size: str = "original",
-                     **params: Any) -> Job:
-        return await self._run(self._submit_flow(images, method, model, targets, outputs, size, params))
+                     params: Mapping[str, Any] | None = None, **more: Any) -> Job:
+        return await self._run(self._submit_flow(images, method, model, targets, outputs, size, params, more))
 
     async def job(self, job_id: str) -> Job:
         return await self._run(self._core.job(job_id))

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 
 @dataclass(frozen=True)
@@ -23,21 +24,6 @@ class SalientRegion:
         return 100 * x1 / w, 100 * y1 / h, 100 * (x2 - x1) / w, 100 * (y2 - y1) / h
 
 
-def _grow(seed: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-    """4-connected flood fill from `seed` within `allowed`, by repeated dilation (numpy only, no scipy)."""
-    region = seed & allowed
-    while True:
-        grown = region.copy()
-        grown[1:] |= region[:-1]
-        grown[:-1] |= region[1:]
-        grown[:, 1:] |= region[:, :-1]
-        grown[:, :-1] |= region[:, 1:]
-        grown &= allowed
-        if np.array_equal(grown, region):
-            return region
-        region = grown
-
-
 def salient_region(heat: np.ndarray, threshold: float = 0.5) -> SalientRegion:
     """`threshold` is relative to the map's peak (0.5: at least half as salient as the most salient pixel)."""
     heat = np.asarray(heat, dtype=np.float32)
@@ -46,10 +32,15 @@ def salient_region(heat: np.ndarray, threshold: float = 0.5) -> SalientRegion:
     if not 0 < threshold <= 1:
         raise ValueError("threshold must be in (0, 1]")
     peak = float(heat.max())
-    seed = np.zeros(heat.shape, dtype=bool)
-    seed[np.unravel_index(int(np.argmax(heat)), heat.shape)] = True
-    # a flat (all-zero) map has no salient region: the whole image, as the peak pixel's blob, would mislead
-    mask = _grow(seed, heat >= threshold * peak) if peak > 0 else seed
+    at_peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    if peak > 0:
+        # the 4-connected component of the above-threshold pixels that holds the peak (scipy's labelling takes
+        # 0.2 s on a 12 MP map, where growing the blob by repeated numpy dilation took 13-20 s)
+        components, _ = ndimage.label(heat >= threshold * peak)
+        mask = components == components[at_peak]
+    else:  # a flat (all-zero) map has no salient region: the whole image, as the peak pixel's blob, would mislead
+        mask = np.zeros(heat.shape, dtype=bool)
+        mask[at_peak] = True
     ys, xs = np.nonzero(mask)
     box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
     return SalientRegion(mask=mask, box=box, peak=peak)
