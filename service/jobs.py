@@ -83,7 +83,7 @@ class JobStore:
         self._jobs: dict[str, Job] = {}
 
     def add(self, job: Job) -> None:
-        self._evict()
+        self._evict(room=True)
         if len(self._jobs) >= self.max_jobs:
             raise ApiError(429, "too_many_jobs", f"{self.max_jobs} jobs are held; wait for some to finish",
                            {"Retry-After": "10"})
@@ -96,6 +96,10 @@ class JobStore:
         except KeyError:
             raise ApiError(404, "unknown_job", f"no job {job_id!r} (unknown or expired)") from None
 
+    def discard(self, job_id: str) -> None:
+        """Forget a job whose call was refused after it was held: its id was never given out."""
+        self._jobs.pop(job_id, None)
+
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for job in self._jobs.values():
@@ -106,13 +110,15 @@ class JobStore:
     def all(self) -> list[Job]:
         return list(self._jobs.values())
 
-    def _evict(self) -> None:
+    def _evict(self, room: bool = False) -> None:
+        """Forget jobs finished more than ttl ago; with `room` (adding one), also the oldest finished ones when
+        full. Reading must not evict: a GET would otherwise drop another job's result."""
         now = time.time()
         for job_id, job in list(self._jobs.items()):
             if job.finished_at is not None and now - job.finished_at > self.ttl:
                 del self._jobs[job_id]
         finished = sorted((j for j in self._jobs.values() if j.finished_at), key=lambda j: j.finished_at)
-        if len(self._jobs) >= self.max_jobs:
+        if room and len(self._jobs) >= self.max_jobs:
             for job in finished[: len(self._jobs) - self.max_jobs + 1]:
                 del self._jobs[job.id]
             finished = [job for job in finished if job.id in self._jobs]

@@ -371,6 +371,10 @@ class Runtime:
         """Keep `job` so that GET/DELETE /v1/jobs/{id} find it (429 when max_jobs are held)."""
         self.jobs.add(job)
 
+    async def discard_job(self, job: Job) -> None:
+        """Undo `hold_job` for a call refused before any work was queued."""
+        self.jobs.discard(job.id)
+
     async def job_view(self, job_id: str) -> dict[str, Any]:
         return self.jobs.get(job_id).view()
 
@@ -378,7 +382,8 @@ class Runtime:
         job = self.jobs.get(job_id)
         if job.finished_at is None:
             self.cancel(job)
-            await asyncio.sleep(0)  # let the task record the cancellation
+            if job.task is not None:  # answer with the job as cancelled, not as it was a moment ago
+                await asyncio.wait([job.task], timeout=5)
         return job.view()
 
     async def job_counts(self) -> dict[str, int]:

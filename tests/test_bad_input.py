@@ -112,7 +112,15 @@ def test_bad_requests(base, form):
     (b"", {"content-type": "multipart/form-data; boundary=xyz"}, 422, "no images"),
     (b"--xyz\r\nbroken", {"content-type": "multipart/form-data; boundary=xyz"}, 4, ""),
     (b"", {}, 415, "content type"),
+    (b"{}", {"content-type": "application/jsonish"}, 415, "content type"),
     (b"x" * 3_000_000, {"content-type": "application/json"}, 413, "exceeds the limit"),
+    (b"[" * 100_000 + b"]" * 100_000, {"content-type": "application/json"}, 400, "nested too deeply"),
+    (json.dumps({"images": ["aGk="], "targets": [True]}).encode(), {"content-type": "application/json"}, 422,
+     "targets"),
+    # the last part is cut off before the close delimiter: its field would be lost in silence
+    (b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\nabc\r\n--xyz\r\n'
+     b'Content-Disposition: form-data; name="target"\r\n\r\n281', {"content-type": "multipart/form-data; boundary=xyz"},
+     400, "closing boundary"),
 ])
 def test_malformed_bodies(base, body, headers, status, text):
     r = httpx.post(f"{base}/v1/explain/gradcam", content=body, headers=headers, timeout=30)
@@ -121,6 +129,43 @@ def test_malformed_bodies(base, body, headers, status, text):
     else:
         assert r.status_code == status, r.text
     assert text in r.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def small_png() -> bytes:
+    buf = io.BytesIO()
+    photo().save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_media_types_are_case_insensitive_and_mime_wrapped_base64_is_read(base, small_png):
+    text = base64.encodebytes(small_png).decode()  # lines of 76 characters, as the `base64` tool writes
+    assert "\n" in text
+    r = httpx.post(f"{base}/v1/explain/gradcam", content=json.dumps({"images": [text]}),
+                   headers={"content-type": "Application/JSON; charset=utf-8"}, timeout=60)
+    assert r.status_code == 200 and r.json()["results"][0]["map"]["npy"], r.text
+
+
+def test_multipart_fields_are_text_and_given_once(base, small_png):
+    image = ("image", ("a.png", small_png, "image/png"))
+    cases = [([image, ("model", ("m.txt", b"tiny_cnn", "text/plain"))], "'model' field must be text"),
+             ([image, ("layer", ("l.txt", b"bn2", "text/plain"))], "'layer' is a file"),
+             ([image, ("size", (None, "input")), ("size", (None, "original"))], "'size' field is given 2 times"),
+             ([image, ("n_steps", (None, "4")), ("n_steps", (None, "8"))], "'n_steps' is given more than once")]
+    for files, text in cases:
+        r = httpx.post(f"{base}/v1/explain/integrated-gradients", files=files, timeout=60)
+        assert r.status_code == 422 and text in r.json()["error"]["message"], r.text
+
+
+def test_png_answers_take_one_image_and_honour_q_values(base, small_png):
+    image = ("image", ("a.png", small_png, "image/png"))
+    url = f"{base}/v1/explain/gradcam"
+    r = httpx.post(url, files=[image, image], headers={"accept": "image/png"}, timeout=60)
+    assert r.status_code == 406 and "one image" in r.json()["error"]["message"]
+    r = httpx.post(url, files=[image], headers={"accept": "application/json;q=0, image/png"}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    r = httpx.post(url, files=[image], headers={"accept": "image/png;q=0.5, application/json"}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
 
 
 def test_chunked_body_over_the_limit_is_refused_while_streaming(base):

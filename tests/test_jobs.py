@@ -1,12 +1,22 @@
-"""The job store's bounds: by count, by age and by the bytes of finished results (oldest finished first)."""
+"""The job store's bounds: by count, by age and by the bytes of finished results (oldest finished first); and
+the job routes' use of them."""
 from __future__ import annotations
 
+import io
 import time
 
+import httpx
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from service.api.errors import ApiError
 from service.jobs import Job, JobStore, oldest_to_forget, payload_bytes
+from service.settings import Settings
+from service.zoo import ModelRegistry
+from tests.conftest import MODELS
+from tests.server import running_server
 
 
 def finished_job(map_chars: int, finished_at: float, raw_chars: int = 0) -> Job:
@@ -53,3 +63,38 @@ def test_no_byte_budget_keeps_results_until_their_ttl():
 ])
 def test_oldest_to_forget_keeps_the_rest_within_the_budget_and_never_the_newest(sizes, budget, forget):
     assert oldest_to_forget(sizes, budget) == forget
+
+
+def test_reading_a_full_store_forgets_nothing_and_adding_forgets_the_oldest_finished():
+    store = JobStore(max_jobs=2, ttl=3600)
+    older, newer = finished_job(10, time.time() - 20), finished_job(10, time.time() - 10)
+    store.add(older)
+    store.add(newer)
+    for _ in range(3):  # polling is not adding: both results stay readable
+        assert store.get(older.id) is older and store.get(newer.id) is newer
+    assert store.counts() == {"succeeded": 2}
+    third = Job(method="gradcam", model="tiny_cnn", total=[1])
+    store.add(third)  # room is made for it: the oldest finished job goes
+    assert {job.id for job in store.all()} == {newer.id, third.id}
+
+
+def test_a_job_refused_for_room_runs_nothing_and_delete_answers_cancelled():
+    """Through the API: with max_jobs held, a submit is a 429 and its work never reaches the worker; a DELETE
+    answers with the job as it ends (cancelled), not as it was a moment before."""
+    registry = ModelRegistry.from_dir(MODELS, torch.device("cpu"), only={"tiny_cnn"})
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG")
+    files = {"image": ("a.png", buf.getvalue(), "image/png")}
+    slow = {"iterations": "2000", "n_samples": "16"}
+    with running_server(Settings(default_model="tiny_cnn", max_jobs=1), registry) as (base, app):
+        held = httpx.post(f"{base}/v1/jobs/moreaugrad", files=files, data=slow, timeout=30)
+        assert held.status_code == 202
+        refused = httpx.post(f"{base}/v1/jobs/smoothgrad", files=files, timeout=30)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_jobs"
+        cancelled = httpx.delete(f"{base}/v1/jobs/{held.json()['id']}", timeout=30)
+        assert cancelled.json()["status"] == "cancelled"
+        metrics = httpx.get(f"{base}/metrics", timeout=30).text
+        assert 'saliency_batch_size_count{method="smoothgrad"}' not in metrics  # the refused call never ran
+        again = httpx.post(f"{base}/v1/jobs/gradcam", files=files, timeout=30)  # the finished job makes room
+        assert again.status_code == 202

@@ -9,6 +9,7 @@ from typing import Any
 import pybase64
 from fastapi import Request
 from pydantic import ValidationError
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 
 from ..settings import Settings
@@ -57,7 +58,36 @@ def _check_outputs(outputs: list[str], size: str) -> None:
         raise ApiError(422, "invalid_size", f"size {size!r} must be 'original' or 'input'")
 
 
-async def parse_multipart(request: Request, settings: Settings) -> ParsedBody:
+def _check_closed(raw: bytes, content_type: str) -> None:
+    """A multipart body must end with its close delimiter. Without it the parser keeps the parts it has and
+    drops the truncated last one in silence (a `target` field lost would explain the wrong class)."""
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise ApiError(400, "bad_multipart", "malformed multipart body: the content type names no boundary")
+    if raw.strip() and raw.rfind(b"--" + boundary + b"--") == -1:  # an empty body: "no images" says more
+        raise ApiError(400, "bad_multipart", "malformed multipart body: it ends before its closing boundary "
+                                             "(truncated?)")
+
+
+def _texts(form, name: str) -> list[str]:
+    values = form.getlist(name)
+    if any(isinstance(v, UploadFile) for v in values):
+        raise ApiError(422, "invalid_field", f"the {name!r} field must be text, not a file")
+    return values
+
+
+def _text(form, name: str) -> str | None:
+    """A text field given at most once (a second value is refused rather than guessed at)."""
+    values = _texts(form, name)
+    if len(values) > 1:
+        raise ApiError(422, "invalid_field", f"the {name!r} field is given {len(values)} times; give it once")
+    return values[0] if values else None
+
+
+async def parse_multipart(request: Request, settings: Settings, content_type: str) -> ParsedBody:
+    # BodyLimit has bounded the body as it arrived; request.form() parses this same buffered body
+    _check_closed(await request.body(), content_type)
     try:
         form = await request.form(max_files=settings.max_images, max_fields=64,
                                   max_part_size=settings.max_image_bytes)
@@ -74,15 +104,20 @@ async def parse_multipart(request: Request, settings: Settings) -> ParsedBody:
         if any(not isinstance(f, UploadFile) for f in files):
             raise ApiError(422, "bad_image", "the 'image' field must be a file upload")
         blobs = [await f.read() for f in files]
-        params = {k: v for k, v in form.multi_items() if k not in RESERVED_FIELDS}
-        if any(isinstance(v, UploadFile) for v in params.values()):
-            raise ApiError(422, "invalid_params", "only 'image' fields may be files")
-        outputs = _split([str(v) for v in form.getlist("outputs")]) or ["npy"]
-        size = str(form.get("size") or "original")
+        params = {}
+        for key, value in form.multi_items():
+            if key in RESERVED_FIELDS:
+                continue
+            if isinstance(value, UploadFile):
+                raise ApiError(422, "invalid_params", f"parameter {key!r} is a file; only 'image' fields may be")
+            if key in params:
+                raise ApiError(422, "invalid_params", f"parameter {key!r} is given more than once; give it once")
+            params[key] = value
+        outputs = _split(_texts(form, "outputs")) or ["npy"]
+        size = _text(form, "size") or "original"
         _check_outputs(outputs, size)
-        model = form.get("model")
-        return ParsedBody(str(model) if model else None, blobs,
-                          _targets([str(v) for v in form.getlist("target") + form.getlist("targets")]),
+        model = _text(form, "model")
+        return ParsedBody(model or None, blobs, _targets(_texts(form, "target") + _texts(form, "targets")),
                           params, outputs, size)
     finally:
         await form.close()
@@ -93,6 +128,8 @@ def parse_json(raw: bytes) -> ParsedBody:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, "bad_json", f"malformed JSON body: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "bad_json", "malformed JSON body: nested too deeply") from None
     try:
         req = ExplainRequest.model_validate(data)
     except ValidationError as exc:
@@ -100,18 +137,30 @@ def parse_json(raw: bytes) -> ParsedBody:
     blobs = []
     for i, text in enumerate(req.images):
         try:
-            blobs.append(pybase64.b64decode(text, validate=True))
+            blobs.append(_b64decode(text))
         except (binascii.Error, ValueError):
             raise ApiError(400, "bad_base64", f"images[{i}] is not valid base64") from None
     _check_outputs(list(req.outputs), req.size)
     return ParsedBody(req.model, blobs, req.targets, req.params, list(req.outputs), req.size)
 
 
+def _b64decode(text: str) -> bytes:
+    try:
+        return pybase64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        # MIME-style base64 (the `base64` tool's default) breaks lines every 76 characters: drop the whitespace
+        stripped = "".join(text.split())
+        if stripped == text:
+            raise
+        return pybase64.b64decode(stripped, validate=True)
+
+
 async def parse_body(request: Request, settings: Settings) -> ParsedBody:
     content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
-        return await parse_multipart(request, settings)
-    if content_type.startswith("application/json"):
+    media_type = content_type.split(";", 1)[0].strip().lower()  # media types are case-insensitive
+    if media_type == "multipart/form-data":
+        return await parse_multipart(request, settings, content_type)
+    if media_type == "application/json":
         return parse_json(await request.body())  # BodyLimit has bounded its size as it arrived
     raise ApiError(415, "unsupported_media_type",
                    f"content type {content_type or '(none)'!r}: send multipart/form-data or application/json")

@@ -11,6 +11,7 @@ from fastapi.responses import Response
 from ..jobs import Job
 from ..pipeline import prepare, resolve
 from ..runtime import Runtime, as_api_error
+from .errors import ApiError
 from .body import parse_body
 from .responses import FastJSONResponse
 from .deps import RuntimeDep
@@ -28,20 +29,31 @@ _REQUEST_BODY = {
                            "outputs": {"type": "string", "description": "comma list: npy,png,overlay,raw"},
                            "size": {"type": "string", "enum": ["original", "input"]}},
             "additionalProperties": {"type": "string", "description": "the method's parameters"}}}}}}
-_ERRORS = {code: {"model": ErrorOut} for code in (400, 404, 413, 415, 422, 429, 503, 504)}
+_ERRORS = {code: {"model": ErrorOut} for code in (400, 404, 406, 413, 415, 422, 429, 503, 504)}
 
 
 async def start_call(request: Request, runtime: Runtime, method_name: str, *, png: bool = False,
-                     deadline_s: float | None = None) -> Job:
-    """Parse, validate, decode, enqueue; the job's task awaits and encodes the results."""
+                     deadline_s: float | None = None, hold: bool = False) -> Job:
+    """Parse, validate, decode, enqueue; the job's task awaits and encodes the results. With `hold`, the job is
+    held (429 when max_jobs are) before any work is queued, so a refused call never runs."""
     registry = runtime.require_ready()
     body = await parse_body(request, runtime.settings)
     model, method, params = resolve(registry, runtime.settings, body.model, method_name, body.params)
+    if png and len(body.blobs) != 1:
+        raise ApiError(406, "not_acceptable", f"Accept: image/png answers with one image's overlay; this call has "
+                                              f"{len(body.blobs)} images: accept application/json for several")
     outputs = ["overlay"] if png else body.outputs
     job = Job(method=method.name, model=model.name, total=[method.steps(params)] * len(body.blobs))
-    call, items = await runtime.enqueue(
-        partial(prepare, runtime.settings, model, method, params, body.blobs, body.targets, outputs, body.size),
-        job, deadline_s or runtime.settings.queue_deadline_s)
+    if hold:
+        await runtime.hold_job(job)
+    try:
+        call, items = await runtime.enqueue(
+            partial(prepare, runtime.settings, model, method, params, body.blobs, body.targets, outputs, body.size),
+            job, deadline_s or runtime.settings.queue_deadline_s)
+    except BaseException:
+        if hold:
+            await runtime.discard_job(job)
+        raise
     job.task = asyncio.create_task(runtime.complete(call, job, items))
     job.task.add_done_callback(lambda t: t.cancelled() or t.exception())  # outcome lives on the job
     return job
@@ -66,9 +78,34 @@ async def _result_unless_gone(request: Request, task: asyncio.Task, timeout: flo
             raise _ClientGone
 
 
+async def _answer(request: Request, runtime: Runtime, job: Job, timeout: float):
+    """The call's body, or a 499 Response when the caller hung up; TimeoutError after `timeout`."""
+    try:
+        return await _result_unless_gone(request, job.task, timeout)
+    except _ClientGone:
+        runtime.cancel(job)  # nobody will read the answer: free the worker for those still waiting
+        return Response(status_code=499)
+    except TimeoutError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - mapped onto the API's errors
+        raise as_api_error(exc, log_unexpected=False) from None  # the job's task has logged it
+
+
 def _wants_png(request: Request) -> bool:
-    accept = request.headers.get("accept", "")
-    return "image/png" in accept and "application/json" not in accept
+    """The overlay PNG itself when the caller prefers image/png to application/json (q-values honoured)."""
+    quality: dict[str, float] = {}
+    for entry in request.headers.get("accept", "").split(","):
+        media, *options = (part.strip() for part in entry.split(";"))
+        q = 1.0
+        for option in options:
+            key, _, value = option.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        quality[media.lower()] = max(q, quality.get(media.lower(), 0.0))
+    return quality.get("image/png", 0.0) > quality.get("application/json", 0.0)
 
 
 @router.post("/explain/{method}", operation_id="explain", response_model=ExplainResponse, openapi_extra=_REQUEST_BODY,
@@ -79,16 +116,17 @@ async def explain(method: str, request: Request, runtime: RuntimeDep):
     png = _wants_png(request)
     job = await start_call(request, runtime, method, png=png)
     try:
-        body = await _result_unless_gone(request, job.task, runtime.settings.sync_wait_s)
-    except _ClientGone:
-        runtime.cancel(job)  # nobody will read the answer: free the worker for those still waiting
-        return Response(status_code=499)
+        body = await _answer(request, runtime, job, runtime.settings.sync_wait_s)
     except TimeoutError:
-        await runtime.hold_job(job)  # too long to wait for: the caller polls it as a job
-        return FastJSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
-    except Exception as exc:  # noqa: BLE001 - mapped onto the API's errors
-        raise as_api_error(exc, log_unexpected=False) from None  # the job's task has logged it
-    if png and len(body["results"]) == 1:
+        try:
+            await runtime.hold_job(job)  # too long to wait for: the caller polls it as a job
+        except ApiError:  # max_jobs are held: answer here when done rather than refuse work already running
+            body = await _answer(request, runtime, job, float("inf"))
+        else:
+            return FastJSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+    if isinstance(body, Response):
+        return body
+    if png:
         return Response(pybase64.b64decode(body["results"][0]["map"]["overlay"]), media_type="image/png")
     return FastJSONResponse(body)
 
@@ -97,8 +135,7 @@ async def explain(method: str, request: Request, runtime: RuntimeDep):
              openapi_extra=_REQUEST_BODY, responses=_ERRORS)
 async def submit_job(method: str, request: Request, runtime: RuntimeDep):
     """Start an explanation as a job (for long work such as MoreauGrad); poll GET /v1/jobs/{id}."""
-    job = await start_call(request, runtime, method, deadline_s=runtime.settings.job_deadline_s)
-    await runtime.hold_job(job)
+    job = await start_call(request, runtime, method, deadline_s=runtime.settings.job_deadline_s, hold=True)
     return FastJSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 Output = Literal["npy", "png", "overlay", "raw"]
 MapSize = Literal["original", "input"]
@@ -16,7 +16,8 @@ class ExplainRequest(BaseModel):
 
     model: str | None = Field(None, description="model name (default: the server's default model)")
     images: list[str] = Field(..., min_length=1, description="base64 image files (PNG, JPEG, ...)")
-    targets: list[int | None] | None = Field(None, description="class index per image; null = top-1 class")
+    # strict: JSON true is not class 1
+    targets: list[StrictInt | None] | None = Field(None, description="class index per image; null = top-1 class")
     params: dict[str, Any] = Field(default_factory=dict, description="the method's parameters")
     outputs: list[Output] = Field(default_factory=lambda: ["npy"])
     size: MapSize = Field("original", description="map at the original image size or the model input size")

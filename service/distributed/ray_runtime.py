@@ -203,6 +203,10 @@ class RayRuntime(Runtime):
         if job.finished_at is not None:  # it finished while being held
             await self._publish(job)
 
+    async def discard_job(self, job: Job) -> None:
+        self.jobs.discard(job.id)
+        await self.state.discard.remote(job.id)
+
     async def job_view(self, job_id: str) -> dict[str, Any]:
         view = await self.state.view.remote(job_id)
         if view is None:

@@ -39,6 +39,10 @@ class SharedState:
                                   "cancelled": False, "finished_at": None, "started": view["status"] == "running"}
         return None
 
+    async def discard(self, job_id: str) -> None:
+        """Forget a job whose call was refused after it was held (as service.jobs.JobStore.discard)."""
+        self._jobs.pop(job_id, None)
+
     async def view(self, job_id: str) -> dict[str, Any] | None:
         self._evict()
         record = self._jobs.get(job_id)

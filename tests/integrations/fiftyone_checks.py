@@ -27,7 +27,7 @@ def client():
 
 def test_samples_get_float_heatmaps_and_the_explained_class(client):
     samples = [fo.Sample(filepath=str(IMAGES / name)) for name in ("chelsea.png", "noise.png")]
-    assert add_saliency(samples, client, field="gradcam", batch_size=1) == 2
+    assert add_saliency(samples, client, field="gradcam", batch_size=1, size="original") == 2
     cat = samples[0]
     heat = cat["gradcam"]
     assert isinstance(heat, fo.Heatmap) and heat.range == [0.0, 1.0]
@@ -35,6 +35,17 @@ def test_samples_get_float_heatmaps_and_the_explained_class(client):
     np.testing.assert_array_equal(heat.map, np.load(IMAGES / "chelsea_gradcam.npy"))  # lossless
     assert cat["gradcam_class"].label == "Egyptian cat" and 0.5 < cat["gradcam_class"].confidence <= 1
     assert samples[1]["gradcam"].map.shape == (48, 80)
+
+
+def test_maps_default_to_the_model_input_size_and_params_reach_the_method(client):
+    """At the input size a map fits one MongoDB document whatever the photo's size; the App stretches it."""
+    [sample] = samples = [fo.Sample(filepath=str(IMAGES / "chelsea.png"))]
+    add_saliency(samples, client, field="ig", method="integrated-gradients", params={"method": "riemann_left"},
+                 n_steps=4)
+    assert sample["ig"].map.shape == (224, 224) and sample["ig"].map.dtype == np.float32
+    direct = client.explain(IMAGES / "chelsea.png", "integrated-gradients", size="input",
+                            params={"method": "riemann_left", "n_steps": 4})[0]
+    np.testing.assert_array_equal(sample["ig"].map, direct.map)
 
 
 def test_heatmap_serialises_like_fiftyone_stores_it(client):

@@ -136,6 +136,15 @@ def test_protocol_routes(app):
     assert app.post("/predict", json={"tasks": [], "label_config": NEITHER}).status_code == 400
 
 
+@pytest.mark.parametrize("extra, named", [({"threshold": "abc"}, "threshold"), ({"threshold": 2}, "threshold"),
+                                          ({"params": '{"layer": "bn2"}'}, "params"), ({"method": 3}, "method"),
+                                          ("gradcam", "extra_params")])
+def test_setup_refuses_extra_params_it_cannot_use(app, extra, named):
+    answer = app.post("/setup", json={"project": "8.1", "schema": BOTH, "extra_params": extra})
+    assert answer.status_code == 400 and named in answer.json()["error"]
+    assert app.post("/setup", json={"project": "8.1", "schema": BOTH}).status_code == 200  # still up
+
+
 def test_predict_gives_one_prediction_per_task(app):
     app.post("/setup", json={"project": "7.1", "schema": BOTH, "extra_params": {"method": "gradient"}})
     tasks = [{"id": i, "data": {"photo": png_data_url(i)}} for i in range(3)]

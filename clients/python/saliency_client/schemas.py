@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 Output = Literal["npy", "png", "overlay", "raw"]
 MapSize = Literal["original", "input"]
@@ -18,7 +18,7 @@ class ExplainRequest(BaseModel):
 
     model: str | None = None
     images: list[str] = Field(..., min_length=1)
-    targets: list[int | None] | None = None
+    targets: list[StrictInt | None] | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     outputs: list[Output] = Field(default_factory=lambda: ["npy"])
     size: MapSize = "original"
