@@ -78,6 +78,11 @@ def resolve(registry: ModelRegistry, settings: Settings, model_name: str | None,
         params = method.Params.model_validate(raw_params)
     except ValidationError as exc:
         raise ApiError(422, "invalid_params", f"{method.name}: {describe_validation(exc.errors())}") from None
+    if (params.precision not in (None, "fp32") and model.device.type == "cpu"
+            and not settings.cpu_reduced_precision):
+        raise ApiError(422, "invalid_params", f"{method.name}: precision {params.precision} is for GPUs; {model.name} "
+                                              f"runs on the CPU, where reduced precision is many times slower than "
+                                              f"fp32 (the server's cpu_reduced_precision setting allows it)")
     if params.precision is None:  # fill in the server's default: batch keys, cache keys and echoes say it
         params = params.model_copy(update={"precision": settings.precision})
     layer = getattr(params, "layer", None)

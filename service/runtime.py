@@ -351,6 +351,9 @@ class Runtime:
         if out.cancelled():  # the call failed or its caller left meanwhile
             return
         try:
+            if not torch.isfinite(result.heatmap).all():  # this call's parameters overflowed; not cached
+                raise ValueError(f"image {item.payload.index}: the {call.method.name} map is not finite: the "
+                                 f"computation overflowed with these parameters ({call.params.model_dump()})")
             self.cache.put(self.cache_key(call, item.payload.index), result)
             started = item.started_at or item.enqueued_at
             entry = encode_result(call, item.payload.index, result, (started - item.enqueued_at) * 1000,

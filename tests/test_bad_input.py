@@ -92,6 +92,11 @@ def bad_requests(base: str, form: str):
     yield "over the request's pixels", post(base, form, [ok, big, big]), 413, "the 3 images of this request hold " \
         "28800 pixels; the limit is 20000 per request"
     yield "unknown output", post(base, form, [ok], outputs="jpeg" if form == "multipart" else ["jpeg"]), 422, "jpeg"
+    yield "reduced precision on a CPU", post(base, form, [ok], params={"precision": "bf16"}), 422, "is for GPUs"
+    yield "riemann with one step", post(base, form, [ok], "integrated-gradients",
+                                        {"method": "riemann_left", "n_steps": 1}), 422, "at least 2"
+    yield "blur sigma that underflows", post(base, form, [ok], "integrated-gradients",
+                                             {"baseline": "blur", "blur_sigma": 1e-300}), 422, "blur_sigma"
 
 
 @pytest.mark.parametrize("form", ["multipart", "json"])
@@ -166,6 +171,27 @@ def test_png_answers_take_one_image_and_honour_q_values(base, small_png):
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     r = httpx.post(url, files=[image], headers={"accept": "image/png;q=0.5, application/json"}, timeout=60)
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
+
+
+def test_a_map_that_is_not_finite_fails_its_call_with_a_422_and_is_not_cached(monkeypatch, small_png):
+    import service.runtime
+
+    real = service.runtime.explain
+
+    def overflowing(*args, **kwargs):
+        results = real(*args, **kwargs)
+        results[0].heatmap[0, 0] = float("nan")  # as a diverging iteration would leave it
+        return results
+
+    registry = ModelRegistry.from_dir(MODELS, torch.device("cpu"), only={"tiny_cnn"})
+    with running_server(Settings(default_model="tiny_cnn"), registry) as (url, _):
+        monkeypatch.setattr(service.runtime, "explain", overflowing)
+        files = {"image": ("a.png", small_png, "image/png")}
+        r = httpx.post(f"{url}/v1/explain/gradient", files=files, timeout=60)
+        assert r.status_code == 422 and "not finite" in r.json()["error"]["message"], r.text
+        monkeypatch.setattr(service.runtime, "explain", real)
+        again = httpx.post(f"{url}/v1/explain/gradient", files=files, timeout=60)
+        assert again.status_code == 200  # computed afresh, not the failed result from the cache
 
 
 def test_chunked_body_over_the_limit_is_refused_while_streaming(base):

@@ -3,6 +3,7 @@ the job routes' use of them."""
 from __future__ import annotations
 
 import io
+import threading
 import time
 
 import httpx
@@ -98,3 +99,22 @@ def test_a_job_refused_for_room_runs_nothing_and_delete_answers_cancelled():
         assert 'saliency_batch_size_count{method="smoothgrad"}' not in metrics  # the refused call never ran
         again = httpx.post(f"{base}/v1/jobs/gradcam", files=files, timeout=30)  # the finished job makes room
         assert again.status_code == 202
+
+
+def test_a_call_that_never_started_by_its_sync_wait_gets_its_504_not_a_202():
+    """queue_deadline_s and sync_wait_s fall due together (both 30 s by default): the call is owed a 504."""
+    registry = ModelRegistry.from_dir(MODELS, torch.device("cpu"), only={"tiny_cnn"})
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(buf, "PNG")
+    files = {"image": ("a.png", buf.getvalue(), "image/png")}
+    settings = Settings(default_model="tiny_cnn", sync_wait_s=0.5, queue_deadline_s=0.5, max_wait_ms=0)
+    with running_server(settings, registry) as (base, app):
+        release = threading.Event()
+        app.state.runtime.fault_hook = lambda items: release.wait(30)  # the worker holds its batch
+        try:
+            held = httpx.post(f"{base}/v1/jobs/gradient", files=files, timeout=30)
+            assert held.status_code == 202
+            late = httpx.post(f"{base}/v1/explain/gradcam", files=files, timeout=30)
+            assert late.status_code == 504 and late.json()["error"]["code"] == "deadline_exceeded", late.text
+        finally:
+            release.set()

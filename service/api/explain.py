@@ -29,6 +29,7 @@ _REQUEST_BODY = {
                            "outputs": {"type": "string", "description": "comma list: npy,png,overlay,raw"},
                            "size": {"type": "string", "enum": ["original", "input"]}},
             "additionalProperties": {"type": "string", "description": "the method's parameters"}}}}}}
+_GRACE_S = 1.0  # how long a call past its sync wait, not yet started, may take to start or fail
 _ERRORS = {code: {"model": ErrorOut} for code in (400, 404, 406, 413, 415, 422, 429, 503, 504)}
 
 
@@ -67,15 +68,14 @@ async def _result_unless_gone(request: Request, task: asyncio.Task, timeout: flo
     """The task's result; TimeoutError after `timeout`; _ClientGone if the caller hangs up first."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while True:
+    while not task.done():
         remaining = deadline - loop.time()
         if remaining <= 0:
             raise TimeoutError
-        done, _ = await asyncio.wait({task}, timeout=min(0.25, remaining))
-        if done:
-            return task.result()
-        if await request.is_disconnected():
+        await asyncio.wait({task}, timeout=min(0.25, remaining))
+        if not task.done() and await request.is_disconnected():
             raise _ClientGone
+    return task.result()
 
 
 async def _answer(request: Request, runtime: Runtime, job: Job, timeout: float):
@@ -118,14 +118,28 @@ async def explain(method: str, request: Request, runtime: RuntimeDep):
     try:
         body = await _answer(request, runtime, job, runtime.settings.sync_wait_s)
     except TimeoutError:
-        try:
-            await runtime.hold_job(job)  # too long to wait for: the caller polls it as a job
-        except ApiError:  # max_jobs are held: answer here when done rather than refuse work already running
-            body = await _answer(request, runtime, job, float("inf"))
-        else:
+        body = await _past_sync_wait(request, runtime, job)
+        if body is None:  # the caller polls it as a job
             return FastJSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
-    if isinstance(body, Response):
-        return body
+    return body if isinstance(body, Response) else _ok(body, png)
+
+
+async def _past_sync_wait(request: Request, runtime: Runtime, job: Job):
+    """A call still unanswered after sync_wait_s: None once it is held as a job, else its answer."""
+    if not job.started:
+        # Still queued: with the defaults its start deadline (queue_deadline_s) falls due with the sync wait,
+        # and a 202 for a job about to fail would hide the 504 the call is owed.
+        await asyncio.wait({job.task}, timeout=_GRACE_S)
+    if job.task.done():
+        return await _answer(request, runtime, job, 0)
+    try:
+        await runtime.hold_job(job)
+    except ApiError:  # max_jobs are held: answer on this connection when done rather than refuse running work
+        return await _answer(request, runtime, job, float("inf"))
+    return None
+
+
+def _ok(body: dict, png: bool) -> Response:
     if png:
         return Response(pybase64.b64decode(body["results"][0]["map"]["overlay"]), media_type="image/png")
     return FastJSONResponse(body)

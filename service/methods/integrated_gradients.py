@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 from captum.attr import IntegratedGradients as CaptumIG
-from pydantic import Field
+from pydantic import Field, model_validator
 from torchvision.transforms.functional import gaussian_blur
 
 from .base import Attribution, HeatmapParams, Method
@@ -22,8 +22,14 @@ class IntegratedGradientsParams(HeatmapParams):
     baseline: Literal["black", "zeros", "blur", "uniform"] = Field(
         "black", description="black image in pixel space (the paper's), zeros in model-input space, "
                              "a blurred copy of the image, or uniform noise in pixel space")
-    blur_sigma: float = Field(10.0, gt=0, le=100, description="Gaussian blur std in pixels, for baseline=blur")
+    blur_sigma: float = Field(10.0, ge=0.1, le=100, description="Gaussian blur std in pixels, for baseline=blur")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the uniform-noise baseline")
+
+    @model_validator(mode="after")
+    def _riemann_needs_two_points(self):
+        if self.method.startswith("riemann") and self.n_steps < 2:
+            raise ValueError(f"n_steps must be at least 2 for {self.method} (1 is allowed for gausslegendre only)")
+        return self
 
 
 def make_baseline(model, x: torch.Tensor, params: IntegratedGradientsParams) -> torch.Tensor:
