@@ -254,6 +254,7 @@ def test_errors_are_json_with_codes(server, chelsea_png):
         assert r.status_code == status, (r.status_code, r.text)
         assert text in r.json()["error"]["message"], r.text
     assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
+    assert httpx.head(f"{base}/healthz").status_code == httpx.head(f"{base}/readyz").status_code == 200  # probes
 
 
 def test_job_progress_advances_and_completes(server):

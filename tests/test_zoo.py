@@ -48,6 +48,14 @@ def test_models_are_in_eval_mode_and_frozen(registry):
         assert model.card.cam.target_layer in model.cam_layers
 
 
+def test_grad_cam_layers_have_more_than_one_position(registry):
+    """At a 1 x 1 layer (global pooling) a Grad-CAM map is one value, all zeros once normalised: not offered."""
+    tiny = registry.get("tiny_cnn")
+    assert "gap" not in tiny.cam_layers and tiny.card.cam.target_layer in tiny.cam_layers
+    for model in registry.models.values():
+        assert all(h * w > 1 for _, h, w in model.cam_layers.values()), model.name
+
+
 def test_default_model_calls_chelsea_a_cat(default_model, chelsea_batch):
     with torch.no_grad():
         probs = default_model.module(chelsea_batch).softmax(1)[0]

@@ -8,13 +8,13 @@ from .deps import RuntimeDep
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", operation_id="health")
+@router.api_route("/healthz", methods=["GET", "HEAD"], operation_id="health")
 async def healthz() -> dict:
     """The process is up and answering."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", operation_id="ready", responses={503: {"description": "models loading or worker down"}})
+@router.api_route("/readyz", methods=["GET", "HEAD"], operation_id="ready", responses={503: {"description": "models loading or worker down"}})
 async def readyz(runtime: RuntimeDep):
     """Models loaded and the worker running; 503 until then."""
     body = runtime.readiness()

@@ -84,7 +84,8 @@ def build_architecture(card: ModelCard) -> nn.Module:
 
 def find_cam_layers(module: nn.Module, input_size: tuple[int, int], reshape: ReshapeTransform,
                     device: torch.device) -> dict[str, tuple[int, ...]]:
-    """Layers whose output (after the reshape transform) is a (C, h, w) map: the ones Grad-CAM can use."""
+    """Layers whose output (after the reshape transform) is a (C, h, w) map with more than one position: the ones
+    Grad-CAM can use (at a 1 x 1 layer, such as global pooling, the map is one value and comes out all zeros)."""
     shapes: dict[str, tuple[int, ...]] = {}
 
     def record(name: str):
@@ -94,7 +95,7 @@ def find_cam_layers(module: nn.Module, input_size: tuple[int, int], reshape: Res
                     mapped = reshape(output)
                 except ValueError:
                     return
-                if mapped.dim() == 4:
+                if mapped.dim() == 4 and mapped.shape[-2] * mapped.shape[-1] > 1:
                     shapes[name] = tuple(mapped.shape[1:])
         return hook
 
