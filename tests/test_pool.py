@@ -256,6 +256,7 @@ def test_cancelled_items_are_skipped(make_pool):
     cancelled = pool.submit(item(1))
     kept = pool.submit(item(2))
     assert cancelled.cancel()
+    assert pool.depth == 1  # the queue depth gauge counts only work still to do
     runner.release()
     assert kept.result(TIMEOUT) == 4
     assert [1] not in runner.batches and all(1 not in batch for batch in runner.batches)

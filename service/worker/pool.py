@@ -156,9 +156,9 @@ class WorkerPool:
 
     @property
     def depth(self) -> int:
-        """Items waiting to start (not counting the batch being run)."""
+        """Items waiting to start (not counting the batch being run, nor those cancelled while queued)."""
         with self._cond:
-            return len(self._pending)
+            return sum(1 for item in self._pending if not item.future.cancelled())
 
     @property
     def running(self) -> int:
