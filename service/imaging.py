@@ -129,16 +129,8 @@ def _upright(image: Image.Image) -> tuple[Image.Image, bool]:
 
 def _to_rgb(image: Image.Image, label: str) -> Image.Image:
     """A new 8-bit RGB image: alpha composited onto white, 16-bit and float data rescaled."""
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # Pillow's own conversion clips 16-bit values at 255 instead of scaling them.
-        values = np.asarray(image, dtype=np.float64)
-        return _gray_to_rgb(np.clip(values, 0, 65535) / 65535.0)
-    if image.mode == "F":
-        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
-        low, high = float(values.min()), float(values.max())
-        if low < 0.0 or high > 1.0:  # not a [0, 1] image: stretch its range
-            values = (values - low) / (high - low) if high > low else np.zeros_like(values)
-        return _gray_to_rgb(values)
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return _gray_to_rgb(_unit_gray(np.asarray(image, dtype=np.float64), image.mode))
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
@@ -147,6 +139,22 @@ def _to_rgb(image: Image.Image, label: str) -> Image.Image:
         return image.convert("RGB")
     except ValueError as error:
         raise ImageError(f"{label}: unsupported colour mode {image.mode}") from error
+
+
+def _unit_gray(values: np.ndarray, mode: str) -> np.ndarray:
+    """Single-channel integer or float pixels in [0, 1]. Pillow's own conversion clips 16-bit values at 255
+    instead of scaling them. 16-bit data (mode I holds it too) scales by 65535 and [0, 1] floats stay; any other
+    range (32-bit integers, floats such as depth) is stretched over its finite values, with NaN and -inf at its
+    low end and +inf at its high end, so one bad pixel cannot black out the image."""
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros_like(values)
+    low, high = float(values[finite].min()), float(values[finite].max())
+    values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+    top = 1.0 if mode == "F" else 65535.0
+    if low >= 0.0 and high <= top:
+        return values / top
+    return (values - low) / (high - low) if high > low else np.zeros_like(values)
 
 
 def _gray_to_rgb(unit: np.ndarray) -> Image.Image:

@@ -81,6 +81,20 @@ def test_16_bit_png_is_scaled_not_clipped():
     assert decoded.max() == 255 and decoded[0, 32] not in (0, 255)  # mid-ramp stays mid-grey
 
 
+def test_32_bit_and_float_tiffs_are_stretched_over_their_finite_range():
+    ramp = np.linspace(-2**31, 2**31 - 1, 64 * 4).reshape(4, 64)
+    wide = np.asarray(decode(save(Image.fromarray(ramp.astype(np.int32), "I"), "TIFF")))[..., 0].astype(int)
+    assert wide[0, 0] == 0 and wide[-1, -1] == 255 and 100 < wide[2, 0] < 155  # not clipped to white
+    depth = np.linspace(0.0, 10.0, 64 * 4).reshape(4, 64).astype(np.float32)
+    depth[0, 0], depth[0, 1], depth[0, 2] = np.inf, np.nan, -np.inf
+    gray = np.asarray(decode(save(Image.fromarray(depth, "F"), "TIFF")))[..., 0].astype(int)
+    finite = np.round((depth[1:] - depth[0, 3]) / (10.0 - depth[0, 3]) * 255)
+    assert np.abs(gray[1:] - finite).max() <= 1  # one +inf pixel does not black the image out
+    assert (gray[0, 0], gray[0, 1], gray[0, 2]) == (255, 0, 0)
+    unit = np.asarray(decode(save(Image.fromarray(depth[1:] / 10.0, "F"), "TIFF")))[..., 0].astype(int)
+    assert np.abs(unit - np.round(depth[1:] / 10.0 * 255)).max() <= 1  # a [0, 1] float image keeps its levels
+
+
 def test_palette_png_keeps_its_colours():
     original = noise_rgb().quantize(16)
     decoded = decode(save(original, "PNG"))
