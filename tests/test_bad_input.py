@@ -95,6 +95,8 @@ def bad_requests(base: str, form: str):
     yield "reduced precision on a CPU", post(base, form, [ok], params={"precision": "bf16"}), 422, "is for GPUs"
     yield "riemann with one step", post(base, form, [ok], "integrated-gradients",
                                         {"method": "riemann_left", "n_steps": 1}), 422, "at least 2"
+    yield "moreaugrad step that diverges", post(base, form, [ok], "moreaugrad", {"rho": 1e-300, "iterations": 3}), \
+        422, "lr must be below 2 * rho"
     yield "blur sigma that underflows", post(base, form, [ok], "integrated-gradients",
                                              {"baseline": "blur", "blur_sigma": 1e-300}), 422, "blur_sigma"
 

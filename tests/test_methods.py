@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from service.methods import METHODS
-from service.methods.fullgrad import FullGrad
+from service.methods.fullgrad import FullGrad, FullGradUnsupported, decompose
 from service.methods.moreaugrad import group_shrink, soft_threshold
 from service.methods.postprocess import minmax
 from tests.nets import CamNet, ClampNet, LinearNet, ReluBnNet, SiluNet, SmoothNet, explainee, images, make, tiny_cnn
@@ -27,6 +27,32 @@ def grad_of(net, x, targets):
     with torch.enable_grad():
         out = net(x).gather(1, targets.view(-1, 1)).sum()
         return torch.autograd.grad(out, x)[0]
+
+
+class QuadNet(torch.nn.Module):
+    """logit_k(x) = 0.5 * sum(W_k * x^2): its input gradient W_k * x is known in closed form, so a method's
+    output on known noise draws z can be computed by hand (the gradient at x + s z is W_k * (x + s z))."""
+
+    def __init__(self, shape=(3, 8, 8), classes: int = 3, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("w", torch.rand((classes, *shape), generator=g, dtype=torch.float64) + 0.5)
+
+    def forward(self, x):
+        return 0.5 * torch.einsum("kchw,bchw->bk", self.w, x ** 2)
+
+
+def seeded_draws(seed: int, n: int, shape) -> torch.Tensor:
+    """The noise the seeded methods use for every image (service/methods/noise.py's contract: image b's draws
+    depend on the seed only): a fresh generator seeded with `seed`, n standard normal images per call."""
+    return torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def ranged_images():
+    """Two 8x8 images with different value ranges (max - min), so per-image noise scales differ."""
+    x = images(2, size=8)
+    x[1] = 3 * x[1] + 1
+    return x
 
 
 # ---------------------------------------------------------------- Grad-CAM
@@ -161,6 +187,26 @@ def test_smoothgrad_noise_scales_with_each_images_range():
         assert d["noise_std"] == pytest.approx(0.2 * float(img.max() - img.min()))
 
 
+@pytest.mark.parametrize("variant", ["smoothgrad", "smoothgrad_sq", "vargrad"])
+def test_smoothgrad_on_a_quadratic_model_equals_the_hand_computed_average(variant):
+    """grad at x + s z_i is W_k (x + s z_i) exactly, with s = noise_level * (max - min) of each image and z_i
+    the seeded draws: the mean, the mean of squares and their difference follow by hand. Pins the noise scale
+    actually applied (not only the reported one) and each variant's formula."""
+    net = QuadNet()
+    x, targets = ranged_images(), torch.tensor([0, 2])
+    level, n, seed = 0.2, 5, 3
+    result = run("smoothgrad", explainee(net), x, targets, noise_level=level, n_samples=n, seed=seed,
+                 variant=variant)
+    z = seeded_draws(seed, n, x.shape[1:])
+    for b in range(2):
+        s = level * float(x[b].max() - x[b].min())
+        g = net.w[targets[b]] * (x[b] + s * z)  # (n, C, H, W): every noisy gradient
+        expected = {"smoothgrad": g.mean(0), "smoothgrad_sq": (g ** 2).mean(0),
+                    "vargrad": (g ** 2).mean(0) - g.mean(0) ** 2}[variant]
+        assert torch.allclose(result.attribution[b], expected, rtol=1e-10, atol=1e-12)
+        assert result.diagnostics[b]["noise_std"] == pytest.approx(s, rel=1e-12)
+
+
 # ---------------------------------------------------------------- FullGrad
 @pytest.mark.parametrize("factory", [lambda: make(ReluBnNet), tiny_cnn], ids=["relu-bn", "residual-inplace"])
 def test_fullgrad_completeness_on_relu_bn_nets(factory):
@@ -232,6 +278,66 @@ def test_fullgrad_is_complete_on_the_real_default_model(default_model, chelsea_b
     assert d["completeness_gap"] < 1e-4 and d["complete"] is True
 
 
+class TokenMLP(torch.nn.Module):
+    """Patchify conv -> 16 tokens of 16 channels (T == C) -> Linear on (N, T, C) -> ReLU -> mean -> head.
+    Piecewise linear with every bias in a Conv2d or Linear, so its decomposition is exact; with T == C a bias
+    broadcast on dim 1 instead of the last dim runs without a shape error and is silently wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 16, 4, stride=4)
+        self.mlp = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        tokens = self.stem(x).flatten(2).transpose(1, 2)  # (N, 16 tokens, 16 channels)
+        return self.head(torch.relu(self.mlp(tokens)).mean(1))
+
+
+def test_fullgrad_decomposition_puts_a_linear_bias_on_the_last_dim():
+    net = make(TokenMLP)
+    x, targets = images(3), torch.tensor([0, 1, 4])
+    parts = decompose(net, x, targets)
+    assert {name: kind for name, kind, _ in parts.terms()} == {"stem": "channel", "mlp": "linear",
+                                                               "head": "linear"}
+    mlp = next(term for name, _, term in parts.terms() if name == "mlp")
+    assert mlp.shape == (3, 16, 16)
+    # completeness: f(x) = sum(grad_x f * x) + sum of grad_z f * b over the three bias layers
+    assert torch.allclose(parts.total(), parts.score, rtol=1e-10, atol=1e-12)
+    # the mlp term by hand: d score / d mlp output, times the bias along the channel (last) dim
+    with torch.enable_grad():
+        tokens = net.stem(x).flatten(2).transpose(1, 2)
+        z = net.mlp(tokens).detach().requires_grad_(True)
+        score = net.head(torch.relu(z).mean(1)).gather(1, targets.view(-1, 1)).sum()
+        (grad_z,) = torch.autograd.grad(score, z)
+    assert torch.allclose(mlp, grad_z * net.mlp.bias.view(1, 1, 16), atol=1e-12)
+
+
+def test_fullgrad_refuses_a_token_model_with_a_422_naming_the_layer():
+    from service.runtime import as_api_error
+
+    refusal = r"FullGrad needs a CNN: Linear layer 'mlp' acts on tokens"
+    with pytest.raises(FullGradUnsupported, match=refusal) as e:
+        run("fullgrad", explainee(make(TokenMLP)), images(2), torch.tensor([0, 1]))
+    assert "(16, 16) per image" in str(e.value)
+    error = as_api_error(e.value)  # how every runtime maps a method's error onto the API's answer
+    assert (error.status, error.code, error.message) == (422, "invalid", str(e.value))
+
+
+@pytest.mark.parametrize(("arch", "kw", "layer"), [
+    ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1}, "blocks.0.attn.qkv"),
+    # conv_mlp=False: timm's ConvNeXt MLP is a Linear on channels-last (N, H, W, C) features
+    ("convnext_atto", {"depths": (1, 1, 1, 1), "conv_mlp": False}, "stages.0.blocks.0.mlp.fc1"),
+], ids=["vit", "convnext-channels-last"])
+def test_fullgrad_refuses_timm_token_and_channels_last_models(arch, kw, layer):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = timm.create_model(arch, pretrained=False, num_classes=5, **kw).double().eval().requires_grad_(False)
+    refusal = f"FullGrad needs a CNN: Linear layer '{layer}' acts on tokens"
+    with pytest.raises(FullGradUnsupported, match=refusal):
+        run("fullgrad", explainee(net), images(1, size=32), torch.tensor([0]))
+
+
 # ---------------------------------------------------------------- MoreauGrad
 def test_moreaugrad_stationarity_after_convergence():
     net = make(SmoothNet)
@@ -286,6 +392,62 @@ def test_moreaugrad_rejects_group_size_not_dividing_the_input():
     with pytest.raises(ValueError, match="group_size 5 does not divide"):
         run("moreaugrad", explainee(make(LinearNet)), images(1, size=8), torch.tensor([0]), sparsity="group",
             group_size=5, iterations=1, n_samples=1)
+
+
+@pytest.mark.parametrize("sparsity", ["none", "l1"])
+def test_moreaugrad_one_step_is_the_closed_form_first_update(sparsity):
+    """From delta_0 = 0 one step is delta_1 = prox(-lr * mean_i grad f(x + s z_i)), with s = noise_level *
+    (max - min) of each image; averaged over that single iterate, MoreauGrad = -delta_1 / rho. On the
+    quadratic model grad f(x + s z_i) = W_k (x + s z_i)."""
+    net = QuadNet()
+    x, targets = ranged_images(), torch.tensor([1, 2])
+    level, n, seed, lr, rho, eta = 0.1, 4, 9, 0.3, 2.0, 0.05
+    result = run("moreaugrad", explainee(net), x, targets, noise_level=level, n_samples=n, seed=seed, lr=lr,
+                 rho=rho, iterations=1, sparsity=sparsity, eta=eta)
+    z = seeded_draws(seed, n, x.shape[1:])
+    for b in range(2):
+        s = level * float(x[b].max() - x[b].min())
+        delta = -lr * (net.w[targets[b]] * (x[b] + s * z)).mean(0)
+        if sparsity == "l1":
+            delta = delta.sign() * (delta.abs() - lr * eta).clamp_min(0)
+        assert torch.allclose(result.attribution[b], -delta / rho, rtol=1e-10, atol=1e-12)
+        assert result.diagnostics[b]["noise_std"] == pytest.approx(s, rel=1e-12)
+
+
+def test_moreaugrad_draws_fresh_noise_every_step():
+    """Three steps by hand on the quadratic model: step t uses the generator's t-th block of n draws and the
+    penalty gradient delta / rho; the answer averages the three iterates."""
+    net = QuadNet()
+    x, targets = ranged_images(), torch.tensor([0, 1])
+    level, n, seed, lr, rho, steps = 0.15, 3, 4, 0.2, 0.5, 3
+    result = run("moreaugrad", explainee(net), x, targets, noise_level=level, n_samples=n, seed=seed, lr=lr,
+                 rho=rho, iterations=steps)
+    for b in range(2):
+        gen = torch.Generator().manual_seed(seed)
+        s = level * float(x[b].max() - x[b].min())
+        w, delta, total = net.w[targets[b]], torch.zeros_like(x[b]), torch.zeros_like(x[b])
+        for _ in range(steps):
+            z = torch.randn((n, *x.shape[1:]), generator=gen, dtype=torch.float64)
+            delta = delta - lr * ((w * (x[b] + delta + s * z)).mean(0) + delta / rho)
+            total = total + delta
+        assert torch.allclose(result.attribution[b], -(total / steps) / rho, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("iterations", "averaged"), [(150, 101), (101, 101), (30, 30)])
+def test_moreaugrad_averages_the_last_101_iterates_like_the_official_code(iterations, averaged):
+    """The official code averages the iterates with MAX_ITR - (n_itr + 1) <= 100: the last 101 (all when
+    fewer). Linear f = w.x, no noise: delta_k = -rho w (1 - q^k), q = 1 - lr/rho; the average is closed-form.
+    """
+    net = make(LinearNet)
+    x, targets = images(1, size=8), torch.tensor([1])
+    rho, lr = 1.0, 0.05
+    result = run("moreaugrad", explainee(net), x, targets, noise_level=0.0, rho=rho, lr=lr,
+                 iterations=iterations, n_samples=1)
+    q = 1 - lr / rho
+    ks = torch.arange(iterations - averaged + 1, iterations + 1, dtype=torch.float64)
+    w = net.fc.weight[1].view_as(x)
+    assert torch.allclose(result.attribution, w * (1 - (q ** ks).mean()), rtol=1e-10, atol=1e-13)
+    assert result.diagnostics[0]["averaged_iterates"] == averaged
 
 
 def test_moreaugrad_reports_progress_and_can_be_cancelled():

@@ -5,8 +5,17 @@ nets. Clamping activations (ReLU6, Hardtanh) are piecewise linear with constant 
 outputs 6 whatever its input, an implicit bias counted like the others (without it the decomposition of
 EfficientNet-Lite0 missed 12% to 240% of the score). Each image's completeness gap is reported; SiLU/sigmoid
 nets are flagged, not hidden.
+
+Each bias runs along its layer's channel dim: dim 1 for conv/BatchNorm outputs (N, C, ...), the last dim for
+nn.Linear, whatever its leading dims. The map is defined for CNNs: the input term plus the conv/BatchNorm (and
+clipped-unit) terms with a channel dim 1 and spatial dims; Linear terms of a CNN's head, (N, C), enter the
+completeness sum only. A Linear acting on tokens (N, T, C) or channels-last features (N, H, W, C) (ViT, Swin,
+ConvNeXt) carries a bias with no place in that map, so such models are refused (FullGradUnsupported, a
+ValueError: the API answers 422 with its message) rather than explained with most of their biases missing.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -57,20 +66,84 @@ def clamp_layers(module: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in module.named_modules() if isinstance(m, nn.Hardtanh)}
 
 
-def _bias_term(grad: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    shape = (1, -1) + (1,) * (grad.dim() - 2)
-    return grad * bias.to(grad.dtype).view(shape)
+class FullGradUnsupported(ValueError):
+    """A model FullGrad is not defined for. A ValueError: every runtime answers 422 with its message."""
 
 
-def _bias_terms(bias_records, clamp_records, biases, dtype):
-    """grad_z f * b per bias layer, then grad_out f * constant per clamping activation. A record without a
-    gradient is a layer that did not influence the score (e.g. an unused head)."""
-    for record in bias_records:
-        if record.grad is not None:
-            yield _bias_term(record.grad.to(dtype), biases[record.name])
-    for record in clamp_records:
-        if record.grad is not None:
-            yield record.grad.to(dtype) * record.output.to(dtype)
+# Kinds of term: a bias along dim 1 (conv/BatchNorm), a bias along the last dim (Linear), clipped units.
+CHANNEL, LINEAR, CLAMP = "channel", "linear", "clamp"
+
+
+def _bias_term(grad: torch.Tensor, bias: torch.Tensor, kind: str) -> torch.Tensor:
+    """grad_z f * b, with b broadcast along the layer's channel dim: dim 1 for conv/BatchNorm outputs
+    (N, C, ...); the last dim for nn.Linear, whose bias runs along its output's last dim whatever the leading
+    dims ((N, C), tokens (N, T, C), channels-last (N, H, W, C))."""
+    bias = bias.to(grad.dtype)
+    if kind == LINEAR:
+        return grad * bias
+    return grad * bias.view((1, -1) + (1,) * (grad.dim() - 2))
+
+
+@dataclass
+class Decomposition:
+    """f(x) = sum(input_term) + sum of every term's sum, per image (exact for piecewise-linear nets).
+
+    The bias terms are made one at a time from the captured gradients (`terms()`), never all held at once."""
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+    score: torch.Tensor  # (B,) logits[b, targets[b]]
+    input_term: torch.Tensor  # grad_x f * x
+    bias_records: list  # hooks.Record per bias layer: its name and the gradient reaching its output
+    clamp_records: list  # hooks.Record per clamping activation: gradient and the clipped units' constants
+    biases: dict[str, torch.Tensor]
+    kinds: dict[str, str]  # bias layer -> CHANNEL | LINEAR
+
+    def terms(self):
+        """(layer name, CHANNEL | LINEAR | CLAMP, term shaped like the layer's output) in forward order:
+        grad_z f * b per bias layer, then grad_out f * constant per clamping activation. A record without a
+        gradient is a layer that did not influence the score (e.g. an unused head)."""
+        dtype = self.input_term.dtype
+        for record in self.bias_records:
+            if record.grad is not None:
+                kind = self.kinds[record.name]
+                yield record.name, kind, _bias_term(record.grad.to(dtype), self.biases[record.name], kind)
+        for record in self.clamp_records:
+            if record.grad is not None:
+                yield record.name, CLAMP, record.grad.to(dtype) * record.output.to(dtype)
+
+    def total(self) -> torch.Tensor:
+        """(B,) the right-hand side of the decomposition; equal to `score` when the net is complete."""
+        total = per_image_sum(self.input_term)
+        for _, _, term in self.terms():
+            total = total + per_image_sum(term)
+        return total
+
+    def refuse_token_models(self) -> None:
+        """FullGrad's map is a CNN's: refuse a model with a Linear layer acting on tokens or channels-last
+        features. Checked on the gradients' shapes (those of the layers' outputs), before any term is made."""
+        for record in self.bias_records:
+            grad = record.grad
+            if grad is not None and self.kinds[record.name] == LINEAR and grad.dim() > 2:
+                raise FullGradUnsupported(
+                    f"FullGrad needs a CNN: Linear layer {record.name!r} acts on tokens or channels-last "
+                    f"features (its output is {tuple(grad.shape[1:])} per image, not a feature vector), as "
+                    f"in ViT, Swin or ConvNeXt; its bias has no place in FullGrad's per-pixel map. Explain "
+                    f"this model with gradcam, gradient, integrated-gradients, smoothgrad or moreaugrad")
+
+
+def decompose(module: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> Decomposition:
+    """One forward and one backward: what each image's target score decomposes into."""
+    hooked, pre_input, biases = bias_layers(module)
+    kinds = {name: LINEAR if isinstance(m, nn.Linear) else CHANNEL for name, m in hooked.items()}
+    with torch.enable_grad(), GradientCapture(hooked, pre_input) as capture, \
+            ClampCapture(clamp_layers(module)) as clamps:
+        xg = x.detach().requires_grad_(True)
+        logits = module(xg)
+        targets = resolve_targets(logits, targets)
+        score = class_scores(logits, targets)
+        (grad_x,) = torch.autograd.grad(score.sum(), xg)  # fires the tensor hooks of every bias layer
+    return Decomposition(logits, targets, score, grad_x * x, capture.records, clamps.records, biases, kinds)
 
 
 class FullGrad(SinglePassMethod):
@@ -79,29 +152,22 @@ class FullGrad(SinglePassMethod):
     Params = FullGradParams
 
     def attribute_chunk(self, model, x, targets, params):
-        hooked, pre_input, biases = bias_layers(model.module)
+        parts = decompose(model.module, x, targets)
+        parts.refuse_token_models()
         size = tuple(x.shape[-2:])
-        with torch.enable_grad(), GradientCapture(hooked, pre_input) as capture, \
-                ClampCapture(clamp_layers(model.module)) as clamps:
-            xg = x.detach().requires_grad_(True)
-            logits = model.module(xg)
-            targets = resolve_targets(logits, targets)
-            score = class_scores(logits, targets)
-            (grad_x,) = torch.autograd.grad(score.sum(), xg)  # fires the tensor hooks of every bias layer
-        input_term = grad_x * x
-        total = per_image_sum(input_term)
-        saliency = minmax_channel_sum(input_term.abs())
-        for term in _bias_terms(capture.records, clamps.records, biases, x.dtype):
+        total = per_image_sum(parts.input_term)
+        saliency = minmax_channel_sum(parts.input_term.abs())
+        for _, kind, term in parts.terms():
             total = total + per_image_sum(term)
-            if term.dim() == 4:
+            if kind != LINEAR and term.dim() == 4:  # (N, C, H, W): conv/BatchNorm biases and clipped units
                 # Channel sum before upsampling: bilinear interpolation is linear, so this equals the
                 # reference's upsample-then-sum without a (B, C, H, W) tensor per layer.
                 layer_map = minmax_channel_sum(term.abs())
                 saliency = saliency + upsample(layer_map, size, align_corners=True)
-        score = score.detach().to(x.dtype)
+        score = parts.score.detach().to(x.dtype)
         gaps = ((score - total).abs() / score.abs().clamp_min(1e-12)).tolist()
         diagnostics = [{"completeness_gap": g, "complete": g <= COMPLETE_TOLERANCE, "score": s,
-                        "bias_layers": len(capture.records), "clamp_layers": len(clamps.records)}
+                        "bias_layers": len(parts.bias_records), "clamp_layers": len(parts.clamp_records)}
                        for g, s in zip(gaps, score.tolist())]
-        return Attribution(saliency.detach(), minmax(saliency.squeeze(1)).detach(), diagnostics, logits.detach(),
-                           targets)
+        return Attribution(saliency.detach(), minmax(saliency.squeeze(1)).detach(), diagnostics,
+                           parts.logits.detach(), parts.targets)

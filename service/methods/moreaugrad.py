@@ -2,9 +2,10 @@
 
 For each image: minimise over delta  E_z[f(x + z + delta)] + ||delta||^2 / (2 rho)  (+ eta * sparsity) by
 (proximal) gradient steps with fresh Gaussian noise every iteration, as the official code does for one
-image; the answer is -mean(delta over the last 100 iterates) / rho. Here the images of a batch and all
-their noise samples share one pass per iteration; each image keeps its own delta, noise scale, penalty and
-noise generator, so a batch returns exactly what one-at-a-time runs return.
+image; the answer is -mean(delta over the last 101 iterates, or all of them when there are fewer) / rho: the
+official code averages the iterates with MAX_ITR - (n_itr + 1) <= 100, i.e. 101 of them. Here the images of a
+batch and all their noise samples share one pass per iteration; each image keeps its own delta, noise scale,
+penalty and noise generator, so a batch returns exactly what one-at-a-time runs return.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from .gradients import clean_logits, input_gradients, resolve_targets
 from .noise import generators, normal_like, value_range
 from .postprocess import heatmap
 
-AVERAGED_ITERATES = 100
+AVERAGED_ITERATES = 101  # the official code's window: MAX_ITR - (n_itr + 1) in 0..100
 DEFAULT_ETA = {"none": 0.0, "l1": 5e-3, "group": 5e-2}
 
 
@@ -36,6 +37,10 @@ class MoreauGradParams(HeatmapParams, SeededParams):
 
     @model_validator(mode="after")
     def _fill_eta(self):
+        if self.lr >= 2 * self.rho:
+            # each step scales delta by (1 - lr / rho) before the score's gradient: past 2 it grows without bound
+            raise ValueError(f"lr must be below 2 * rho (lr {self.lr:g}, rho {self.rho:g}): each step multiplies "
+                             f"delta by 1 - lr/rho = {1 - self.lr / self.rho:g}, and the iteration diverges")
         if self.eta is None:
             object.__setattr__(self, "eta", DEFAULT_ETA[self.sparsity])
         return self
