@@ -35,7 +35,7 @@ class Settings(BaseSettings):
                             "method applies it: service/engine.py precision_scope)")
     cpu_reduced_precision: bool = Field(False, description="accept a request's bf16/fp16 `precision` for a "
                                         "model on the CPU; off by default: without native half-precision kernels "
-                                        "those passes ran 10-600x slower than fp32 (docs/benchmarks.md), so one "
+                                        "those passes ran 8-23x slower than fp32 (docs/benchmarks.md), so one "
                                         "request could hold the worker for minutes")
     gpu_memory_fraction: float = Field(0.8, gt=0, le=1, description="share of a GPU's free memory at start-up "
                                        "that model passes may use; each of the two lanes sizes its passes to half "
