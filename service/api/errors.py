@@ -21,7 +21,8 @@ def describe_validation(errors) -> str:
     parts = []
     for e in errors:
         loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body",))
-        text = f"{loc}: {e.get('msg')}" if loc else str(e.get("msg"))
+        msg = str(e.get("msg")).removeprefix("Value error, ")  # a validator's own sentence needs no label
+        text = f"{loc}: {msg}" if loc else msg
         given = e.get("input")
         if isinstance(given, (str, int, float, bool)) and e.get("type") != "missing":
             text += f" (got {given!r:.60})"
