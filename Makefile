@@ -2,7 +2,7 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
-# torch/torchvision pinned to the releases that lie on this machine's disk (see DEVELOPERS.md).
+# torch/torchvision pinned to the releases this project's machines install from local disk (pip is capped there).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: serve test bench venv clean

@@ -35,10 +35,10 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
                               "FullGrad, MoreauGrad and the plain gradient, batched on one device.")
     app.state.runtime = runtime
     errors.install(app)
-    app.include_router(health.router)
-    app.include_router(metrics.router)
+    app.include_router(health.router)  # open: probes carry no key
     app.include_router(viewer_router)  # the web viewer at / (public page; its /v1 calls send the key)
-    for module in (catalog, explain):  # every /v1 route needs the API key when one is set
+    # every /v1 route, and /metrics (load, queue, memory: operational data), need the API key when one is set
+    for module in (catalog, explain, metrics):
         app.include_router(module.router, dependencies=[Depends(require_api_key)])
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)

@@ -159,6 +159,11 @@ class Runtime:
         """Each lane's pass thread has run its warm-up (a no-op off a GPU): see `_warm_thread`."""
         return all(warmed.is_set() for warmed in self._warmed.values())
 
+    def serving_device(self) -> str:
+        """Where the passes run: this process's registry may sit on the CPU only to validate and preprocess
+        (worker=process, where the engine processes own the device)."""
+        return str(self.device)
+
     def readiness(self) -> dict[str, Any]:
         return {"ready": self.ready, "models_loaded": self._loaded.is_set(), "worker_alive": self.workers_alive,
                 "models": sorted(self.registry.models) if self.registry else [], "error": self.load_error}

@@ -195,3 +195,15 @@ def test_serve_config_file_validates_and_names_the_apps_deployments():
     args.pop("threads")
     made = {"ingress", "state"} | {explainer_name(m) for m in servable_models(Settings(**args))}
     assert {d.name for d in app.deployments} == made
+
+
+def test_explainers_ask_ray_for_a_gpu_only_when_the_cluster_has_one_and_the_device_may_use_it():
+    pytest.importorskip("ray.serve", reason="ray is not installed: pip install '.[ray]'")
+    from service.distributed.app import explainer_gpus
+    from service.settings import Settings
+
+    gpu = {"*": {"ray_actor_options": {"num_cpus": 1, "num_gpus": 1}}}
+    assert explainer_gpus(Settings(), {"CPU": 16.0, "GPU": 1.0}) == gpu  # device=auto
+    assert explainer_gpus(Settings(device="cuda:0"), {"GPU": 8.0}) == gpu
+    assert explainer_gpus(Settings(device="cpu"), {"GPU": 1.0}) == {}
+    assert explainer_gpus(Settings(), {"CPU": 2.0}) == {}  # this project's CPU machines

@@ -38,11 +38,12 @@ def test_defaults_are_safe():
     assert settings.host == "127.0.0.1" and settings.api_key is None and not settings.allow_insecure_bind
 
 
-def test_api_key_protects_every_v1_route(secured):
+def test_api_key_protects_every_v1_route_and_the_metrics(secured):
     base = secured
     body = {"images": [base64.b64encode(png()).decode()]}
     calls = [("GET", "/v1/models", None), ("GET", "/v1/methods", None), ("POST", "/v1/explain/gradcam", body),
-             ("POST", "/v1/jobs/gradcam", body), ("GET", "/v1/jobs/x", None), ("DELETE", "/v1/jobs/x", None)]
+             ("POST", "/v1/jobs/gradcam", body), ("GET", "/v1/jobs/x", None), ("DELETE", "/v1/jobs/x", None),
+             ("GET", "/metrics", None)]
     for verb, path, payload in calls:
         r = httpx.request(verb, base + path, json=payload)
         assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", (path, r.text)
@@ -52,6 +53,7 @@ def test_api_key_protects_every_v1_route(secured):
     r = httpx.post(f"{base}/v1/explain/gradcam", json=body, headers={"X-API-Key": KEY})
     assert r.status_code == 200
     assert httpx.get(f"{base}/healthz").status_code == 200 and httpx.get(f"{base}/readyz").status_code == 200
+    assert httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
 
 
 def test_refuses_a_public_bind_without_a_key():

@@ -17,7 +17,7 @@ COST = {"gradcam": "1 pass", "gradient": "1 pass", "fullgrad": "1 pass", "integr
 async def list_models(runtime: RuntimeDep) -> list[ModelOut]:
     registry = runtime.require_ready()
     out = [ModelOut(name=m.name, architecture=m.card.architecture, description=m.card.description,
-                    available=True, device=str(m.device), input_size=list(m.preprocess.size),
+                    available=True, device=runtime.serving_device(), input_size=list(m.preprocess.size),
                     num_classes=m.num_classes, default_layer=m.card.cam.target_layer, layers=list(m.cam_layers),
                     default=m.name == runtime.settings.default_model, folded_batchnorms=m.folded_norms)
            for m in registry.models.values()]

@@ -1,4 +1,4 @@
-"""API key check for /v1 routes, and a body-size guard that counts bytes as they arrive."""
+"""API key check for /v1 routes and /metrics, and a body-size guard that counts bytes as they arrive."""
 from __future__ import annotations
 
 import hmac

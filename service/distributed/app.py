@@ -90,13 +90,22 @@ def app_builder(args: dict[str, Any]) -> Application:
     return build(Settings(**args), threads=threads)
 
 
+def explainer_gpus(settings: Settings, resources: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """A GPU per explainer replica when the cluster has GPUs and the device setting may use one: Ray hides
+    every GPU from an actor that did not ask for one, so `device=auto` would fall back to the CPU and
+    `device=cuda` would fail. A Serve config file sets this per deployment instead."""
+    if settings.device == "cpu" or resources.get("GPU", 0) < 1:
+        return {}
+    return {"*": {"ray_actor_options": {"num_cpus": 1, "num_gpus": 1}}}
+
+
 def serve_forever(settings: Settings) -> None:
     """`python -m service --engine ray`: start (or join, with RAY_ADDRESS) Ray, run the app, wait for a signal."""
     import ray
 
     ray.init()
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build(settings), name=APP_NAME, route_prefix="/")
+    serve.run(build(settings, explainer_gpus(settings, ray.cluster_resources())), name=APP_NAME, route_prefix="/")
     log.info("serving on http://%s:%s (Ray Serve)", settings.host, settings.port)
 
     stopping = threading.Event()

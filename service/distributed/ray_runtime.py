@@ -60,6 +60,9 @@ class RayRuntime(Runtime):
     def _isolate(self, settings: Settings) -> bool:
         return False  # the explainer replicas are processes of their own already
 
+    def serving_device(self) -> str:
+        return f"ray:{self.settings.device}"  # each explainer replica resolves the device setting where it runs
+
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         if self.registry is None:
