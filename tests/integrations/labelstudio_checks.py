@@ -158,3 +158,12 @@ def test_predict_gives_one_prediction_per_task(app):
     bad = app.post("/predict", json={"tasks": [{"id": 1, "data": {"photo": "data:image/png;base64,!!"}}],
                                      "project": "7.1", "label_config": BOTH})
     assert bad.status_code == 502 and "base64" in bad.json()["error"]
+
+
+def test_predict_answers_within_the_backend_timeout():
+    """The timeout bounds the whole /predict (all its batches and any job the service turns one into)."""
+    settings = BackendSettings(saliency_url=os.environ["SALIENCY_URL"], timeout=0.01)
+    with TestClient(create_app(settings)) as hurried:
+        tasks = [{"id": i, "data": {"photo": png_data_url(i)}} for i in range(2)]
+        answer = hurried.post("/predict", json={"tasks": tasks, "label_config": BOTH})
+    assert answer.status_code == 502 and "time" in answer.json()["error"]

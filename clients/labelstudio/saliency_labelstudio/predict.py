@@ -1,6 +1,7 @@
 """Tasks -> Label Studio predictions: a brushlabels region carrying the saliency, a box around its peak."""
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +85,7 @@ def prediction(targets: Targets, result: ImageExplanation, settings: BackendSett
 def predict(tasks: list[dict[str, Any]], label_config: str, settings: BackendSettings, client: Client,
             fetcher: ImageFetcher, batch: int = 8) -> list[dict[str, Any]]:
     """One prediction per task, in order; the service explains up to `batch` images per request."""
+    deadline = time.monotonic() + settings.timeout  # one answer to Label Studio, however many batches
     targets = Targets.from_config(label_config)
     blobs = [fetcher.fetch(task["data"][targets.data_key], task.get("id")) for task in tasks]
     out: list[dict[str, Any]] = []
@@ -91,6 +93,6 @@ def predict(tasks: list[dict[str, Any]], label_config: str, settings: BackendSet
         # maps at the original size: Label Studio decodes the RLE into an image of the photo's own size
         explanation = client.explain(blobs[start:start + batch], settings.method, model=settings.model,
                                      outputs=["npy"], size="original", params=settings.params,
-                                     timeout=settings.timeout)
+                                     timeout=max(deadline - time.monotonic(), 1e-3))
         out += [prediction(targets, r, settings) for r in explanation]
     return out

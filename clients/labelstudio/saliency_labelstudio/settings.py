@@ -23,7 +23,7 @@ class BackendSettings:
     label_studio_url: str | None = None
     label_studio_api_key: str | None = None
     basic_auth: tuple[str, str] | None = None  # required of Label Studio's calls when set
-    timeout: float = 90.0  # under Label Studio's 100 s read timeout for /predict
+    timeout: float = 90.0  # for a whole /predict, under Label Studio's 100 s read timeout
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> BackendSettings:
