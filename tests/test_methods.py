@@ -303,7 +303,8 @@ def test_fullgrad_decomposition_puts_a_linear_bias_on_the_last_dim():
     mlp = next(term for name, _, term in parts.terms() if name == "mlp")
     assert mlp.shape == (3, 16, 16)
     # completeness: f(x) = sum(grad_x f * x) + sum of grad_z f * b over the three bias layers
-    assert torch.allclose(parts.total(), parts.score, rtol=1e-10, atol=1e-12)
+    total = parts.input_term.flatten(1).sum(1) + sum(term.flatten(1).sum(1) for _, _, term in parts.terms())
+    assert torch.allclose(total, parts.score, rtol=1e-10, atol=1e-12)
     # the mlp term by hand: d score / d mlp output, times the bias along the channel (last) dim
     with torch.enable_grad():
         tokens = net.stem(x).flatten(2).transpose(1, 2)

@@ -86,7 +86,8 @@ def _bias_term(grad: torch.Tensor, bias: torch.Tensor, kind: str) -> torch.Tenso
 
 @dataclass
 class Decomposition:
-    """f(x) = sum(input_term) + sum of every term's sum, per image (exact for piecewise-linear nets).
+    """f(x) = sum(input_term) + sum of every term's sum, per image (exact for piecewise-linear nets; FullGrad's
+    attribute_chunk sums them as it builds the map).
 
     The bias terms are made one at a time from the captured gradients (`terms()`), never all held at once."""
 
@@ -111,13 +112,6 @@ class Decomposition:
         for record in self.clamp_records:
             if record.grad is not None:
                 yield record.name, CLAMP, record.grad.to(dtype) * record.output.to(dtype)
-
-    def total(self) -> torch.Tensor:
-        """(B,) the right-hand side of the decomposition; equal to `score` when the net is complete."""
-        total = per_image_sum(self.input_term)
-        for _, _, term in self.terms():
-            total = total + per_image_sum(term)
-        return total
 
     def refuse_token_models(self) -> None:
         """FullGrad's map is a CNN's: refuse a model with a Linear layer acting on tokens or channels-last
