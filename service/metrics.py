@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.routing import Match
 
 
 def _rss_bytes() -> float:
@@ -72,5 +73,14 @@ class RequestCounter:
             await self.app(scope, receive, observe)
         finally:
             self.in_flight.dec()
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.counter.labels(route, status).inc()
+            self.counter.labels(_route_template(scope), status).inc()
+
+
+def _route_template(scope) -> str:
+    """The matched route's path template. A request refused before routing (413 from BodyLimit) is matched
+    here against the app's routes, so it counts under its route too; only paths of no route are 'unmatched'
+    (templates, never raw paths: a label per URL would grow without bound)."""
+    route = scope.get("route")
+    if route is None and scope.get("app") is not None:
+        route = next((r for r in scope["app"].router.routes if r.matches(scope)[0] == Match.FULL), None)
+    return getattr(route, "path", "unmatched")

@@ -196,6 +196,15 @@ def test_a_map_that_is_not_finite_fails_its_call_with_a_422_and_is_not_cached(mo
         assert again.status_code == 200  # computed afresh, not the failed result from the cache
 
 
+def test_refusals_before_routing_count_under_their_route(base):
+    r = httpx.post(f"{base}/v1/explain/gradcam", content=b"x" * 3_000_000, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    httpx.get(f"{base}/no/such/path")
+    metrics = httpx.get(f"{base}/metrics").text
+    assert 'saliency_requests_total{route="/v1/explain/{method}",status="413"}' in metrics
+    assert 'saliency_requests_total{route="unmatched",status="404"}' in metrics
+
+
 def test_chunked_body_over_the_limit_is_refused_while_streaming(base):
     def chunks():
         for _ in range(100):
