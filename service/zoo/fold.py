@@ -3,9 +3,9 @@
 In eval mode a BatchNorm is a per-channel affine map, y = s * z + c with s = gamma / sqrt(var + eps) and
 c = beta - s * mu, so conv-then-BatchNorm is one convolution with weights s * W and bias c: the same function
 with one fewer op per layer. Each removed op is a full read and write of an activation in the forward and
-again in the backward: the input-gradient methods run 20-27 % faster on EfficientNet-Lite0 (49 BatchNorms) on
-the CPU (bench/fold.py, docs/benchmarks.md). On a GPU, where small passes wait on the host's kernel launches, the BatchNorms are about
-a third of the forward's launches.
+again in the backward, so the input-gradient methods run faster on the CPU (bench/fold.py; docs/benchmarks.md,
+section "BatchNorm folding"). On a GPU, where small passes wait on the host's kernel launches, each folded
+BatchNorm is one launch fewer per pass.
 
 What the methods see stays the same:
 - every input-gradient method (gradient, IG, SmoothGrad, MoreauGrad) sees the same function of the input;
@@ -119,6 +119,10 @@ def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
 
 def _fold(module: nn.Module, pair: Pair) -> None:
     conv, norm = module.get_submodule(pair.conv), module.get_submodule(pair.norm)
+    # What find_pairs matched: a Conv2d (timm's Conv2dSame is one) and an eval-mode BatchNorm2d (timm's
+    # BatchNormAct2d is one) that keeps running statistics.
+    assert isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d)
+    assert norm.running_mean is not None and norm.running_var is not None
     with torch.no_grad():
         weight, bias = fuse_conv_bn_weights(conv.weight, None, norm.running_mean, norm.running_var, norm.eps,
                                             norm.weight, norm.bias)
@@ -127,7 +131,7 @@ def _fold(module: nn.Module, pair: Pair) -> None:
     if type(norm) is nn.BatchNorm2d:
         _replace(module, pair.norm, nn.Identity())
     else:
-        _replace(module, pair.norm, NormActivation(norm.drop, norm.act))
+        _replace(module, pair.norm, NormActivation(norm.get_submodule("drop"), norm.get_submodule("act")))
 
 
 def fold_batchnorms(module: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, int]:

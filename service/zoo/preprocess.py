@@ -62,8 +62,9 @@ class Preprocessor:
 
         numpy, not torch: this runs in request threads, and every thread that runs a large torch op gets its
         own OpenMP team. With more team threads than cores, libgomp stops spinning between ops and the worker
-        thread's passes slowed by ~10 ms per Grad-CAM on 2 cores (docs/benchmarks.md). Normalising is a table
-        lookup per channel (8-bit levels in, floats out): a third of the time of the arithmetic.
+        thread's passes slow down (docs/benchmarks.md, section "OpenMP teams"). Normalising is a table lookup
+        per channel (8-bit levels in, floats out), faster than the arithmetic (docs/benchmarks.md, section
+        "Service overhead: one request on an idle server").
         """
         pixels = np.asarray(self._resized(image))  # (H, W, 3) uint8
         out = np.empty((3, *pixels.shape[:2]), dtype=np.float32)

@@ -41,8 +41,9 @@ class LoadedModel:
     def explainee(self, max_batch: int = 64, pass_sizes: tuple[int, ...] = ()):
         from ..methods.base import Explainee
 
-        return Explainee(module=self.module, normalize=self.preprocess.normalize, cam_layer=self.card.cam.target_layer,
-                         reshape=self.reshape, max_batch=max_batch, pass_sizes=pass_sizes)
+        return Explainee(module=self.module, normalize=self.preprocess.normalize,
+                         cam_layer=self.card.cam.target_layer, reshape=self.reshape, max_batch=max_batch,
+                         pass_sizes=pass_sizes)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ def set_cudnn_autotuning(enabled: bool) -> None:
     """cuDNN's benchmark mode: it times every kernel for each new input shape and keeps the fastest. That
     pays for fixed shapes (the benchmarks), not for a batching server, whose pass sizes change with the load
     and the method (1-32 requests, IG passes of n_steps x images cut to the pass batch), so each new size
-    stalls the worker while it is timed (the service run on an H100, docs/benchmarks.md). Process-wide."""
+    stalls the worker while it is timed (docs/benchmarks.md, section "GPU", its "Service under load").
+    Process-wide."""
     torch.backends.cudnn.benchmark = enabled
 
 
@@ -84,8 +86,9 @@ def build_architecture(card: ModelCard) -> nn.Module:
 
 def find_cam_layers(module: nn.Module, input_size: tuple[int, int], reshape: ReshapeTransform,
                     device: torch.device) -> dict[str, tuple[int, ...]]:
-    """Layers whose output (after the reshape transform) is a (C, h, w) map with more than one position: the ones
-    Grad-CAM can use (at a 1 x 1 layer, such as global pooling, the map is one value and comes out all zeros)."""
+    """Layers whose output (after the reshape transform) is a (C, h, w) map with more than one position: the
+    ones Grad-CAM can use (at a 1 x 1 layer, such as global pooling, the map is one value and comes out all
+    zeros)."""
     shapes: dict[str, tuple[int, ...]] = {}
 
     def record(name: str):
@@ -109,7 +112,8 @@ def find_cam_layers(module: nn.Module, input_size: tuple[int, int], reshape: Res
     return shapes
 
 
-def load_model(card: ModelCard, models_dir: Path, device: torch.device, fold_norms: bool = True) -> LoadedModel:
+def load_model(card: ModelCard, models_dir: Path, device: torch.device,
+               fold_norms: bool = True) -> LoadedModel:
     module = build_architecture(card)
     weights = resolve_weights(card.weights, models_dir, card.name)
     apply_state_dict(module, read_state_dict(weights, card.name), card)
@@ -119,8 +123,8 @@ def load_model(card: ModelCard, models_dir: Path, device: torch.device, fold_nor
         probe = torch.randn(2, 3, *card.preprocess.input_size, generator=torch.Generator().manual_seed(0))
         module, folded = fold_batchnorms(module, probe.to(device))
     # NHWC is the layout of cuDNN's and oneDNN's fastest convolution kernels (inputs are converted as they
-    # enter the first convolution). On the CPU too: EfficientNet-Lite0 Grad-CAM 12-24 %, IG 14-22 % faster,
-    # FullGrad about even (bench/memory_format.py).
+    # enter the first convolution). On the CPU too the input-gradient methods and Grad-CAM run faster in it,
+    # FullGrad about even (bench/memory_format.py; docs/benchmarks.md, section "Memory format").
     module.to(memory_format=torch.channels_last)
     reshape = RESHAPES[card.cam.reshape]
     layers = find_cam_layers(module, card.preprocess.input_size, reshape, device)
@@ -140,7 +144,8 @@ class ModelRegistry:
     @classmethod
     def from_dir(cls, models_dir: Path, device: torch.device, only: set[str] | None = None,
                  fold_norms: bool = True) -> ModelRegistry:
-        """Load every card; a card that fails is listed as unavailable with its reason, never served random."""
+        """Load every card; a card that fails is listed as unavailable with its reason, never served
+        random."""
         registry = cls()
         for path in discover_cards(models_dir):
             card: ModelCard | None = None

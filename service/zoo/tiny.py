@@ -6,7 +6,8 @@ from torch import nn
 
 
 class ResidualBlock(nn.Module):
-    """conv-BN-ReLU-conv-BN + skip, with torchvision's in-place ReLU (the case full backward hooks break on)."""
+    """conv-BN-ReLU-conv-BN + skip, with torchvision's in-place ReLU (the case full backward hooks break
+    on)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -27,7 +28,8 @@ class TinyCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, width: int = 16):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width),
+                                  nn.ReLU(inplace=True))
         self.pool = nn.MaxPool2d(2)
         self.block = ResidualBlock(width)
         self.head = nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width),
@@ -43,7 +45,8 @@ class TinyCNN(nn.Module):
 BUILTIN = {"tiny_cnn": TinyCNN}
 
 
-def deterministic_weights(arch: str = "tiny_cnn", num_classes: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
+def deterministic_weights(arch: str = "tiny_cnn", num_classes: int = 10,
+                          seed: int = 0) -> dict[str, torch.Tensor]:
     """Seeded weights with non-trivial BatchNorm statistics (so BN folding is exercised by FullGrad tests).
 
     `python -m service.zoo.tiny models/weights/tiny_cnn.safetensors` writes the committed file.
@@ -52,6 +55,7 @@ def deterministic_weights(arch: str = "tiny_cnn", num_classes: int = 10, seed: i
     model = BUILTIN[arch](num_classes=num_classes)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
+            assert m.running_mean is not None and m.running_var is not None  # BatchNorm2d's default: tracked
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
             m.running_mean.uniform_(-0.2, 0.2)

