@@ -1,1 +1,1 @@
-"""CVAT integration: a cvat-sdk auto-annotation function and a nuclio handler, both over the saliency client."""
+"""CVAT integration: a cvat-sdk auto-annotation function and a nuclio handler, over the saliency client."""

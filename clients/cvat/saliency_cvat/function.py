@@ -34,6 +34,7 @@ class SaliencyFunction:
         result = self.client.explain(image, self.method, model=self.model, params=self.params)[0]
         if context.conf_threshold is not None and result.probability < context.conf_threshold:
             return []  # the class the map explains is below the caller's confidence floor
+        assert result.map is not None  # the default outputs hold "npy"
         region = salient_region(result.map, self.threshold)
         x1, y1, x2, y2 = region.box
         if context.conv_mask_to_poly:

@@ -25,11 +25,12 @@ def shapes(image: bytes, client: Client, method: str, model: str | None, region_
     result = client.explain(image, method, model=model, timeout=timeout)[0]
     if conf_threshold is not None and result.probability < conf_threshold:
         return []
+    assert result.map is not None  # the default outputs hold "npy"
     region = salient_region(result.map, region_threshold)
     x1, y1, x2, y2 = region.box
     confidence = f"{result.probability:.4f}"  # CVAT's serverless functions send it as a string
-    return [{"label": "salient", "type": "mask", "confidence": confidence, "points": outline_polygon(region.mask),
-             "mask": nuclio_mask(region.mask, region.box)},
+    return [{"label": "salient", "type": "mask", "confidence": confidence,
+             "points": outline_polygon(region.mask), "mask": nuclio_mask(region.mask, region.box)},
             {"label": "salient region", "type": "rectangle", "confidence": confidence,
              "points": [x1, y1, x2, y2]}]
 
@@ -39,4 +40,5 @@ def handler(context, event):
     data = context.user_data
     out = shapes(base64.b64decode(body["image"]), data.client, data.method, data.model, data.region_threshold,
                  body.get("threshold"), data.timeout)
-    return context.Response(body=json.dumps(out), headers={}, content_type="application/json", status_code=200)
+    return context.Response(body=json.dumps(out), headers={}, content_type="application/json",
+                            status_code=200)

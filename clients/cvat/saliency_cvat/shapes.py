@@ -23,7 +23,8 @@ def outline_polygon(mask: np.ndarray, max_bands: int = 64) -> list[float]:
 
 
 def nuclio_mask(mask: np.ndarray, box: tuple[int, int, int, int]) -> list[int]:
-    """The serverless detector format: the box's crop, 0/255 row-major, then [xtl, ytl, xbr, ybr] inclusive."""
+    """The serverless detector format: the box's crop, 0/255 row-major,
+    then [xtl, ytl, xbr, ybr] inclusive."""
     x1, y1, x2, y2 = box
     crop = mask[y1:y2, x1:x2].astype(np.uint8) * 255
     return crop.ravel().tolist() + [x1, y1, x2 - 1, y2 - 1]

@@ -39,21 +39,21 @@ def add_saliency(samples: Iterable[Any], client: Client, field: str = "saliency"
                  params: Mapping[str, Any] | None = None, **more: Any) -> int:
     """Explain each sample's image and store `<field>` (Heatmap) and `<field>_class` (the explained class).
 
-    `samples` is a dataset or view (saved as it goes) or any iterable of fo.Sample. Method parameters are keyword
-    arguments or `params=`. Returns how many were done.
+    `samples` is a dataset or view (saved as it goes) or any iterable of fo.Sample. Method parameters are
+    keyword arguments or `params=`. Returns how many were done.
 
-    `size="input"` (the default) stores each map at the model's input size (224 x 224 for the default model), which
-    the App stretches over the image: the service resizes the whole photo to that size (no crop), so the map lines
-    up. `size="original"` stores it at the photo's own size, as float32: a sample is one MongoDB document, capped
-    at 16 MiB, and a map of about 5 megapixels or more no longer fits.
+    `size="input"` (the default) stores each map at the model's input size (224 x 224 for the default model),
+    which the App stretches over the image: the service resizes the whole photo to that size (no crop), so the
+    map lines up. `size="original"` stores it at the photo's own size, as float32: a sample is one MongoDB
+    document, capped at 16 MiB, and a map of about 5 megapixels or more no longer fits.
     """
     if hasattr(samples, "iter_samples"):  # a dataset or view: batch its writes to the database
         samples = samples.iter_samples(autosave=True, batch_size=batch_size)
     done = 0
     for batch in _batches(samples, batch_size):
-        explanation = client.explain([s.filepath for s in batch], method, model=model, outputs=["npy"], size=size,
-                                     params={**(params or {}), **more})
-        for sample, result in zip(batch, explanation):
+        explanation = client.explain([s.filepath for s in batch], method, model=model, outputs=["npy"],
+                                     size=size, params={**(params or {}), **more})
+        for sample, result in zip(batch, explanation, strict=False):
             sample[field] = to_heatmap(result)
             sample[f"{field}_class"] = to_classification(result)
         done += len(batch)

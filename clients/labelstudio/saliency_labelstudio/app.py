@@ -1,4 +1,4 @@
-"""The ML backend protocol Label Studio speaks: /health, /setup, /predict, /webhook (and /metrics, /versions)."""
+"""The ML backend protocol Label Studio speaks: /health, /setup, /predict, /webhook (/metrics, /versions)."""
 from __future__ import annotations
 
 import base64
@@ -25,7 +25,7 @@ log = logging.getLogger("saliency_labelstudio")
 def create_app(settings: BackendSettings | None = None) -> Starlette:
     settings = settings or BackendSettings.from_env()
     projects: dict[str, BackendSettings] = {}  # per-project overrides from /setup
-    state: dict[str, object] = {}
+    state: dict[str, Client] = {}
 
     @asynccontextmanager
     async def lifespan(app):

@@ -46,9 +46,11 @@ class ImageFetcher:
         if not _looks_like_jwt(self.api_key):
             return {"Authorization": f"Token {self.api_key}"}  # legacy token
         if self._access is None or refresh:  # a personal access token is a refresh token: trade it in
+            assert self.base is not None  # only Label Studio's own origin is sent the key
             r = self._http.post(urljoin(self.base, "api/token/refresh/"), json={"refresh": self.api_key})
             if r.status_code != 200:
-                raise FetchError(f"Label Studio refused the personal access token: {r.status_code} {r.text[:200]}")
+                raise FetchError(f"Label Studio refused the personal access token: "
+                                 f"{r.status_code} {r.text[:200]}")
             self._access = r.json()["access"]
         return {"Authorization": f"Bearer {self._access}"}
 

@@ -39,7 +39,7 @@ class Targets:
     def from_config(cls, label_config: str, label: str | None = None) -> Targets:
         interface = LabelInterface(label_config)
         found: dict[str, Control] = {}
-        data_key = None
+        data_key = ""  # from the first control found
         for tag in ("BrushLabels", "RectangleLabels"):
             try:
                 from_name, to_name, key = interface.get_first_tag_occurence(tag, "Image")
@@ -48,7 +48,8 @@ class Targets:
             labels = list(interface.get_control(from_name).labels)
             if not labels:
                 raise ConfigError(f"<{tag} name={from_name!r}> has no <Label>")
-            found[tag] = Control(from_name, to_name, label if label in labels else labels[0])
+            chosen = label if label is not None and label in labels else labels[0]
+            found[tag] = Control(from_name, to_name, chosen)
             data_key = data_key or key
         if not found:
             raise ConfigError("the label config needs a <BrushLabels> or <RectangleLabels> on an <Image>")
@@ -56,11 +57,13 @@ class Targets:
 
 
 def brush_region(ctl: Control, heat: np.ndarray, score: float) -> dict[str, Any]:
-    """The map as Label Studio's brush RLE: 0-255 in every RGBA channel, so it shows as graded opacity."""
+    """The map as Label Studio's brush RLE: 0-255 in every RGBA channel,
+    so it shows as graded opacity."""
     h, w = heat.shape
     levels = np.round(np.clip(heat, 0, 1) * 255).astype(np.uint8)
-    return {"id": uuid.uuid4().hex[:10], "from_name": ctl.from_name, "to_name": ctl.to_name, "type": "brushlabels",
-            "original_width": w, "original_height": h, "image_rotation": 0, "score": score,
+    return {"id": uuid.uuid4().hex[:10], "from_name": ctl.from_name, "to_name": ctl.to_name,
+            "type": "brushlabels", "original_width": w, "original_height": h, "image_rotation": 0,
+            "score": score,
             "value": {"format": "rle", "rle": brush.mask2rle(levels), "brushlabels": [ctl.label]}}
 
 
@@ -74,6 +77,7 @@ def box_region(ctl: Control, heat: np.ndarray, threshold: float, score: float) -
 
 
 def prediction(targets: Targets, result: ImageExplanation, settings: BackendSettings) -> dict[str, Any]:
+    assert result.map is not None  # predict() asks for the "npy" output
     regions = []
     if targets.brush:
         regions.append(brush_region(targets.brush, result.map, result.probability))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,7 +27,7 @@ class BackendSettings:
     timeout: float = 90.0  # for a whole /predict, under Label Studio's 100 s read timeout
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> BackendSettings:
+    def from_env(cls, env: Mapping[str, str] | None = None) -> BackendSettings:
         env = os.environ if env is None else env
         user, password = env.get("BASIC_AUTH_USER"), env.get("BASIC_AUTH_PASS")
         return cls(saliency_url=env.get("SALIENCY_URL", cls.saliency_url),
@@ -35,8 +36,8 @@ class BackendSettings:
                    model=env.get("SALIENCY_MODEL") or None,
                    threshold=float(env.get("SALIENCY_THRESHOLD", cls.threshold)),
                    label_studio_url=(env.get("LABEL_STUDIO_URL") or env.get("LABEL_STUDIO_HOST") or None),
-                   label_studio_api_key=(env.get("LABEL_STUDIO_API_KEY") or env.get("LABEL_STUDIO_ACCESS_TOKEN")
-                                         or None),
+                   label_studio_api_key=(env.get("LABEL_STUDIO_API_KEY")
+                                         or env.get("LABEL_STUDIO_ACCESS_TOKEN") or None),
                    basic_auth=(user, password) if user and password else None)
 
     def for_project(self, extra: dict[str, Any] | None) -> BackendSettings:
@@ -52,7 +53,8 @@ class BackendSettings:
             try:
                 update["threshold"] = float(update["threshold"])
             except (TypeError, ValueError):
-                raise SettingsError(f"extra_params.threshold must be a number, not {update['threshold']!r}") from None
+                raise SettingsError("extra_params.threshold must be a number, "
+                                    f"not {update['threshold']!r}") from None
             if not 0.0 <= update["threshold"] <= 1.0:
                 raise SettingsError(f"extra_params.threshold must be in [0, 1] (of the map's peak), "
                                     f"not {update['threshold']}")

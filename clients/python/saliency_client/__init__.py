@@ -1,9 +1,22 @@
 """Thin client for the saliency HTTP service: `Client`, `AsyncClient`, typed results and errors."""
 from .client import AsyncClient, Client
-from .errors import (APIConnectionError, APIStatusError, APITimeoutError, AuthenticationError, BadRequestError,
-                     DeadlineExceededError, JobFailedError, NotFoundError, PayloadTooLargeError, RateLimitError,
-                     SaliencyError, ServerError, ServiceUnavailableError, UnsupportedMediaTypeError,
-                     ValidationError)
+from .errors import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    DeadlineExceededError,
+    JobFailedError,
+    NotFoundError,
+    PayloadTooLargeError,
+    RateLimitError,
+    SaliencyError,
+    ServerError,
+    ServiceUnavailableError,
+    UnsupportedMediaTypeError,
+    ValidationError,
+)
 from .regions import SalientRegion, salient_region
 from .results import Explanation, ImageExplanation, Job
 

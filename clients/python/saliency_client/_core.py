@@ -5,6 +5,7 @@ so building requests, retrying on 429/503, following a 202 into its job and pars
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, replace
@@ -51,7 +52,8 @@ class Core:
 
     # ------------------------------------------------------------------ building blocks
     def request(self, call: Call, deadline: float | None = None) -> Flow:
-        """One call, retried on 429/503 while `max_retries` allows and the server's Retry-After is short enough.
+        """One call, retried on 429/503 while `max_retries` allows and the server's Retry-After is short
+        enough.
 
         `deadline` (time.monotonic()) bounds the call with its retries: each try gets the time left at most.
         """
@@ -90,7 +92,8 @@ class Core:
     # ------------------------------------------------------------------ flows
     def explain(self, method: str, body: dict[str, Any], progress: bool = False,
                 timeout: float | None = None) -> Flow:
-        """`timeout` bounds the whole call (seconds), a job it turned into included: that job is then cancelled."""
+        """`timeout` bounds the whole call (seconds), a job it turned into included: that job is then
+        cancelled."""
         deadline = None if timeout is None else time.monotonic() + timeout
         response = yield from self.request(Call("POST", f"/v1/explain/{method}", body), deadline)
         if response.status_code != 202:
@@ -122,16 +125,18 @@ class Core:
 
     def _cancel_quietly(self, job_id: str) -> Flow:
         """Best effort: the caller has given up, so the server need not finish the work."""
-        try:
+        with contextlib.suppress(errors.SaliencyError):
             yield from self.request(Call("DELETE", f"/v1/jobs/{job_id}", timeout=min(5.0, self.timeout)))
-        except errors.SaliencyError:
-            pass
 
     def wait(self, job_id: str, progress: bool = False, timeout: float | None = None,
              first: Job | None = None, deadline: float | None = None) -> Flow:
-        """Poll until the job ends; its Explanation, or JobFailedError. `timeout` bounds the wait (seconds)."""
+        """Poll until the job ends; its Explanation, or JobFailedError.
+
+        `timeout` bounds the wait (seconds).
+        """
         if timeout is not None:
-            deadline = time.monotonic() + timeout if deadline is None else min(deadline, time.monotonic() + timeout)
+            ends = time.monotonic() + timeout
+            deadline = ends if deadline is None else min(deadline, ends)
         bar = _bar(job_id) if progress else None
         try:
             job = first or (yield from self.job(job_id, deadline))

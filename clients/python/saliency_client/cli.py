@@ -30,7 +30,8 @@ def _target_path(template: str | None, image: str, many: bool) -> Path | None:
     if template is None:
         return None
     if many and "{stem}" not in template:
-        raise SystemExit("with several images, --out/--npy/--gray need a {stem} placeholder, e.g. {stem}_cam.png")
+        raise SystemExit("with several images, --out/--npy/--gray need a {stem} placeholder, "
+                         "e.g. {stem}_cam.png")
     return Path(template.format(stem=Path(image).stem))
 
 
@@ -49,21 +50,23 @@ def cmd_explain(client: Client, args) -> int:
     else:
         result = client.explain(args.images, args.method, model=args.model, targets=args.target,
                                 outputs=outputs, params=params)
-    for image, r in zip(args.images, result):
+    for image, r in zip(args.images, result, strict=False):
         written = []
-        for template, save in ((args.out, lambda p: r.overlay.save(p)), (args.gray, lambda p: r.png.save(p)),
-                               (args.npy, lambda p: np.save(p, r.map))):
+        # each saver is called in this iteration; `r=r` binds it anyway (ruff B023)
+        for template, save in ((args.out, lambda p, r=r: r.overlay.save(p)),
+                               (args.gray, lambda p, r=r: r.png.save(p)),
+                               (args.npy, lambda p, r=r: np.save(p, r.map))):
             path = _target_path(template, image, many)
             if path is not None:
                 save(path)
                 written.append(str(path))
         if args.json:
-            print(json.dumps({"image": image, "model": result.model, "method": result.method, "target": r.target,
-                              "label": r.label, "probability": r.probability, "written": written,
-                              "diagnostics": r.diagnostics}))
+            print(json.dumps({"image": image, "model": result.model, "method": result.method,
+                              "target": r.target, "label": r.label, "probability": r.probability,
+                              "written": written, "diagnostics": r.diagnostics}))
         elif not args.quiet:
-            print(f"{image}: {r.label} (class {r.target}, p={r.probability:.3f}) {result.method} on {result.model}"
-                  + (f" -> {', '.join(written)}" if written else ""))
+            print(f"{image}: {r.label} (class {r.target}, p={r.probability:.3f}) {result.method} "
+                  f"on {result.model}" + (f" -> {', '.join(written)}" if written else ""))
     return 0
 
 
@@ -96,7 +99,8 @@ def parser() -> argparse.ArgumentParser:
                    help="service address (env SALIENCY_URL)")
     p.add_argument("--api-key", default=os.environ.get("SALIENCY_API_KEY"), help="env SALIENCY_API_KEY")
     p.add_argument("--timeout", type=float, default=300.0)
-    p.add_argument("--retries", type=int, default=3, help="retries when the queue is full (honours Retry-After)")
+    p.add_argument("--retries", type=int, default=3,
+                   help="retries when the queue is full (honours Retry-After)")
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("explain", help="explain images; print the class, write the maps")
@@ -113,7 +117,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="one JSON line per image")
     e.add_argument("--quiet", "-q", action="store_true")
     e.set_defaults(run=cmd_explain)
-    for name, run, text in (("models", cmd_models, "list the models"), ("methods", cmd_methods, "list the methods")):
+    for name, run, text in (("models", cmd_models, "list the models"),
+                            ("methods", cmd_methods, "list the methods")):
         s = sub.add_parser(name, help=text)
         s.add_argument("--json", action="store_true")
         s.set_defaults(run=run)

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from . import errors
-from ._core import DEFAULT_URL, Call, Core, Flow, Sleep
+from ._core import DEFAULT_URL, Core, Flow, Sleep
 from .images import ImageInput
 from .results import Explanation, Job
 from .schemas import MethodOut, ModelOut
@@ -25,7 +25,8 @@ def _transport_error(exc: httpx.TransportError) -> errors.APIConnectionError:
 
 
 class _Base:
-    """Arguments shared by both clients; `**httpx_kwargs` go to the httpx client (transport, proxy, headers, ...)."""
+    """Arguments shared by both clients; `**httpx_kwargs` go to the httpx client (transport, proxy,
+    headers, ...)."""
 
     def __init__(self, base_url: str = DEFAULT_URL, api_key: str | None = None, *, timeout: float = 120.0,
                  max_retries: int = 0, max_retry_wait: float = 60.0, poll_interval: float = 0.25):
@@ -67,7 +68,8 @@ class Client(_Base):
         super().__init__(base_url, api_key, timeout=timeout, max_retries=max_retries,
                          max_retry_wait=max_retry_wait, poll_interval=poll_interval)
         headers = self._headers(httpx_kwargs)
-        self._http = httpx.Client(base_url=self._core.base_url, headers=headers, timeout=timeout, **httpx_kwargs)
+        self._http = httpx.Client(base_url=self._core.base_url, headers=headers, timeout=timeout,
+                                  **httpx_kwargs)
 
     def _run(self, flow: Flow):
         step = next(flow)
@@ -163,8 +165,8 @@ class AsyncClient(_Base):
             return done.value
 
     async def explain(self, images: Images, method: str = "gradcam", *, model: str | None = None,
-                      targets: Targets = None, outputs: Sequence[str] | str = ("npy",), size: str = "original",
-                      progress: bool = False, timeout: float | None = None,
+                      targets: Targets = None, outputs: Sequence[str] | str = ("npy",),
+                      size: str = "original", progress: bool = False, timeout: float | None = None,
                       params: Mapping[str, Any] | None = None, **more: Any) -> Explanation:
         return await self._run(self._explain_flow(images, method, model, targets, outputs, size, progress,
                                                   timeout, params, more))

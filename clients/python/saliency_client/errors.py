@@ -1,4 +1,4 @@
-"""Exceptions by cause: transport failures, then HTTP statuses (each carrying the server's code and message)."""
+"""Exceptions by cause: transport failures, then HTTP statuses (each with the server's code and message)."""
 from __future__ import annotations
 
 import httpx
@@ -99,5 +99,5 @@ def from_response(response: httpx.Response) -> APIStatusError:
     status = response.status_code
     cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else APIStatusError)
     if cls is RateLimitError:
-        return cls(status, code, message, response, retry_after=retry_after(response))
+        return RateLimitError(status, code, message, response, retry_after=retry_after(response))
     return cls(status, code, message, response)

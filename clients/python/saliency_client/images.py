@@ -5,12 +5,12 @@ import base64
 import io
 import os
 from collections.abc import Sequence
-from typing import Union
+from typing import cast
 
 import numpy as np
 from PIL import Image
 
-ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 
 
 def _png(image: Image.Image) -> bytes:
@@ -53,7 +53,8 @@ def as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
         if not images:
             raise ValueError("no images given")
         return list(images)
-    return [images]
+    # only lists and tuples are many: any other value, a str or bytes (sequences too) included, is one image
+    return [cast(ImageInput, images)]
 
 
 def b64(data: bytes) -> str:

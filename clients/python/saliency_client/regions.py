@@ -38,7 +38,9 @@ def salient_region(heat: np.ndarray, threshold: float = 0.5) -> SalientRegion:
         # 0.2 s on a 12 MP map, where growing the blob by repeated numpy dilation took 13-20 s)
         components, _ = ndimage.label(heat >= threshold * peak)
         mask = components == components[at_peak]
-    else:  # a flat (all-zero) map has no salient region: the whole image, as the peak pixel's blob, would mislead
+    else:
+        # a flat (all-zero) map has no salient region: the whole image, as the peak pixel's blob,
+        # would mislead
         mask = np.zeros(heat.shape, dtype=bool)
         mask[at_peak] = True
     ys, xs = np.nonzero(mask)

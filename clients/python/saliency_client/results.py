@@ -31,9 +31,9 @@ class ImageExplanation:
     @classmethod
     def from_wire(cls, r: ImageResult) -> ImageExplanation:
         return cls(target=r.target, label=r.label, probability=r.probability, top_k=r.top_k,
-                   height=r.map.height, width=r.map.width, map=decode_npy(r.map.npy), png=decode_png(r.map.png),
-                   overlay=decode_png(r.map.overlay), raw=decode_npy(r.raw), diagnostics=r.diagnostics,
-                   timing_ms=r.timing_ms)
+                   height=r.map.height, width=r.map.width, map=decode_npy(r.map.npy),
+                   png=decode_png(r.map.png), overlay=decode_png(r.map.overlay), raw=decode_npy(r.raw),
+                   diagnostics=r.diagnostics, timing_ms=r.timing_ms)
 
 
 @dataclass(frozen=True)

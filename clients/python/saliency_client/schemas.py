@@ -13,6 +13,10 @@ Output = Literal["npy", "png", "overlay", "raw"]
 MapSize = Literal["original", "input"]
 
 
+def _npy_only() -> list[Output]:
+    return ["npy"]
+
+
 class ExplainRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -20,7 +24,7 @@ class ExplainRequest(BaseModel):
     images: list[str] = Field(..., min_length=1)
     targets: list[StrictInt | None] | None = None
     params: dict[str, Any] = Field(default_factory=dict)
-    outputs: list[Output] = Field(default_factory=lambda: ["npy"])
+    outputs: list[Output] = Field(default_factory=_npy_only)
     size: MapSize = "original"
 
 
@@ -96,6 +100,10 @@ class MethodOut(BaseModel):
     name: str
     title: str
     cost: str
+    cost_factors: list[str] = Field(default_factory=list)  # parameters whose product is the passes per image
+    passes_at_defaults: int = 1
+    iterative: bool = False  # long work: best sent as a job (`submit`)
+    diagnostics: dict[str, str] = Field(default_factory=dict)  # each result's diagnostics: name -> meaning
     parameters: dict[str, Any]
 
 
