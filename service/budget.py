@@ -31,7 +31,8 @@ class PixelBudget:
             self.held -= pixels
 
     def release_when_done(self, pixels: int, futures: Sequence[Future]) -> None:
-        """Release `pixels` once every future is done (finished, failed or cancelled), whoever waits on them."""
+        """Release `pixels` once every future is done (finished, failed or cancelled), whoever waits on
+        them."""
         remaining = [len(futures)]
         lock = threading.Lock()
 

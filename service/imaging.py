@@ -19,7 +19,8 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP")
 
 _WHITE = (255, 255, 255)
 # Shrinking a photo: Pillow first reduces by a whole factor in blocks while the image stays >= this many times
-# the target, then resamples (within 2 levels of the full filter; a 12 MP photo in half the time).
+# the target, then resamples: within 2 levels of the full filter (tests/test_zoo.py), in much less time for a
+# large photo (docs/benchmarks.md, section "Photo sizes").
 REDUCING_GAP = 3.0
 # What Pillow raises on malformed data besides OSError: PNG chunk errors are SyntaxError, some
 # header parsers raise struct.error or ValueError, and compressed streams zlib.error.
@@ -53,8 +54,9 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, index: int = 0
 def decode_upload(data: bytes, *, max_bytes: int, max_pixels: int, min_side: int, index: int = 0) -> Upload:
     """As `decode_image`, but a JPEG whose sides both reach twice `min_side` or more is decoded at a reduced
     scale (1/2, 1/4 or 1/8, the largest whose sides stay >= `min_side`): libjpeg scales in the DCT, so it does
-    that much less of the decoding. A 12 MP photo decodes and resizes to a 224 x 224 model input in 59 ms,
-    against 270 decoded whole under Pillow's full filter, and within 2 levels of it (bench/photo_sizes.py)."""
+    that much less of the decoding. For a phone photo that is most of the time to decode and resize it to the
+    model input, which stays within 2 levels of the whole decode under Pillow's full filter
+    (bench/photo_sizes.py; docs/benchmarks.md, section "Photo sizes")."""
     return _decode(data, max_bytes=max_bytes, max_pixels=max_pixels, index=index, min_side=min_side)
 
 
@@ -143,9 +145,9 @@ def _to_rgb(image: Image.Image, label: str) -> Image.Image:
 
 def _unit_gray(values: np.ndarray, mode: str) -> np.ndarray:
     """Single-channel integer or float pixels in [0, 1]. Pillow's own conversion clips 16-bit values at 255
-    instead of scaling them. 16-bit data (mode I holds it too) scales by 65535 and [0, 1] floats stay; any other
-    range (32-bit integers, floats such as depth) is stretched over its finite values, with NaN and -inf at its
-    low end and +inf at its high end, so one bad pixel cannot black out the image."""
+    instead of scaling them. 16-bit data (mode I holds it too) scales by 65535 and [0, 1] floats stay; any
+    other range (32-bit integers, floats such as depth) is stretched over its finite values, with NaN and -inf
+    at its low end and +inf at its high end, so one bad pixel cannot black out the image."""
     finite = np.isfinite(values)
     if not finite.any():
         return np.zeros_like(values)
@@ -192,8 +194,8 @@ def resize_map(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _levels(heat: np.ndarray) -> np.ndarray:
-    """A map in [0, 1] as 8-bit levels (clipped, NaN as 0), in place on one float32 copy: half the time of
-    the chained expression on a 12 MP map."""
+    """A map in [0, 1] as 8-bit levels (clipped, NaN as 0), in place on one float32 copy: faster than the
+    chained expression on a large map (docs/benchmarks.md, section "Photo sizes")."""
     scaled = np.multiply(heat, np.float32(255.0), dtype=np.float32)
     np.nan_to_num(scaled, copy=False, nan=0.0)
     np.clip(scaled, 0.0, 255.0, out=scaled)
@@ -250,14 +252,14 @@ def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.5, colormap: 
     width, height = base.size
     fitted = resize_map(heat, base.size) if heat.shape != (height, width) else heat
     colours = Image.fromarray(COLORMAPS[colormap][_levels(fitted)])
-    # Pillow blends 8-bit bands in C (it truncates where float math rounds: at most 1 level apart); float
-    # arrays of a 12 MP photo took ten times as long.
+    # Pillow blends 8-bit bands in C (it truncates where float math rounds: at most 1 level apart), far faster
+    # than float arrays on a large photo (docs/benchmarks.md, section "Photo sizes").
     return Image.blend(base, colours, alpha)
 
 
-# zlib settings by content (bench/photo_sizes.py, docs/benchmarks.md). Gray maps are smooth: the default
-# strategy at level 1 (Pillow's default level 6 took 1.3-3x as long). Overlays carry the photo: after PNG's row
-# filters, Huffman coding alone beat level 6 in time and size (12 MP: 1.5 s and 10.8 MB against 8.4 s, 11.3 MB).
+# zlib settings by content (bench/photo_sizes.py; docs/benchmarks.md, section "Photo sizes"). Gray maps are
+# smooth: the default strategy at level 1 (Pillow's default level 6 took several times as long). Overlays
+# carry the photo: after PNG's row filters, Huffman coding alone beat level 6 in both time and size.
 PNG_COMPRESS_LEVEL = 1
 
 

@@ -1,14 +1,16 @@
 """Arrays handed between the server process and an engine process through a file in /dev/shm that both map.
 
-Through the Unix socket of a `multiprocessing.Pipe`, one request's map and heatmap (740 KB) took 2-3.4 ms on
-the 2-core VM, about 300 MB/s, and a GPU batch moves tens of MB each way. Through a mapped file they cost one
-memcpy on each side. Each writer owns one file and reuses it batch after batch: the protocol is synchronous,
-so the reader has copied the arrays out before the writer's next batch. It grows (a new file) when a batch
-needs more. The space is reserved with posix_fallocate, so a full /dev/shm (Docker's default is 64 MB) is an
-OSError here rather than a SIGBUS on a later write; the caller then sends the arrays through the pipe instead.
+Through the Unix socket of a `multiprocessing.Pipe` arrays cross slowly, one request's maps alone taking
+milliseconds (docs/benchmarks.md, section "Process worker"), and a GPU batch moves tens of MB each way.
+Through a mapped file they cost one memcpy on each side. Each writer owns one file and reuses it batch after
+batch: the protocol is synchronous, so the reader has copied the arrays out before the writer's next batch.
+It grows (a new file) when a batch needs more. The space is reserved with posix_fallocate, so a full /dev/shm
+(Docker's default is 64 MB) is an OSError here rather than a SIGBUS on a later write; the caller then sends
+the arrays through the pipe instead.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import logging
@@ -29,16 +31,16 @@ _names = itertools.count()
 
 
 def shm_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        return "/dev/shm"
+    return tempfile.gettempdir()
 
 
 def remove_files_of(pid: int) -> None:
     """Delete the files a process left behind (it was killed before it could)."""
     for path in glob.glob(os.path.join(shm_dir(), f"saliency-*-{pid}-*")):
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 class ArrayWriter:
@@ -58,11 +60,16 @@ class ArrayWriter:
             try:
                 self._grow(max(total, 2 * self.capacity, _MIN_BYTES))
             except OSError as exc:
-                log.warning("no room for %d bytes in %s (%s): arrays go through the pipe", total, shm_dir(), exc)
+                log.warning("no room for %d bytes in %s (%s): arrays go through the pipe", total, shm_dir(),
+                            exc)
                 return None
-        for array, offset in zip(arrays, offsets):
+        for array, offset in zip(arrays, offsets, strict=True):
             np.ndarray(array.shape, array.dtype, buffer=self._map, offset=offset)[...] = array
-        return self.path, [(offset, array.shape, array.dtype.str) for array, offset in zip(arrays, offsets)]
+        specs = [(offset, array.shape, array.dtype.str)
+                 for array, offset in zip(arrays, offsets, strict=True)]
+        # self.path is None only when the writer has no file (none made yet, or closed) and this batch needs
+        # none (every array empty); a reader that has mapped no file builds those from their specs alone.
+        return self.path, specs  # type: ignore[return-value]  # str for every batch that holds data
 
     def _grow(self, size: int) -> None:
         self.close()
@@ -83,10 +90,8 @@ class ArrayWriter:
             self._map.close()
             self._map = None
         if self.path is not None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
-            except FileNotFoundError:
-                pass
         self.path, self.capacity = None, 0
 
 

@@ -1,9 +1,10 @@
 """A JSONResponse rendered by orjson (SIMD).
 
-An explain response is mostly base64 maps (a 451x300 float map is 720 KB of text); the standard library's
-encoder spends 2-4 ms scanning them for characters to escape, pydantic-core 0.8 ms, orjson 0.05 ms
-(docs/benchmarks.md). orjson writes NaN and infinity as null, so the body is always valid JSON; types it does
-not know (a pydantic model, say) go through pydantic-core's conversion.
+An explain response is mostly base64 maps (a 451x300 float map is 720 KB of text), which the standard
+library's encoder and pydantic-core spend most of their time scanning for characters to escape; orjson scans
+them with SIMD, a small fraction of their time (docs/benchmarks.md, section "Service overhead: one request on
+an idle server"). orjson writes NaN and infinity as null, so the body is always valid JSON; types it does not
+know (a pydantic model, say) go through pydantic-core's conversion.
 """
 from __future__ import annotations
 

@@ -17,7 +17,8 @@ async def require_api_key(request: Request) -> None:
     if auth[:7].lower() == "bearer ":
         given = auth[7:].strip()
     if not given or not hmac.compare_digest(given.encode(), key.encode()):
-        raise ApiError(401, "unauthorized", "missing or wrong API key (Authorization: Bearer <key> or X-API-Key)",
+        raise ApiError(401, "unauthorized",
+                       "missing or wrong API key (Authorization: Bearer <key> or X-API-Key)",
                        {"WWW-Authenticate": "Bearer"})
 
 
@@ -70,4 +71,5 @@ class _TooLarge(ApiError):
     """Raised from `receive`: the route's error handling answers 413 (or this middleware does)."""
 
     def __init__(self, limit: int):
-        super().__init__(413, "too_large", f"request body exceeds the limit of {limit} bytes", {"Connection": "close"})
+        super().__init__(413, "too_large", f"request body exceeds the limit of {limit} bytes",
+                         {"Connection": "close"})

@@ -60,7 +60,8 @@ class _Capture:
         return self._mine() and isinstance(tensor, torch.Tensor) and tensor.requires_grad
 
     def _keep_grad(self, name: str, tensor: torch.Tensor, kept: torch.Tensor | None = None) -> None:
-        """Record the gradient that will reach `tensor` in the next backward (with `kept`, a detached payload).
+        """Record the gradient that will reach `tensor` in the next backward (with `kept`, a detached
+        payload).
 
         The record must not hold the tensor: tensor -> hook -> record -> tensor would be a cycle through
         autograd's C++ side that Python's garbage collector cannot free (a leak per call)."""

@@ -26,8 +26,9 @@ def minmax(maps: torch.Tensor) -> torch.Tensor:
 
 def _bounds(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image min and max, shaped to broadcast against `maps`. amin/amax: on the CPU, min(1) (which also
-    finds indices) and aminmax(dim=1) measured 10-20x slower on a 400k-element layer. Reduced over the dims
-    in place, not over flatten(1): flattening a channels_last layer copies it (10x the time of the reduction)."""
+    finds indices) and aminmax(dim=1) measured far slower (docs/benchmarks.md, section "Engine: methods vs
+    peers", its "Before folding"). Reduced over the dims in place, not over flatten(1): flattening a
+    channels_last layer copies it, which costs more than the reduction (section "Memory format")."""
     dims = tuple(range(1, maps.dim()))
     return maps.amin(dims, keepdim=True), maps.amax(dims, keepdim=True)
 
