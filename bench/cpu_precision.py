@@ -26,7 +26,8 @@ from service.engine import explain  # noqa: E402
 from service.methods import METHODS  # noqa: E402
 from service.zoo import ModelRegistry  # noqa: E402
 
-CASES = {"gradcam": {}, "fullgrad": {}, "integrated-gradients": {"n_steps": 8}, "smoothgrad": {"n_samples": 4}}
+CASES = {"gradcam": {}, "fullgrad": {}, "integrated-gradients": {"n_steps": 8},
+         "smoothgrad": {"n_samples": 4}}
 
 
 def timed(model, name: str, x: torch.Tensor, precision: str) -> float:
@@ -51,7 +52,8 @@ def main() -> None:
         cells, medians = [], {}
         for precision in ("fp32", "bf16", "fp16"):
             first = timed(model, name, x, precision)
-            medians[precision] = statistics.median(timed(model, name, x, precision) for _ in range(args.repeat))
+            medians[precision] = statistics.median(timed(model, name, x, precision)
+                                                   for _ in range(args.repeat))
             cells.append(f"{first:.0f} / {medians[precision]:.0f}")
         ratios = [f"{medians[p] / medians['fp32']:.1f}" for p in ("bf16", "fp16")]
         print(f"| {name} | " + " | ".join(cells + ratios) + " |", flush=True)

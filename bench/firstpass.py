@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=256, help="the pass budget (padding goes up to it)")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    model = ModelRegistry.from_dir(ROOT / "models", device, only={"efficientnet_lite0"}).models["efficientnet_lite0"]
+    model = ModelRegistry.from_dir(ROOT / "models", device,
+                                   only={"efficientnet_lite0"}).models["efficientnet_lite0"]
     method = METHODS[args.method]
     height, width = model.preprocess.size
 
@@ -55,9 +56,12 @@ def main() -> None:
         if not padded:  # explain pads on a GPU; the plain rows call the method at exactly this size
             explainee = model.explainee(args.max_batch)
             x = x.to(device)
-            run = lambda: method.attribute(explainee, x, torch.full((size,), -1, device=device), method.Params())
+
+            def run():
+                return method.attribute(explainee, x, torch.full((size,), -1, device=device), method.Params())
         else:
-            run = lambda: explain(model, method, x, [None] * size, method.Params(), max_batch=args.max_batch)
+            def run():
+                return explain(model, method, x, [None] * size, method.Params(), max_batch=args.max_batch)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -80,10 +84,11 @@ def main() -> None:
 
     rows = []
     for size in sizes:
-        a_first, a_second = in_thread(lambda: (timed(size, False), timed(size, False)))
-        rows.append((size, a_first, a_second, in_thread(lambda: timed(size, False))))
+        # in_thread joins its thread before returning; `size=size` binds the size anyway (ruff B023)
+        a_first, a_second = in_thread(lambda size=size: (timed(size, False), timed(size, False)))
+        rows.append((size, a_first, a_second, in_thread(lambda size=size: timed(size, False))))
     # last, so that no column before it has seen a padded size; its warm-up runs in the thread that times it
-    for (size, a_first, a_second, b_first), padded_ms in zip(rows, in_thread(warmed_thread)):
+    for (size, a_first, a_second, b_first), padded_ms in zip(rows, in_thread(warmed_thread), strict=False):
         print(f"| {size} | {a_first:.1f} | {a_second:.1f} | {b_first:.1f} | {padded_ms:.1f} |", flush=True)
 
 

@@ -45,7 +45,8 @@ def python_load(stop: threading.Event, duty: float, slice_s: float = 0.002) -> N
 def timed_pass(model, x, params, device, repeats: int) -> float:
     def once() -> float:
         start = time.perf_counter()
-        explain(model, METHODS["gradcam"], x, [None] * x.shape[0], params)  # maps come back to the CPU: synced
+        # the maps come back to the CPU: synced
+        explain(model, METHODS["gradcam"], x, [None] * x.shape[0], params)
         return time.perf_counter() - start
 
     once()
@@ -53,7 +54,8 @@ def timed_pass(model, x, params, device, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="threads running Python beside the pass")
@@ -65,13 +67,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.torch_threads)
     device = resolve_device(args.device)
-    model = ModelRegistry.from_dir(ROOT / "models", device, only={"efficientnet_lite0"}).models["efficientnet_lite0"]
+    model = ModelRegistry.from_dir(ROOT / "models", device,
+                                   only={"efficientnet_lite0"}).models["efficientnet_lite0"]
     x = torch.randn(args.batch, 3, 224, 224, device=device)
     params = METHODS["gradcam"].Params()
     default_interval = sys.getswitchinterval()
     alone = timed_pass(model, x, params, device, args.repeats)
-    print(f"device {device}, Grad-CAM on efficientnet_lite0, batch {args.batch}; {args.threads} thread(s) running "
-          f"Python {args.duty:.0%} of the time\n")
+    print(f"device {device}, Grad-CAM on efficientnet_lite0, batch {args.batch}; "
+          f"{args.threads} thread(s) running Python {args.duty:.0%} of the time\n")
     print(f"alone: {alone:.1f} ms per pass\n")
     print("| switch interval ms | ms per pass | x alone |\n|---:|---:|---:|")
     for interval in [float(v) for v in args.intervals.split(",")]:

@@ -3,25 +3,26 @@ nothing, and how much CPU each request costs it, split between the event loop an
 
     .venv/bin/python bench/host.py [--clients 16] [--requests 320] [--workers thread,process] [--upload png]
 
-On a GPU a batched Grad-CAM pass costs a few milliseconds, so the service's throughput at 16 clients is bounded
-by its host work: HTTP, multipart, decoding, resizing, encoding the maps, JSON. This isolates that work on any
-machine. The server runs the tiny test CNN (64 x 64 input; its pass is a small fraction of a request's CPU) on
-the four photos at their own sizes, and returns maps as .npy at the upload's size, as bench/service.py asks.
-The event loop is one thread, so its CPU ms per request bounds what one server process can take whatever the
-core count: 1000 / that figure requests per second. CPU times come from /proc (Linux only).
+On a GPU a batched Grad-CAM pass costs a few milliseconds, so the service's throughput at 16 clients is
+bounded by its host work: HTTP, multipart, decoding, resizing, encoding the maps, JSON. This isolates that
+work on any machine. The server runs the tiny test CNN (64 x 64 input; its pass is a small fraction of a
+request's CPU) on the four photos at their own sizes, and returns maps as .npy at the upload's size, as
+bench/service.py asks. The event loop is one thread, so its CPU ms per request bounds what one server process
+can take whatever the core count: 1000 / that figure requests per second. CPU times come from /proc (Linux
+only).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 from pathlib import Path
-
-import importlib.util
 
 import httpx
 
 # bench/service.py's server and client helpers; loaded by path because its name is the service package's.
-_spec = importlib.util.spec_from_file_location("bench_service", Path(__file__).resolve().parent / "service.py")
+_spec = importlib.util.spec_from_file_location("bench_service",
+                                               Path(__file__).resolve().parent / "service.py")
 bench_service = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_service)
 free_port, jpeg_bytes, load = bench_service.free_port, bench_service.jpeg_bytes, bench_service.load
@@ -73,8 +74,8 @@ def main() -> None:
     args = parser.parse_args()
     encode = png_bytes if args.upload == "png" else jpeg_bytes
     blobs = [encode(image) for image in photos()]
-    print(f"{os.cpu_count()} cores; tiny_cnn, Grad-CAM, {args.upload} uploads of the four photos, maps as .npy at "
-          f"the upload's size; {args.clients} clients, {args.requests} requests per row\n")
+    print(f"{os.cpu_count()} cores; tiny_cnn, Grad-CAM, {args.upload} uploads of the four photos, "
+          f"maps as .npy at the upload's size; {args.clients} clients, {args.requests} requests per row\n")
     print("| worker | requests/s | p50 ms | event loop CPU ms/request | other server threads ms/request | "
           "engine processes ms/request | loop-bound ceiling requests/s |")
     print("|---|---:|---:|---:|---:|---:|---:|")

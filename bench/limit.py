@@ -6,7 +6,7 @@ raw = one forward and one backward to the input (frozen weights, what every meth
 sizes 1..64. A method costs a known number of passes per image (Grad-CAM and FullGrad 1, IG n_steps,
 SmoothGrad n_samples, MoreauGrad iterations x n_samples); its efficiency is
 
-    efficiency = passes x (raw seconds per image at the batch the method actually runs) / measured seconds per image
+    efficiency = passes x (raw seconds per image at the batch the method runs) / measured seconds per image
 
 so 1.0 means it spends nothing beyond the limit (Grad-CAM can beat 1: its backward stops at its layer).
 The service line measures Grad-CAM through the HTTP service under 16 concurrent clients.
@@ -62,7 +62,8 @@ def load(arch: str, device):
         module.to(memory_format=torch.channels_last)  # as service/zoo/registry.py loads every model
         model.module = module
         model.cam_layers = {"layer4": (2048, 7, 7)}
-        model.card = model.card.model_copy(update={"cam": model.card.cam.model_copy(update={"target_layer": "layer4"})})
+        cam = model.card.cam.model_copy(update={"target_layer": "layer4"})
+        model.card = model.card.model_copy(update={"cam": cam})
     return model
 
 
@@ -87,8 +88,9 @@ def main() -> None:
     repeats = 2 if args.quick else 3
     autocast = dict(device_type=device.type, dtype=AUTOCAST.get(args.precision, torch.float32),
                     enabled=args.precision != "fp32")
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor()}),"
-          f" torch {torch.__version__}, {torch.get_num_threads()} threads, model {args.arch}, {args.precision}\n")
+    processor = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    print(f"device {device} ({processor}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"model {args.arch}, {args.precision}\n")
 
     raw = {}
     print("| batch | raw fwd+bwd img/s | ms per image |\n|---:|---:|---:|")
@@ -96,7 +98,8 @@ def main() -> None:
         x = torch.randn(b, 3, 224, 224, device=device)
         t = torch.zeros(b, dtype=torch.long, device=device)
         with torch.autocast(**autocast):
-            seconds = timed(lambda: input_gradients(model.module, x, t), device, repeats)
+            # timed calls it before returning; `x=x, t=t` binds them anyway (ruff B023)
+            seconds = timed(lambda x=x, t=t: input_gradients(model.module, x, t), device, repeats)
         raw[b] = seconds / b
         print(f"| {b} | {b / seconds:.1f} | {1000 * seconds / b:.1f} |")
 
@@ -110,25 +113,30 @@ def main() -> None:
              ("integrated-gradients", {"n_steps": steps}, steps),
              ("smoothgrad", {"n_samples": samples}, samples),
              ("moreaugrad", {"iterations": 3, "n_samples": mg_samples}, 3 * mg_samples)]
-    # The service's pass batch: on a CPU cpu_pass_batch, lowered for glibc's mmap threshold (service/calibrate.py);
-    # on a GPU the cap.
+    # The service's pass batch: on a CPU cpu_pass_batch, lowered for glibc's mmap threshold
+    # (service/calibrate.py); on a GPU the cap.
     settings = Settings()
     pass_batch = (calibrate_lane({"model": model}, settings)["model"] if device.type == "cpu"
                   else settings.max_pass_batch)
     print(f"\npasses of at most {pass_batch} images, as the service runs them on this device")
     if args.precision != "fp32":
-        print("the yardstick is a whole-pass autocast; gradient, IG, SmoothGrad and MoreauGrad run their forward in "
-              "fp32 and only the backward reduced (the precision policy, service/engine.py), so they cannot reach it")
-    print("\n| method | batch | passes/img | ms per image | limit ms per image | efficiency |\n|---|---:|---:|---:|---:|---:|")
+        print("the yardstick is a whole-pass autocast; gradient, IG, SmoothGrad and MoreauGrad run their "
+              "forward in fp32 and only the backward reduced (the precision policy, service/engine.py), "
+              "so they cannot reach it")
+    print("\n| method | batch | passes/img | ms per image | limit ms per image | efficiency |\n"
+          "|---|---:|---:|---:|---:|---:|")
     for batch in [b for b in (1, 8) if b in raw]:
         x = torch.randn(batch, 3, 224, 224, device=device)
         for name, params, passes in cases:
             p = METHODS[name].Params(precision=args.precision, **params)
-            seconds = timed(lambda: explain(model, METHODS[name], x, [None] * batch, p, max_batch=pass_batch), device,
-                            1 if passes > 8 else repeats) / batch
+            # timed calls it before returning; the defaults bind the loop's values anyway (ruff B023)
+            seconds = timed(lambda name=name, x=x, batch=batch, p=p:
+                            explain(model, METHODS[name], x, [None] * batch, p, max_batch=pass_batch),
+                            device, 1 if passes > 8 else repeats) / batch
             per_pass_batch = min(pass_batch, batch * (params.get("n_steps") or params.get("n_samples") or 1))
             limit = passes * raw_at(per_pass_batch)
-            print(f"| {name} | {batch} | {passes} | {1000 * seconds:.1f} | {1000 * limit:.1f} | {limit / seconds:.2f} |")
+            print(f"| {name} | {batch} | {passes} | {1000 * seconds:.1f} | {1000 * limit:.1f} "
+                  f"| {limit / seconds:.2f} |")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ def main() -> None:
     retain_freed_memory()  # as the server does
     registry = ModelRegistry.from_dir(ROOT / "models", torch.device(args.device), only={args.model})
     nhwc = registry.models[args.model]
-    nchw = dataclasses.replace(nhwc, module=copy.deepcopy(nhwc.module).to(memory_format=torch.contiguous_format))
+    nchw = dataclasses.replace(nhwc,
+                               module=copy.deepcopy(nhwc.module).to(memory_format=torch.contiguous_format))
     x = nhwc.preprocess(Image.fromarray(data.chelsea())).unsqueeze(0).to(args.device)
     print(f"{args.model} on {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           "two alternating rounds per layout, medians\n")

@@ -45,8 +45,14 @@ from service.methods.base import Explainee  # noqa: E402
 from service.methods.fullgrad import COMPLETE_TOLERANCE, bias_layers, clamp_layers  # noqa: E402
 from service.methods.integrated_gradients import make_baseline  # noqa: E402
 from service.methods.postprocess import heatmap  # noqa: E402
-from service.zoo import (ModelRegistry, Preprocessor, load_model, read_card, resolve_device,  # noqa: E402
-                         set_cudnn_autotuning)
+from service.zoo import (  # noqa: E402
+    ModelRegistry,
+    Preprocessor,
+    load_model,
+    read_card,
+    resolve_device,
+    set_cudnn_autotuning,
+)
 from service.zoo.fold import fold_batchnorms  # noqa: E402
 from service.zoo.reshape import identity  # noqa: E402
 
@@ -96,8 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "maps by Pearson correlation (>= 0.99) instead of exact equality")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-fold", action="store_true",
-                   help="ours on the model as built, without the service's BatchNorm folding (service/zoo/fold.py); "
-                        "the peers always get the model as built, as their users hold it")
+                   help="ours on the model as built, without the service's BatchNorm folding "
+                        "(service/zoo/fold.py); the peers always get the model as built, as their users "
+                        "hold it")
     args = p.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -365,8 +372,9 @@ class Context:
             return
         as_built = as_built.detach().float().cpu()
         corr = per_image_pearson(ours, as_built.numpy())
-        self.notes.append(f"{key}: the peer on the model as built (BatchNorms unfolded, as timed): max|ours - peer| "
-                          f"/ max|peer| = {relative_error(ours, as_built):.1e}, Pearson per image {fmt(corr, '.5f')}")
+        self.notes.append(f"{key}: the peer on the model as built (BatchNorms unfolded, as timed): "
+                          f"max|ours - peer| / max|peer| = {relative_error(ours, as_built):.1e}, "
+                          f"Pearson per image {fmt(corr, '.5f')}")
 
 
 def reduced_check(ctx: Context, key: str, ours: torch.Tensor, peer: torch.Tensor) -> bool:
@@ -382,8 +390,9 @@ def reduced_check(ctx: Context, key: str, ours: torch.Tensor, peer: torch.Tensor
 
 def exactness(ctx: Context, exact: bool) -> str:
     """The verdict of an exact-equality check: the check itself in float32, information otherwise."""
-    return verdict(exact) if ctx.args.precision == "fp32" else f"{'met' if exact else 'not met'} (information: " \
-        f"ours ran {ctx.args.precision})"
+    if ctx.args.precision == "fp32":
+        return verdict(exact)
+    return f"{'met' if exact else 'not met'} (information: ours ran {ctx.args.precision})"
 
 
 def compare_gradcam(ctx: Context) -> list[Comparison]:
@@ -411,7 +420,8 @@ def compare_gradcam(ctx: Context) -> list[Comparison]:
                      f"(need > {GRADCAM_MIN_PEARSON})")
     # The same peer on frozen weights with an input that requires grad: not its documented use, but it takes
     # the weight gradients out of its backward(), which is what the first row pays for.
-    frozen, release_frozen = peer_on(copy.deepcopy(ctx.subject.peer_module).eval().requires_grad_(False), True)
+    frozen, release_frozen = peer_on(copy.deepcopy(ctx.subject.peer_module).eval().requires_grad_(False),
+                                     True)
     return [Comparison("gradcam", f"gradcam vs pytorch_grad_cam.GradCAM (layer `{layer}`)", ours, peer, ok=ok,
                        release=[release]),
             Comparison("gradcam", "gradcam vs GradCAM on frozen weights, input requires grad", ours, frozen,
@@ -493,8 +503,8 @@ def compare_ig(ctx: Context) -> list[Comparison]:
         f"check integrated-gradients ({params.n_steps} steps {params.method}, black baseline, "
         f"internal_batch_size {max(max_batch, ctx.x.shape[0])}): max|ours - captum| / max|captum| = "
         f"{err:.1e} (attributions), "
-        f"{delta_err:.1e} (convergence deltas) -> {exactness(ctx, exact)} (need <= {IG_RTOL:g}); relative deltas "
-        f"{fmt([d['relative_delta'] for d in result.diagnostics], '.2g')} at this n_steps")
+        f"{delta_err:.1e} (convergence deltas) -> {exactness(ctx, exact)} (need <= {IG_RTOL:g}); "
+        f"relative deltas {fmt([d['relative_delta'] for d in result.diagnostics], '.2g')} at this n_steps")
     return [Comparison("integrated-gradients", f"integrated-gradients vs captum IntegratedGradients "
                                                f"({params.n_steps} steps)", ours, peer, params.n_steps, ok)]
 
@@ -523,8 +533,8 @@ def compare_smoothgrad(ctx: Context) -> list[Comparison]:
     label = f"smoothgrad vs captum NoiseTunnel(Saliency) ({params.n_samples} samples)"
 
     def peer_and_prediction(x, t):
-        # Ours also returns the prediction (top-k): a clean no-grad forward NoiseTunnel does not do. A user who
-        # shows the predicted class next to the map runs it too; this row compares the same outputs.
+        # Ours also returns the prediction (top-k): a clean no-grad forward NoiseTunnel does not do. A user
+        # who shows the predicted class next to the map runs it too; this row compares the same outputs.
         with torch.no_grad():
             ctx.subject.peer_module(x).softmax(1).topk(5)
         return peer(x, t)
@@ -549,7 +559,8 @@ def compare_gradient(ctx: Context) -> list[Comparison]:
     ctx.note_folding("gradient", attribution, peer(ctx.x, ctx.targets))
     err = relative_error(attribution, peer_attribution)
     exact = err <= GRADIENT_RTOL
-    ok = exact if ctx.args.precision == "fp32" else reduced_check(ctx, "gradient", attribution, peer_attribution)
+    ok = (exact if ctx.args.precision == "fp32"
+          else reduced_check(ctx, "gradient", attribution, peer_attribution))
     ctx.notes.append(f"check gradient: max|ours - captum Saliency| / max|captum| = {err:.1e} -> "
                      f"{exactness(ctx, exact)} (need <= {GRADIENT_RTOL:g})")
     return [Comparison("gradient", "gradient vs captum Saliency(abs=False)", ours, peer, ok=ok)]
@@ -629,9 +640,9 @@ def main(argv: list[str] | None = None) -> int:
         for comp in comparisons:
             progress(f"batch {b}: {comp.label}")
             seed_everything(args.seed)
-            peer = (lambda comp=comp: comp.peer(x, targets)) if comp.peer else None
-            ours_s, peer_s, calls = time_pair(lambda comp=comp: comp.ours(x, targets), peer, args.repeats,
-                                              sync, args.budget, clock)
+            peer = (lambda comp=comp, x=x, targets=targets: comp.peer(x, targets)) if comp.peer else None
+            ours_s, peer_s, calls = time_pair(lambda comp=comp, x=x, targets=targets: comp.ours(x, targets),
+                                              peer, args.repeats, sync, args.budget, clock)
             rows.append(Row(comp, b, ours_s / b * 1e3, None if peer_s is None else peer_s / b * 1e3, calls))
             row = rows[-1]  # also now, so a run cut off by a time limit keeps what it measured
             progress(f"| {comp.label} | {b} | {row.ours_ms:.1f} | "
@@ -645,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     short = [f"{r.comparison.key} at batch {r.batch}: {r.calls}" for r in rows if r.calls < args.repeats]
     print(f"## Engine: methods vs peers ({'GPU' if device.type == 'cuda' else 'CPU'})\n")
     print(f"Command: `{command}`  ")
-    print(f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  ")
+    print(f"Date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC  ")
     print(f"Model: {subject.name}  ")
     print(f"Precision: ours {args.precision}"
           + (" (engine.precision_scope, as the service runs it)" if args.precision != "fp32" else "")
@@ -684,9 +695,9 @@ def main(argv: list[str] | None = None) -> int:
           "OpenCV on the CPU. Captum is timed on the frozen model as built; the exactness checks run it on "
           "the module ours runs.")
     if subject.peer_module is not subject.module:
-        print("- Ours runs the model as the service loads it, each BatchNorm folded into the convolution before "
-              "it (service/zoo/fold.py: the same function, one op fewer per layer); the peers get the model as "
-              "built, as their users hold it. `--no-fold` gives ours the model as built too.")
+        print("- Ours runs the model as the service loads it, each BatchNorm folded into the convolution "
+              "before it (service/zoo/fold.py: the same function, one op fewer per layer); the peers get the "
+              "model as built, as their users hold it. `--no-fold` gives ours the model as built too.")
     gradient = {r.batch: r.ours_ms for r in rows if r.comparison.key == "gradient"}
     for r in rows:
         if r.comparison.key == "moreaugrad" and r.batch in gradient:

@@ -83,6 +83,45 @@ def decoded(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)), dtype=np.int16)
 
 
+def photo_rows(width: int, height: int, preprocess: Preprocessor, limits: dict[str, int],
+               repeats: int) -> list[tuple]:
+    """One photo size's table rows: each step timed for the service and for the baseline."""
+    rows = []
+    jpeg = photo_jpeg(width, height)
+    image = baseline_decode(jpeg)
+    # A smooth map at the photo's size, as the worker hands it to the encoder (size=original).
+    small = np.random.default_rng(1).random((7, 7)).astype(np.float32)
+    heat = imaging.resize_map(small, (width, height))
+    label = f"{width}x{height} ({width * height / 1e6:.1f} MP)"
+
+    def decode_and_resize():
+        upload = imaging.decode_upload(jpeg, **limits, min_side=preprocess.decode_side)
+        return np.asarray(preprocess._resized(upload.image))
+
+    ours_ms, ours = best_ms(decode_and_resize, repeats)
+    base_ms, base = best_ms(lambda: baseline_resize(baseline_decode(jpeg), (224, 224)), repeats)
+    rows.append((label, "decode the JPEG and resize to 224x224", ours_ms, base_ms,
+                 f"max diff {np.abs(ours.astype(int) - base.astype(int)).max()} levels", ""))
+
+    ours_ms, ours = best_ms(lambda: np.asarray(preprocess._resized(image)), repeats)
+    base_ms, base = best_ms(lambda: baseline_resize(image, (224, 224)), repeats)
+    rows.append((label, "resize to 224x224", ours_ms, base_ms,
+                 f"max diff {np.abs(ours.astype(int) - base.astype(int)).max()} levels", ""))
+
+    ours_ms, ours = best_ms(lambda: imaging.encode_png_gray(heat), repeats)
+    base_ms, base = best_ms(lambda: baseline_png_gray(heat), repeats)
+    rows.append((label, "gray PNG", ours_ms, base_ms,
+                 f"max diff {np.abs(decoded(ours) - decoded(base)).max()} levels",
+                 f"{len(ours) / 1e6:.2f} / {len(base) / 1e6:.2f} MB"))
+
+    ours_ms, ours = best_ms(lambda: imaging.encode_png(imaging.overlay(image, heat), photo=True), repeats)
+    base_ms, base = best_ms(lambda: baseline_overlay(image, heat), repeats)
+    rows.append((label, "overlay PNG", ours_ms, base_ms,
+                 f"max diff {np.abs(decoded(ours) - decoded(base)).max()} levels",
+                 f"{len(ours) / 1e6:.2f} / {len(base) / 1e6:.2f} MB"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -93,43 +132,13 @@ def main() -> None:
     rows = []
     limits = dict(max_bytes=50_000_000, max_pixels=50_000_000)
     for width, height in SIZES:
-        jpeg = photo_jpeg(width, height)
-        image = baseline_decode(jpeg)
-        # A smooth map at the photo's size, as the worker hands it to the encoder (size=original).
-        small = np.random.default_rng(1).random((7, 7)).astype(np.float32)
-        heat = imaging.resize_map(small, (width, height))
-        label = f"{width}x{height} ({width * height / 1e6:.1f} MP)"
-
-        def decode_and_resize():
-            upload = imaging.decode_upload(jpeg, **limits, min_side=preprocess.decode_side)
-            return np.asarray(preprocess._resized(upload.image))
-
-        ours_ms, ours = best_ms(decode_and_resize, args.repeats)
-        base_ms, base = best_ms(lambda: baseline_resize(baseline_decode(jpeg), (224, 224)), args.repeats)
-        rows.append((label, "decode the JPEG and resize to 224x224", ours_ms, base_ms,
-                     f"max diff {np.abs(ours.astype(int) - base.astype(int)).max()} levels", ""))
-
-        ours_ms, ours = best_ms(lambda: np.asarray(preprocess._resized(image)), args.repeats)
-        base_ms, base = best_ms(lambda: baseline_resize(image, (224, 224)), args.repeats)
-        rows.append((label, "resize to 224x224", ours_ms, base_ms,
-                     f"max diff {np.abs(ours.astype(int) - base.astype(int)).max()} levels", ""))
-
-        ours_ms, ours = best_ms(lambda: imaging.encode_png_gray(heat), args.repeats)
-        base_ms, base = best_ms(lambda: baseline_png_gray(heat), args.repeats)
-        rows.append((label, "gray PNG", ours_ms, base_ms,
-                     f"max diff {np.abs(decoded(ours) - decoded(base)).max()} levels",
-                     f"{len(ours) / 1e6:.2f} / {len(base) / 1e6:.2f} MB"))
-
-        ours_ms, ours = best_ms(lambda: imaging.encode_png(imaging.overlay(image, heat), photo=True), args.repeats)
-        base_ms, base = best_ms(lambda: baseline_overlay(image, heat), args.repeats)
-        rows.append((label, "overlay PNG", ours_ms, base_ms,
-                     f"max diff {np.abs(decoded(ours) - decoded(base)).max()} levels",
-                     f"{len(ours) / 1e6:.2f} / {len(base) / 1e6:.2f} MB"))
+        rows += photo_rows(width, height, preprocess, limits, args.repeats)
 
     print("| photo | step | service ms | baseline ms | ratio | what differs | bytes (service / baseline) |")
     print("|---|---|---:|---:|---:|---|---|")
     for label, step, ours_ms, base_ms, diff, size in rows:
-        print(f"| {label} | {step} | {ours_ms:.1f} | {base_ms:.1f} | {ours_ms / base_ms:.2f} | {diff} | {size} |")
+        print(f"| {label} | {step} | {ours_ms:.1f} | {base_ms:.1f} | {ours_ms / base_ms:.2f} | {diff} "
+              f"| {size} |")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.flop_counter import flop_registry
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -160,12 +160,12 @@ def diagnose(model, x: torch.Tensor) -> None:
         return [u.mask for u in units]
 
     fp32_pattern, bf16_pattern = patterns(None), patterns(bf16)
-    flips = sum(int((a != b).sum()) for a, b in zip(fp32_pattern, bf16_pattern))
+    flips = sum(int((a != b).sum()) for a, b in zip(fp32_pattern, bf16_pattern, strict=False))
     flipped = flips / sum(a.numel() for a in fp32_pattern)
     for label, pattern, scope in [
             ("bf16 forward's ReLU6 pattern, fp32 backward", bf16_pattern, None),
             ("fp32 forward's ReLU6 pattern, bf16 forward+backward", fp32_pattern, bf16)]:
-        for u, mask in zip(units, pattern):
+        for u, mask in zip(units, pattern, strict=False):
             u.mask, u.replay = mask, True
         rows.append((label, gradient_map(replay, x, target, scope)[0], float("nan")))
 
@@ -195,7 +195,8 @@ def moreau_fp16_table(model) -> None:
     from PIL import Image
     from skimage import data
 
-    print("| photo | iterations x samples | whole-pass fp16 | engine fp16 ran forward in |\n|---|---|---:|---|")
+    print("| photo | iterations x samples | whole-pass fp16 | engine fp16 ran forward in |\n"
+          "|---|---|---:|---|")
     for photo in ("chelsea", "coffee", "astronaut", "rocket"):
         x = model.preprocess(Image.fromarray(getattr(data, photo)()).convert("RGB")).unsqueeze(0)
         for settings in ({"iterations": 4, "n_samples": 2}, {"iterations": 20, "n_samples": 4},

@@ -60,7 +60,8 @@ def row(name: str, result: tuple[float, list[float]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--method", default="gradcam")
@@ -96,8 +97,8 @@ def main() -> None:
     serve.shutdown()
     ray.shutdown()
 
-    print(f"\n{args.method} on {MODEL}, CPU, {cores} cores, {args.requests} requests of one 224x224 image from "
-          f"{args.clients} concurrent clients (after a warm-up)\n")
+    print(f"\n{args.method} on {MODEL}, CPU, {cores} cores, {args.requests} requests of one 224x224 image "
+          f"from {args.clients} concurrent clients (after a warm-up)\n")
     print("| engine | images/s | p50 ms | p95 ms |\n|---|---|---|---|")
     print("\n".join(rows))
 

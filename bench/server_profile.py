@@ -25,7 +25,8 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 # bench/service.py's server and client helpers; loaded by path because its name is the service package's.
-_spec = importlib.util.spec_from_file_location("bench_service", Path(__file__).resolve().parent / "service.py")
+_spec = importlib.util.spec_from_file_location("bench_service",
+                                               Path(__file__).resolve().parent / "service.py")
 bench_service = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_service)
 
@@ -53,10 +54,10 @@ def _name(frame: str) -> str:
 
 
 def parse_collapsed(text: str, server_pid: int) -> dict[str, dict]:
-    """Group py-spy's raw (collapsed) lines, `process P:"cmd";[process C:"cmd";]thread (tid): name;frame;...;frame
-    count`, by
-    process role and thread name: the thread ids, the samples, and their innermost frames (the innermost
-    Python frame, and with --native the innermost named native frame too)."""
+    """Group py-spy's raw (collapsed) lines,
+    `process P:"cmd";[process C:"cmd";]thread (tid): name;frame;...;frame count`, by process role and thread
+    name: the thread ids, the samples, and their innermost frames (the innermost Python frame, and with
+    --native the innermost named native frame too)."""
     groups: dict[str, dict] = defaultdict(lambda: {"tids": set(), "samples": 0, "frames": Counter()})
     for line in text.splitlines():
         stack, _, count = line.rpartition(" ")
@@ -90,7 +91,8 @@ def summarise(runs: dict[str, dict[str, dict]], thread_samples: float, top: int)
     names = list(runs)
     head = " | ".join(f"{run} (threads' worth)" for run in names)
     frames = " | ".join(f"{run}: innermost frames" for run in names)
-    lines = [f"| threads | n | {head} | {frames} |", "|---|---:|" + "---:|" * len(names) + "---|" * len(names)]
+    lines = [f"| threads | n | {head} | {frames} |",
+             "|---|---:|" + "---:|" * len(names) + "---|" * len(names)]
     groups = sorted({g for run in runs.values() for g in run},
                     key=lambda g: -sum(run[g]["samples"] for run in runs.values() if g in run))
     for group in groups:
@@ -99,10 +101,12 @@ def summarise(runs: dict[str, dict[str, dict]], thread_samples: float, top: int)
             continue
         threads = max(len(g["tids"]) for g in seen if g)
         shares = " | ".join(f"{(g['samples'] if g else 0) / thread_samples:.2f}" for g in seen)
-        tops = " | ".join(", ".join(f"{f} {100 * c / g['samples']:.0f}%" for f, c in g["frames"].most_common(top))
+        tops = " | ".join(", ".join(f"{f} {100 * c / g['samples']:.0f}%"
+                                    for f, c in g["frames"].most_common(top))
                           if g else "" for g in seen)
         lines.append(f"| {group} | {threads} | {shares} | {tops} |")
-    totals = " | ".join(f"**{sum(g['samples'] for g in runs[run].values()) / thread_samples:.2f}**" for run in names)
+    totals = " | ".join(f"**{sum(g['samples'] for g in runs[run].values()) / thread_samples:.2f}**"
+                        for run in names)
     lines.append(f"| **all** | | {totals} |" + " |" * len(names))
     return "\n".join(lines)
 
@@ -116,7 +120,8 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=200, help="samples per second")
     parser.add_argument("--top", type=int, default=6, help="leaf frames listed per thread")
     parser.add_argument("--out", default="gpu-logs", help="where the collapsed stacks go")
-    parser.add_argument("--native", action="store_true", help="native frames too (pauses the server per sample)")
+    parser.add_argument("--native", action="store_true",
+                        help="native frames too (pauses the server per sample)")
     args = parser.parse_args()
 
     blobs = [bench_service.png_bytes(im) for im in bench_service.photos()]
@@ -159,12 +164,12 @@ def main() -> None:
     for run, spy in spies.items():
         if spy.returncode != 0:
             raise SystemExit(f"py-spy ({run}) failed ({spy.returncode}): {spy.stderr.strip()[-600:]}")
-    batches, images, busy_s = (b - a for a, b in zip(before, after))
+    batches, images, busy_s = (b - a for a, b in zip(before, after, strict=False))
     print(f"{args.worker} worker, {args.clients} clients, over the {wall:.0f} s of sampling: "
           f"{images / wall:.1f} img/s, {images / max(batches, 1):.1f} images per batch, "
           f"{1000 * busy_s / max(batches, 1):.1f} ms per batch, worker busy {100 * busy_s / wall:.0f} %")
-    print(f"{len(RUNS)} py-spy runs of {args.seconds} s at {args.rate} samples/s, one after the other; collapsed "
-          f"stacks in {out}/\n")
+    print(f"{len(RUNS)} py-spy runs of {args.seconds} s at {args.rate} samples/s, one after the other; "
+          f"collapsed stacks in {out}/\n")
     runs = {run: parse_collapsed(path.read_text(), proc.pid) for run, path in stacks.items()}
     print(summarise(runs, args.seconds * args.rate, args.top))
 

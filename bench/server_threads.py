@@ -23,7 +23,8 @@ from pathlib import Path
 
 import httpx
 
-_spec = importlib.util.spec_from_file_location("bench_service", Path(__file__).resolve().parent / "service.py")
+_spec = importlib.util.spec_from_file_location("bench_service",
+                                               Path(__file__).resolve().parent / "service.py")
 bench_service = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_service)
 
@@ -35,7 +36,8 @@ def thread_stats(pid: int) -> dict[str, tuple[int, float, float]]:
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            fields = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
         except OSError:  # the thread ended
             continue
         out[tid] = (int(fields[7]), int(fields[11]) / TICKS, int(fields[12]) / TICKS)
@@ -88,8 +90,9 @@ def bulk(blob: bytes, n: int) -> None:
             bench_service.post(client, base, "integrated-gradients", blob, {"n_steps": 16})  # the bulk lane
             time.sleep(1)
             after, threads_after = idle_compute(client), len(os.listdir(f"/proc/{proc.pid}/task"))
-        print(f"\nidle Grad-CAM, the server's own compute: {before:.1f} ms before a bulk-lane request, {after:.1f} ms "
-              f"after ({after / before:.2f}x); server threads {threads_before} before, {threads_after} after")
+        print(f"\nidle Grad-CAM, the server's own compute: {before:.1f} ms before a bulk-lane request, "
+              f"{after:.1f} ms after ({after / before:.2f}x); server threads {threads_before} before, "
+              f"{threads_after} after")
     finally:
         proc.terminate()
         proc.wait(30)

@@ -19,8 +19,8 @@ import platform
 import socket
 import statistics
 import subprocess
-import threading
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -98,7 +98,8 @@ def worker_totals(base: str, method: str) -> tuple[float, float, float]:
     """(batches, images, compute seconds) the server has run for `method` so far, from /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    totals = {"saliency_batch_size_count": 0.0, "saliency_batch_size_sum": 0.0, "saliency_compute_seconds_sum": 0.0}
+    totals = {"saliency_batch_size_count": 0.0, "saliency_batch_size_sum": 0.0,
+              "saliency_compute_seconds_sum": 0.0}
     for family in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=30).text):
         for sample in family.samples:
             if sample.name in totals and sample.labels.get("method") == method:
@@ -135,7 +136,7 @@ def idle_overhead(base: str, model, image: Image.Image, rounds: int) -> dict[str
     params = METHODS["gradcam"].Params()
     explain(model, METHODS["gradcam"], x, [None], params)
     with httpx.Client(timeout=600) as client:
-        for kind, blob in uploads.items():
+        for blob in uploads.values():
             post(client, base, "gradcam", blob, {})  # opens the connection
         for _ in range(rounds):
             for kind, blob in uploads.items():
@@ -156,7 +157,8 @@ def idle_overhead(base: str, model, image: Image.Image, rounds: int) -> dict[str
                    "overhead": (statistics.median(latency[kind]) - compute) * 1000,
                    # The same request's latency minus its own compute: immune to the two sides drifting apart.
                    "around_compute": statistics.median(
-                       [lat - own for lat, own in zip(latency[kind], server_compute[kind])]) * 1000}
+                       [lat - own
+                        for lat, own in zip(latency[kind], server_compute[kind], strict=False)]) * 1000}
             for kind in uploads}
 
 
@@ -206,23 +208,29 @@ def ours_in_process(model, xs, method: str, params: dict, repeats: int) -> float
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
-    parser.add_argument("--ig-steps", type=int, default=16, help="IG n_steps for both sides (CPU: keep it small)")
+    parser.add_argument("--ig-steps", type=int, default=16,
+                        help="IG n_steps for both sides (CPU: keep it small)")
     parser.add_argument("--overhead-only", action="store_true", help="only the idle-server overhead")
-    parser.add_argument("--device", default="auto", help="the server's and the peers' device (auto: CUDA if any)")
+    parser.add_argument("--device", default="auto",
+                        help="the server's and the peers' device (auto: CUDA if any)")
     parser.add_argument("--scale", type=int, default=None,
                         help="requests per client and timing rounds (default 3, --quick 1; a GPU wants ~10)")
-    parser.add_argument("--workers", default="auto", help="comma-separated SALIENCY_WORKER values: one server per "
-                        "value (thread, process, auto), each measured against the same peer figures")
-    parser.add_argument("--methods", default="gradcam,integrated-gradients", help="comma-separated methods to load")
-    parser.add_argument("--clients", default="1,4,16", help="comma-separated client counts, run in this order on "
-                        "one server (repeat a count to see whether a tail is first-time work)")
+    parser.add_argument("--workers", default="auto",
+                        help="comma-separated SALIENCY_WORKER values: one server per value (thread, process, "
+                        "auto), each measured against the same peer figures")
+    parser.add_argument("--methods", default="gradcam,integrated-gradients",
+                        help="comma-separated methods to load")
+    parser.add_argument("--clients", default="1,4,16",
+                        help="comma-separated client counts, run in this order on one server (repeat a count "
+                        "to see whether a tail is first-time work)")
     args = parser.parse_args()
     torch.manual_seed(0)
     scale = args.scale or (1 if args.quick else 3)
     device = resolve_device(args.device)
     registry = ModelRegistry.from_dir(ROOT / "models", device, only={"efficientnet_lite0"})
     model = registry.models["efficientnet_lite0"]
-    # The peers get the model as its users hold it: no BatchNorm folding (the service folds, service/zoo/fold.py).
+    # The peers get the model as its users hold it: no BatchNorm folding (the service folds,
+    # service/zoo/fold.py).
     as_built = ModelRegistry.from_dir(ROOT / "models", device, only={"efficientnet_lite0"},
                                       fold_norms=False).models["efficientnet_lite0"]
     images = photos()
@@ -234,7 +242,9 @@ def main() -> None:
           f"device {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
     cases = {"gradcam": ({}, lambda: peer_gradcam(as_built, xs, scale), "pytorch-grad-cam GradCAM"),
              "integrated-gradients": ({"n_steps": args.ig_steps},
-                                      lambda: peer_ig(as_built, xs, args.ig_steps, 1 if device.type == "cpu" else scale), "Captum IntegratedGradients")}
+                                      lambda: peer_ig(as_built, xs, args.ig_steps,
+                                                      1 if device.type == "cpu" else scale),
+                                      "Captum IntegratedGradients")}
     cases = {name: case for name, case in cases.items() if name in args.methods.split(",")}
     if args.overhead_only:
         cases = {}
@@ -253,16 +263,19 @@ def main() -> None:
                     n = max(per_client * min(clients, 4), clients)
                     before = worker_totals(base, name)
                     latencies, wall = load(base, name, blobs, params, clients, n)
-                    batches, imgs, busy_s = (b - a for a, b in zip(before, worker_totals(base, name)))
+                    after = worker_totals(base, name)
+                    batches, imgs, busy_s = (b - a for a, b in zip(before, after, strict=False))
                     throughput = n / wall
                     p50 = statistics.median(latencies) * 1000
                     p95 = float(np.percentile(latencies, 95)) * 1000
                     slowest = sorted(latencies)[-5:]
-                    print(f"{worker} {name} {clients} clients: slowest {[round(t * 1000) for t in slowest]} ms, "
+                    print(f"{worker} {name} {clients} clients: "
+                          f"slowest {[round(t * 1000) for t in slowest]} ms, "
                           f"mean {statistics.mean(latencies) * 1000:.0f} ms", flush=True)
                     # Where the limit is: a worker busy ~100 % of the wall is bound by its passes (GIL
                     # contention shows as longer passes); one that idles waits on the host side.
-                    worker_side = (imgs / max(batches, 1), 1000 * busy_s / max(batches, 1), 100 * busy_s / wall)
+                    worker_side = (imgs / max(batches, 1), 1000 * busy_s / max(batches, 1),
+                                   100 * busy_s / wall)
                     rows.append((worker, name, clients, n, throughput, p50, p95, peer_name, worker_side))
             overheads[worker] = idle_overhead(base, model, images[0], 15 * scale)
         finally:
@@ -273,32 +286,34 @@ def main() -> None:
     # stretch would flatter the service. Each ratio takes the faster of the two peer runs.
     peer_after = {name: fn() for name, (_, fn, _) in cases.items()}
     for name in cases:
-        print(f"peer {name}: {1 / peer_s[name]:.2f} img/s before the servers, {1 / peer_after[name]:.2f} after; "
-              f"the ratios use the faster")
+        print(f"peer {name}: {1 / peer_s[name]:.2f} img/s before the servers, "
+              f"{1 / peer_after[name]:.2f} after; the ratios use the faster")
         peer_s[name] = min(peer_s[name], peer_after[name])
-    print(f"\nIG n_steps = {args.ig_steps} on both sides; images: skimage chelsea, coffee, astronaut, rocket\n")
-    print("The last three columns come from the server's /metrics over each row: images per batch, the worker's\n"
-          "time per batch (its pass, top-k and map resizing), and that time as a share of the row's wall time.\n")
-    print("| worker | method | clients | requests | service img/s | p50 ms | p95 ms | peer in-process img/s | ratio "
-          "| peer | images/batch | ms/batch | worker busy % |")
+    print(f"\nIG n_steps = {args.ig_steps} on both sides; "
+          "images: skimage chelsea, coffee, astronaut, rocket\n")
+    print("The last three columns come from the server's /metrics over each row: images per batch, "
+          "the worker's\ntime per batch (its pass, top-k and map resizing), and that time as a share of "
+          "the row's wall time.\n")
+    print("| worker | method | clients | requests | service img/s | p50 ms | p95 ms | peer in-process img/s "
+          "| ratio | peer | images/batch | ms/batch | worker busy % |")
     print("|---|---|---|---|---|---|---|---|---|---|---:|---:|---:|")
     for worker, name, clients, n, tp, p50, p95, peer_name, (per_batch, batch_ms, busy) in rows:
         peer_tp = 1 / peer_s[name]
         ratio = tp / peer_tp
         print(f"| {worker} | {name} | {clients} | {n} | {tp:.2f} | {p50:.0f} | {p95:.0f} | {peer_tp:.2f} | "
               f"{ratio:.2f}x | {peer_name} | {per_batch:.1f} | {batch_ms:.1f} | {busy:.0f} |")
-    print("\nService overhead: one Grad-CAM request (chelsea, 451x300, map as .npy at the original size) on an idle "
-          "server;\noverhead = p50 latency - the same explanation in this process (engine.explain on the "
-          "preprocessed tensor).\nDecoding, preprocessing, encoding and HTTP all count as overhead. The last "
-          "column pairs each request's latency\nwith the compute the server reports for it (timing_ms.compute): "
-          "the time spent around the model pass.\n")
-    print("| worker | upload | p50 latency ms | in-process compute ms | overhead ms | server's own compute ms | "
-          "p50 latency - own compute ms |")
+    print("\nService overhead: one Grad-CAM request (chelsea, 451x300, map as .npy at the original size) "
+          "on an idle server;\noverhead = p50 latency - the same explanation in this process (engine.explain "
+          "on the preprocessed tensor).\nDecoding, preprocessing, encoding and HTTP all count as overhead. "
+          "The last column pairs each request's latency\nwith the compute the server reports for it "
+          "(timing_ms.compute): the time spent around the model pass.\n")
+    print("| worker | upload | p50 latency ms | in-process compute ms | overhead ms "
+          "| server's own compute ms | p50 latency - own compute ms |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for worker, overhead in overheads.items():
         for kind, row in overhead.items():
-            print(f"| {worker} | {kind} | {row['p50']:.1f} | {row['in_process']:.1f} | {row['overhead']:.1f} | "
-                  f"{row['server_compute']:.1f} | {row['around_compute']:.1f} |")
+            print(f"| {worker} | {kind} | {row['p50']:.1f} | {row['in_process']:.1f} "
+                  f"| {row['overhead']:.1f} | {row['server_compute']:.1f} | {row['around_compute']:.1f} |")
 
 
 if __name__ == "__main__":

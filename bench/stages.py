@@ -3,14 +3,16 @@
     .venv/bin/python bench/stages.py [--png] [--rounds 60]
 
 Starts a server (this file with --serve: create_app under uvicorn, as `python -m service` runs it) whose call
-path is wrapped with timestamps, sends one request at a time with 50 ms of idle between them, and prints the median time of each stage and of each gap between stages. Timestamps
-come from CLOCK_MONOTONIC (time.perf_counter), which client and server share on Linux. The wrappers cost a few
-microseconds each; bench/service.py gives the unwrapped latency.
+path is wrapped with timestamps, sends one request at a time with 50 ms of idle between them, and prints the
+median time of each stage and of each gap between stages. Timestamps come from CLOCK_MONOTONIC
+(time.perf_counter), which client and server share on Linux. The wrappers cost a few microseconds each;
+bench/service.py gives the unwrapped latency.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import statistics
 import sys
@@ -50,11 +52,10 @@ def timed(owner, name: str, label: str) -> None:
 def serve(port: int) -> None:
     import uvicorn
 
-    from service.settings import Settings
-
     from service import imaging, runtime
     from service.api import body, explain, responses
     from service.app import create_app
+    from service.settings import Settings
     from service.zoo.preprocess import Preprocessor
 
     timed(body, "parse_multipart", "multipart")
@@ -121,14 +122,15 @@ def main() -> None:
                 marks.append(("client has the body", end))
                 if i < 5:
                     continue  # warm-up
-                for (a, ta), (b, tb) in zip(marks, marks[1:]):
+                for (a, ta), (b, tb) in itertools.pairwise(marks):
                     name = a[:-1] if a.endswith(">") and b == a[:-1] + "<" else f"{a} -> {b}"
                     spans.setdefault(name, []).append((tb - ta) * 1000)
                 spans.setdefault("total", []).append((end - start) * 1000)
     finally:
         proc.terminate()
         proc.wait(30)
-    print(f"one Grad-CAM request, chelsea 451x300 as {'PNG' if args.png else 'JPEG'}, {args.rounds} idle rounds; "
+    print(f"one Grad-CAM request, chelsea 451x300 as {'PNG' if args.png else 'JPEG'}, "
+          f"{args.rounds} idle rounds; "
           "medians in ms (a label> b< pair is a stage, anything else the gap between two marks)\n")
     print("| span | ms |\n|---|---:|")
     for name, values in spans.items():

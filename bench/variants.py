@@ -30,7 +30,8 @@ def per_image_ms(model, method: str, x: torch.Tensor, params, repeats: int) -> t
 def compare(baseline: tuple[str, object], variant: tuple[str, object], x: torch.Tensor, cases=CASES) -> None:
     """Prints a Markdown table: per case, each side's median of two alternating rounds, variant / baseline."""
     (a_name, a_model), (b_name, b_model) = baseline, variant
-    print(f"| method | batch | {a_name} ms/img | {b_name} ms/img | {b_name} / {a_name} | max map difference |")
+    print(f"| method | batch | {a_name} ms/img | {b_name} ms/img | {b_name} / {a_name} "
+          "| max map difference |")
     print("|---|---:|---:|---:|---:|---:|")
     for method, raw_params, batch, repeats in cases:
         params = METHODS[method].Params(**raw_params)
