@@ -21,26 +21,29 @@ class Metrics:
         r = self.registry
         self.requests = Counter("saliency_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=r)
-        self.cache_hits = Gauge("saliency_cache_hits", "result cache hits (images answered with no model pass)",
-                                registry=r)
+        self.cache_hits = Gauge("saliency_cache_hits",
+                                "result cache hits (images answered with no model pass)", registry=r)
         self.cache_misses = Gauge("saliency_cache_misses", "result cache misses", registry=r)
         self.cache_bytes = Gauge("saliency_cache_bytes", "bytes held by the result cache", registry=r)
         self.in_flight = Gauge("saliency_requests_in_flight", "HTTP requests being handled", registry=r)
-        self.pixels_in_flight = Gauge("saliency_pixels_in_flight", "decoded pixels held by calls queued or running "
-                                      "(limit: max_pixels_in_flight)", registry=r)
+        self.pixels_in_flight = Gauge("saliency_pixels_in_flight", "decoded pixels held by calls queued or "
+                                      "running (limit: max_pixels_in_flight)", registry=r)
         self.queue_depth = Gauge("saliency_queue_depth", "images waiting in a worker's queue", ["worker"],
                                  registry=r)
         self.batch_size = Histogram("saliency_batch_size", "images per batch run on the device", ["method"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
-        self.compute = Histogram("saliency_compute_seconds", "device time per batch", ["method"], registry=r,
-                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300))
-        self.latency = Histogram("saliency_request_seconds", "explain latency, arrival to response", ["method"],
-                                 registry=r, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300))
+        self.compute = Histogram(
+            "saliency_compute_seconds", "device time per batch", ["method"], registry=r,
+            buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300))
+        self.latency = Histogram(
+            "saliency_request_seconds", "explain latency, arrival to response", ["method"], registry=r,
+            buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300))
         self.jobs = Gauge("saliency_jobs", "jobs held, by status", ["status"], registry=r)
         self.device_memory = Gauge("saliency_device_memory_bytes", "allocated device memory (CUDA), or on "
-                                   "the CPU the RSS of the process(es) running the passes", ["device"], registry=r)
-        self.worker_restarts = Gauge("saliency_worker_restarts", "worker threads and engine processes restarted", ["worker"],
-                                     registry=r)
+                                   "the CPU the RSS of the process(es) running the passes", ["device"],
+                                   registry=r)
+        self.worker_restarts = Gauge("saliency_worker_restarts",
+                                     "worker threads and engine processes restarted", ["worker"], registry=r)
 
     def sample_device(self, device) -> None:
         import torch

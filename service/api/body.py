@@ -101,17 +101,20 @@ async def parse_multipart(request: Request, settings: Settings, content_type: st
         raise ApiError(400, "bad_multipart", f"malformed multipart body: {detail}") from None
     try:
         files = form.getlist("image")
-        if any(not isinstance(f, UploadFile) for f in files):
+        uploads = [f for f in files if isinstance(f, UploadFile)]
+        if len(uploads) != len(files):
             raise ApiError(422, "bad_image", "the 'image' field must be a file upload")
-        blobs = [await f.read() for f in files]
+        blobs = [await f.read() for f in uploads]
         params = {}
         for key, value in form.multi_items():
             if key in RESERVED_FIELDS:
                 continue
             if isinstance(value, UploadFile):
-                raise ApiError(422, "invalid_params", f"parameter {key!r} is a file; only 'image' fields may be")
+                raise ApiError(422, "invalid_params",
+                               f"parameter {key!r} is a file; only 'image' fields may be")
             if key in params:
-                raise ApiError(422, "invalid_params", f"parameter {key!r} is given more than once; give it once")
+                raise ApiError(422, "invalid_params",
+                               f"parameter {key!r} is given more than once; give it once")
             params[key] = value
         outputs = _split(_texts(form, "outputs")) or ["npy"]
         size = _text(form, "size") or "original"
@@ -148,7 +151,8 @@ def _b64decode(text: str) -> bytes:
     try:
         return pybase64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        # MIME-style base64 (the `base64` tool's default) breaks lines every 76 characters: drop the whitespace
+        # MIME-style base64 (the `base64` tool's default) breaks lines every 76 characters: drop the
+        # whitespace
         stripped = "".join(text.split())
         if stripped == text:
             raise

@@ -9,6 +9,10 @@ Output = Literal["npy", "png", "overlay", "raw"]
 MapSize = Literal["original", "input"]
 
 
+def _default_outputs() -> list[Output]:
+    return ["npy"]
+
+
 class ExplainRequest(BaseModel):
     """The JSON request form: images are base64-encoded image files."""
 
@@ -17,9 +21,10 @@ class ExplainRequest(BaseModel):
     model: str | None = Field(None, description="model name (default: the server's default model)")
     images: list[str] = Field(..., min_length=1, description="base64 image files (PNG, JPEG, ...)")
     # strict: JSON true is not class 1
-    targets: list[StrictInt | None] | None = Field(None, description="class index per image; null = top-1 class")
+    targets: list[StrictInt | None] | None = Field(None,
+                                                   description="class index per image; null = top-1 class")
     params: dict[str, Any] = Field(default_factory=dict, description="the method's parameters")
-    outputs: list[Output] = Field(default_factory=lambda: ["npy"])
+    outputs: list[Output] = Field(default_factory=_default_outputs)
     size: MapSize = Field("original", description="map at the original image size or the model input size")
 
 
@@ -88,8 +93,8 @@ class ModelOut(BaseModel):
     default_layer: str | None = None
     layers: list[str] = Field(default_factory=list, description="layers usable by Grad-CAM")
     default: bool = False
-    folded_batchnorms: int = Field(0, description="BatchNorms folded into the convolutions before them at load "
-                                                  "(the same function; setting fold_batchnorm)")
+    folded_batchnorms: int = Field(0, description="BatchNorms folded into the convolutions before them at "
+                                                  "load (the same function; setting fold_batchnorm)")
 
 
 class MethodOut(BaseModel):
