@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.variants import CASES, compare  # noqa: E402
-from service.hostmem import retain_freed_memory  # noqa: E402
+from service.host import retain_freed_memory  # noqa: E402
 from service.zoo import load_model, read_card  # noqa: E402
 
 # The plain gradient at batch 8 is the raw forward+backward the other methods are made of.

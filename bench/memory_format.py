@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.variants import compare  # noqa: E402
-from service.hostmem import retain_freed_memory  # noqa: E402
+from service.host import retain_freed_memory  # noqa: E402
 from service.zoo import ModelRegistry  # noqa: E402
 
 

@@ -10,7 +10,7 @@ The two busiest threads are the pass's: the worker and its OpenMP helper.
 
 bulk: the server with bulk_cost=10, so that one IG request of 16 steps runs on the bulk lane. The server's own
 compute for idle Grad-CAM requests (timing_ms.compute, medians of 30), and its thread count, before and after
-that request (service/openmp.py).
+that request (service/host.py).
 """
 from __future__ import annotations
 

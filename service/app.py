@@ -1,4 +1,4 @@
-"""create_app(settings): the FastAPI app, its routers and its lifespan (models, worker)."""
+"""create_app(settings): the FastAPI app, its routers and its lifespan (models, backend)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,19 +8,22 @@ from fastapi import Depends, FastAPI
 
 from .api import catalog, errors, explain, health, metrics
 from .api.security import BodyLimit, require_api_key
-from .metrics import RequestCounter
 from .api.viewer import router as viewer_router
+from .backends import Backend, EmbeddedBackend
+from .metrics import RequestCounter
 from .runtime import Runtime
 from .settings import Settings
 from .zoo import ModelRegistry
 
+BackendFactory = Callable[[Settings, ModelRegistry | None], Backend]
+
 
 def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None,
-               runtime_factory: Callable[[Settings, ModelRegistry | None], Runtime] = Runtime) -> FastAPI:
-    """`runtime_factory` builds what runs the work: the embedded worker queue by default, or e.g.
-    service.distributed.ray_runtime.RayRuntime (the same routes over Ray Serve)."""
+               backend: BackendFactory = EmbeddedBackend) -> FastAPI:
+    """`backend` builds what runs the passes: the embedded lanes by default, or Ray Serve's explainers
+    (service/distributed/ray_backend.py), behind the same routes. `registry`: models loaded already (tests)."""
     settings = settings or Settings()
-    runtime = runtime_factory(settings, registry)
+    runtime = Runtime(settings, backend(settings, registry))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -28,7 +31,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         try:
             yield
         finally:
-            runtime.stop(grace=10.0)
+            runtime.stop(grace=settings.shutdown_grace_s)
 
     app = FastAPI(title="Saliency service", version="0.1.0", lifespan=lifespan,
                   description="Explains what vision models look at: Grad-CAM, Integrated Gradients, SmoothGrad, "

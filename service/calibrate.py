@@ -5,7 +5,7 @@ cost and a per-image cost, and the largest batch that fits in a fraction of the 
 model's pass batch (capped by the `max_pass_batch` setting).
 
 On the CPU the `cpu_pass_batch` setting is the cap, lowered when the server retains freed memory
-(service/hostmem.py) so that one pass's largest activation stays below glibc's mmap threshold. glibc maps
+(service/host.py) so that one pass's largest activation stays below glibc's mmap threshold. glibc maps
 any larger block afresh, so a pass whose activations cross it page-faults and zeroes them again every time:
 EfficientNet-Lite0's largest activation is 4.8 MB per image, and on a server at 16 clients its passes of 7
 or 8 images took 17,000-28,000 faults each, its passes of 6 next to none (docs/benchmarks.md, "Page faults").
@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from .hostmem import MMAP_THRESHOLD
+from .host import MMAP_THRESHOLD
 from .methods.gradients import input_gradients
 from .settings import Settings
 from .zoo import LoadedModel

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.nn.grad import conv2d_input
 from torch.overrides import TorchFunctionMode
 
+from .errors import InvalidInput
 from .methods import Method, MethodParams, Progress
 from .zoo import LoadedModel
 
@@ -37,25 +38,11 @@ class ImageExplanation:
 def check_targets(model: LoadedModel, targets: list[int | None]) -> None:
     for i, t in enumerate(targets):
         if t is not None and not 0 <= t < model.num_classes:
-            raise ValueError(f"target {t} for image {i} is out of range: {model.name} has classes "
-                             f"0..{model.num_classes - 1}")
+            raise InvalidInput(f"target {t} for image {i} is out of range: {model.name} has classes "
+                               f"0..{model.num_classes - 1}", code="invalid_target")
 
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-# Input-gradient maps of a piecewise-linear network are set by its activation pattern (which ReLU6 units are
-# in their linear range). Autocast's reduced-precision forward flips ~0.5% of those units and the maps
-# decorrelate from float32 (0.77-0.96 in bf16 on EfficientNet-Lite0); the same backward arithmetic in bf16
-# through the float32 pattern keeps >= 0.999 (docs/benchmarks.md, bench/precision.py). So these methods run
-# the forward in float32 and only the backward's conv/linear input-gradients in the reduced dtype; Grad-CAM
-# and FullGrad keep >= 0.99 under plain autocast, which reduces both passes.
-FP32_FORWARD = frozenset({"gradient", "integrated-gradients", "smoothgrad", "moreaugrad"})
-# The exception: MoreauGrad's map averages iterations x n_samples noisy gradients, and the flips of a whole-pass
-# fp16 forward average out with them. Measured on EfficientNet-Lite0 (CPU, bench/precision.py --moreau-fp16):
-# 0.988 at 4 x 2 draws, 0.995-0.996 at 20 x 4 on three photos, 0.9987 at 50 x 8; bf16, three mantissa bits
-# shorter, gave 0.96 at 20 x 4. So fp16 MoreauGrad with at least this many draws per image runs whole-pass
-# autocast, which lets the forward use the fast half-precision kernels too (the default is 200 x 32 = 6400).
-WHOLE_PASS_FP16_MIN_DRAWS = 64
 
 
 class _Conv2dReducedGrad(torch.autograd.Function):
@@ -121,21 +108,15 @@ class ReducedBackward(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def forward_in_fp32(method: str, params: MethodParams) -> bool:
-    """Whether a reduced-precision request for `method` keeps its forward in float32 (see FP32_FORWARD)."""
-    if method == "moreaugrad" and getattr(params, "precision", None) == "fp16":
-        return params.iterations * params.n_samples < WHOLE_PASS_FP16_MIN_DRAWS
-    return method in FP32_FORWARD
-
-
-def precision_scope(method: str, params: MethodParams, device: torch.device
+def precision_scope(method: Method, params: MethodParams, device: torch.device
                     ) -> tuple[AbstractContextManager, dict[str, str]]:
-    """The context a method's passes run in for the request's `precision`, and diagnostics saying what ran."""
-    precision = getattr(params, "precision", None) or "fp32"
+    """The context a method's passes run in for the request's `precision` (the method's policy,
+    `Method.forward_in_fp32`), and diagnostics saying what ran."""
+    precision = params.precision or "fp32"
     if precision == "fp32":
         return nullcontext(), {}
     dtype = AUTOCAST[precision]
-    if forward_in_fp32(method, params):
+    if method.forward_in_fp32(params):
         return ReducedBackward(dtype), {"precision_forward": "fp32", "precision_backward": precision}
     ran = {"precision_forward": precision, "precision_backward": precision}
     return torch.autocast(device.type, dtype=dtype), ran
@@ -148,8 +129,8 @@ def pass_sizes(device: torch.device, max_batch: int) -> tuple[int, ...]:
     new shape costs little).
 
     Why pad on a GPU: PyTorch keeps cuDNN's execution plans in a thread-local cache keyed by shape, and
-    building the plans of a new batch size took seconds on an H100 even with autotuning off. A batching server
-    meets a new size at almost every batch until it has seen them all, and every queued request waits
+    building the plans of a new batch size takes seconds even with autotuning off. A batching server meets a
+    new size at almost every batch until it has seen them all, and every queued request waits
     (docs/benchmarks.md, "GPU: NVIDIA H100, second run").
     """
     if device.type != "cuda":
@@ -172,7 +153,7 @@ def explain(model: LoadedModel, method: Method, x: torch.Tensor, targets: list[i
     check_targets(model, targets)
     x = x.to(model.device, non_blocking=True)
     wanted = torch.tensor([-1 if t is None else t for t in targets], device=model.device)
-    scope, ran = precision_scope(method.name, params, model.device)
+    scope, ran = precision_scope(method, params, model.device)
     with scope:
         result = method.attribute(model.explainee(max_batch, pass_sizes(model.device, max_batch)), x, wanted,
                                   params, progress)
@@ -199,7 +180,7 @@ def resize_maps(heat: torch.Tensor, sizes: list[tuple[int, int] | None]) -> list
 
     Pillow's bilinear (half-pixel centres; a widened, antialiasing filter when shrinking), which encoding
     used to run per image in a request thread: here it runs where the map already is, on the device or in
-    the worker's torch threads, at about a sixth of Pillow's float resampler's time on a CPU.
+    the worker's torch threads, several times faster than Pillow's float resampler on a CPU.
     """
     out: list[torch.Tensor | None] = []
     for b, size in enumerate(sizes):

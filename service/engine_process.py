@@ -1,16 +1,15 @@
 """The model passes of one worker lane in a child process of their own (`SALIENCY_WORKER=process`).
 
 Why: every torch op releases the GIL while it runs and has to take it back when it returns. In one process
-the worker's passes queue for the GIL behind the HTTP side (event loop, decoding, encoding): on the 2-core
-CPU the worker waited for it in 19 % of its busy time under 16 clients, and a pass beside a thread running
-Python all the time took 75x as long (bench/gil.py, docs/benchmarks.md). A GPU pass is hundreds of
-microsecond launches, each one such round trip. A child process has a GIL of its own.
+the worker's passes queue for the GIL behind the HTTP side (event loop, decoding, encoding), and a pass beside
+a thread running Python all the time is many times slower (bench/gil.py; docs/benchmarks.md, "The GIL"). A
+GPU pass is hundreds of microsecond launches, each one such round trip. A child process has a GIL of its own.
 
 The split: the server process keeps the queue, batching, deadlines and the failure policy (the same
-`WorkerPool`), and its models on the CPU for validation and preprocessing. The child loads the models on
-the device and runs `engine.explain` for each batch it is sent. Pixels and maps cross through a file in
-/dev/shm that both map (service/shared_arrays.py; through the pipe when that has no room); the rest, progress
-and errors are plain messages on the pipe. A
+`WorkerPool`), and its models on the CPU for validation and preprocessing. The child boots the engine core
+(service/engine_core.py) on the device and runs `EngineCore.run_batch` for each batch it is sent. Pixels and
+maps cross through a file in /dev/shm that both map (service/shared_arrays.py; through the pipe when that has
+no room); the rest, progress and errors (service/errors.py, pickled whole) are messages on the pipe. A
 child that dies is started again for the next batch; the batch it died in fails with the exit code, and
 the pool reruns its images one by one so only the one that kills it fails.
 """
@@ -24,42 +23,21 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import numpy as np
 import torch
 
 from .engine import ImageExplanation
-from .methods import MethodParams, Progress
+from .engine_core import Batch
+from .errors import Cancelled, EngineCrashed, ServiceError
+from .methods import Progress
+from .metrics import device_memory
 from .shared_arrays import ArrayReader, ArrayWriter, Shared, remove_files_of
 
 log = logging.getLogger(__name__)
 
-# Errors cross the pipe as (kind, message): the server process raises its own exception for each kind.
-INVALID, CANCELLED, OUT_OF_MEMORY, INTERNAL = "invalid", "cancelled", "out_of_memory", "internal"
 _START_TIMEOUT_S = 600.0  # loading and calibrating the models (large models on a cold disk take minutes)
-
-
-@dataclass
-class Batch:
-    """One engine batch: images that share model, method and params (the queue's batch key says so)."""
-
-    model: str
-    method: str
-    params: MethodParams
-    pixels: np.ndarray  # (B, 3, H, W) float32, preprocessed (on the pipe: where to find it, `pack`)
-    targets: list[int | None]
-    raw: list[bool]  # per image: send back the signed attribution
-    sizes: list[tuple[int, int] | None]  # per image: also resize its map to this (height, width)
-
-
-class EngineProcessDied(RuntimeError):
-    """The child process exited while running a batch (killed, out of host memory, a crash in native code)."""
-
-
-class EngineOutOfMemory(MemoryError):
-    """The device ran out of memory in the child: the pool halves the batch and retries (it is a MemoryError)."""
 
 
 class EngineProcess:
@@ -136,7 +114,7 @@ class EngineProcess:
                 self._spawn_locked()
             conn = self._conn
             self._cancel.value = False
-        conn.send(dataclasses.replace(batch, pixels=pack(self._inputs, [batch.pixels])))
+        conn.send(dataclasses.replace(batch, pixels=pack(self._inputs, [np.asarray(batch.pixels)])))
         stop_reason: BaseException | None = None
         try:
             while True:
@@ -153,13 +131,14 @@ class EngineProcess:
                 if kind == "done":
                     _, results, arrays, self.device_memory = message
                     return from_wire(results, unpack(self._outputs, arrays))
-                _, error, text, self.device_memory = message
-                if error == CANCELLED and stop_reason is not None:
+                _, error, self.device_memory = message
+                if isinstance(error, Cancelled) and stop_reason is not None:
                     raise stop_reason
-                raise _exception(error, text)
+                raise error
         except (EOFError, OSError):
             code = self._exit_code()
-            raise EngineProcessDied(f"the engine process exited (code {code}) while running this batch") from None
+            raise EngineCrashed(f"the engine process exited (code {code}) while running this batch; another "
+                                f"engine process takes the next request") from None
 
     def stop(self, grace: float = 10.0) -> None:
         """Tell the child to exit; kill it after `grace` seconds. The pool has already waited for the batch in
@@ -205,18 +184,6 @@ class EngineProcess:
         self._conn = None
 
 
-def _exception(kind: str, text: str) -> Exception:
-    if kind == INVALID:
-        return ValueError(text)  # the API answers 422 with it
-    if kind == OUT_OF_MEMORY:
-        return EngineOutOfMemory(text)
-    if kind == CANCELLED:
-        from .runtime import Cancelled
-
-        return Cancelled(text)
-    return RuntimeError(text)
-
-
 _TENSOR_FIELDS = ("heatmap", "attribution", "sized_heatmap")
 
 
@@ -253,31 +220,22 @@ def unpack(reader: ArrayReader, packed: tuple[str, Shared | list[np.ndarray]]) -
 
 # ---------------------------------------------------------------------------------------------- the child
 def serve(conn: Connection, cancel, settings_json: str) -> None:
-    """The child's main: load the models on the device, then run batches until told to stop or orphaned."""
+    """The child's main: boot the engine core on the device, then run batches until told to stop or orphaned."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server stops us
-    from .calibrate import calibrate_lane, hold_process_to_lane_share
-    from .hostmem import retain_freed_memory
+    from .engine_core import EngineCore
     from .settings import Settings
-    from .warmup import warm_up
-    from .zoo import ModelRegistry, resolve_device, set_cudnn_autotuning
 
     settings = Settings.model_validate_json(settings_json)
     _exit_with_parent()
     logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
-        if settings.retain_host_memory:
-            retain_freed_memory()
-        set_cudnn_autotuning(settings.cudnn_benchmark)
-        device = resolve_device(settings.device)
-        only = set(settings.models) if settings.models else None
-        registry = ModelRegistry.from_dir(settings.models_dir, device, only, settings.fold_batchnorm)
-        hold_process_to_lane_share(device, settings)  # before the probes, so they run under the cap
-        pass_batch = calibrate_lane(registry.models, settings)
-        warm_up(registry.models, pass_batch, settings)  # in this thread, the one that runs the passes
+        core = EngineCore.boot(settings, own_process=True)
+        core.warm_up()  # in this thread, the one that runs the passes
     except Exception as exc:  # noqa: BLE001 - the server process reports it on /readyz
         conn.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", pass_batch, _memory(device)))
+    device = core.device
+    conn.send(("ready", core.pass_batch, device_memory(device)))
     inputs, outputs = ArrayReader(), ArrayWriter("out")
     try:
         while True:
@@ -289,7 +247,7 @@ def serve(conn: Connection, cancel, settings_json: str) -> None:
                 return
             batch.pixels = unpack(inputs, batch.pixels)[0]
             try:
-                conn.send(_run(batch, registry, pass_batch, settings, device, conn, cancel, outputs))
+                conn.send(_run(core, batch, device, conn, cancel, outputs))
             except (BrokenPipeError, OSError):
                 return
     finally:
@@ -311,49 +269,20 @@ def _exit_with_parent(interval: float = 1.0) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _run(batch: Batch, registry, pass_batch: dict[str, int], settings, device: torch.device, conn: Connection,
-         cancel, outputs: ArrayWriter) -> tuple:
-    from .engine import explain
-    from .methods import get_method
-    from .runtime import Cancelled
-
+def _run(core, batch: Batch, device: torch.device, conn: Connection, cancel, outputs: ArrayWriter) -> tuple:
     last = 0.0
 
     def progress(done: int, total: int) -> None:
         nonlocal last
         if cancel.value:
-            raise Cancelled("cancelled")
+            raise Cancelled()
         now = time.monotonic()
         if done >= total or now - last >= 0.05:  # at most ~20 reports a second cross the pipe
             last = now
             conn.send(("progress", done, total))
 
     try:
-        model = registry.get(batch.model)
-        x = torch.from_numpy(batch.pixels)
-        if device.type == "cuda":
-            x = x.pin_memory()
-        results = explain(model, get_method(batch.method), x, batch.targets, batch.params, progress=progress,
-                          top_k=settings.top_k, keep_attribution=batch.raw, map_sizes=batch.sizes,
-                          max_batch=pass_batch.get(batch.model, settings.max_pass_batch))
-        stripped, arrays = to_wire(results)
-        return "done", stripped, pack(outputs, arrays), _memory(device)
-    except Cancelled as exc:
-        return "error", CANCELLED, str(exc), _memory(device)
-    except torch.cuda.OutOfMemoryError as exc:
-        torch.cuda.empty_cache()
-        return "error", OUT_OF_MEMORY, str(exc), _memory(device)
-    except (ValueError, LookupError) as exc:
-        return "error", INVALID, str(exc), _memory(device)
-    except Exception as exc:  # noqa: BLE001 - the server process fails the batch with it
-        log.exception("explain failed in the engine process")
-        return "error", INTERNAL, f"{type(exc).__name__}: {exc}", _memory(device)
-
-
-def _memory(device: torch.device) -> float:
-    if device.type == "cuda":
-        return float(torch.cuda.memory_allocated(device))
-    from .metrics import _rss_bytes
-
-    return _rss_bytes()
-
+        stripped, arrays = to_wire(core.run_batch(batch, progress))
+        return "done", stripped, pack(outputs, arrays), device_memory(device)
+    except ServiceError as error:  # classified by the engine core; pickled whole
+        return "error", error, device_memory(device)

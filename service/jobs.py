@@ -5,10 +5,13 @@ import asyncio
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from .api.errors import ApiError
+from .errors import Busy, NotFound
+
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -42,6 +45,12 @@ class Job:
     @property
     def cancelled(self) -> bool:
         return self.cancel_event.is_set()
+
+    def cancel(self) -> None:
+        """Stop the job's work: queued items are dropped, running ones stop at their next progress report."""
+        self.cancel_event.set()
+        if self.task is not None:
+            self.task.cancel()
 
     def view(self) -> dict[str, Any]:
         status = self.status
@@ -85,8 +94,8 @@ class JobStore:
     def add(self, job: Job) -> None:
         self._evict(room=True)
         if len(self._jobs) >= self.max_jobs:
-            raise ApiError(429, "too_many_jobs", f"{self.max_jobs} jobs are held; wait for some to finish",
-                           {"Retry-After": "10"})
+            raise Busy(f"{self.max_jobs} jobs are held; wait for some to finish", code="too_many_jobs",
+                       retry_after=10)
         self._jobs[job.id] = job
 
     def get(self, job_id: str) -> Job:
@@ -94,7 +103,7 @@ class JobStore:
         try:
             return self._jobs[job_id]
         except KeyError:
-            raise ApiError(404, "unknown_job", f"no job {job_id!r} (unknown or expired)") from None
+            raise unknown_job(job_id) from None
 
     def discard(self, job_id: str) -> None:
         """Forget a job whose call was refused after it was held: its id was never given out."""
@@ -111,18 +120,65 @@ class JobStore:
         return list(self._jobs.values())
 
     def _evict(self, room: bool = False) -> None:
-        """Forget jobs finished more than ttl ago; with `room` (adding one), also the oldest finished ones when
-        full. Reading must not evict: a GET would otherwise drop another job's result."""
-        now = time.time()
-        for job_id, job in list(self._jobs.items()):
-            if job.finished_at is not None and now - job.finished_at > self.ttl:
-                del self._jobs[job_id]
-        finished = sorted((j for j in self._jobs.values() if j.finished_at), key=lambda j: j.finished_at)
-        if room and len(self._jobs) >= self.max_jobs:
-            for job in finished[: len(self._jobs) - self.max_jobs + 1]:
-                del self._jobs[job.id]
-            finished = [job for job in finished if job.id in self._jobs]
-        if self.max_result_bytes is not None:
-            for job in finished[: oldest_to_forget([payload_bytes(j.result) for j in finished],
-                                                   self.max_result_bytes)]:
-                del self._jobs[job.id]
+        """Reading must not make room: a GET would otherwise drop another job's result."""
+        evict(self._jobs, lambda job: job.finished_at, lambda job: payload_bytes(job.result), ttl=self.ttl,
+              max_jobs=self.max_jobs if room else None, max_result_bytes=self.max_result_bytes)
+
+
+def evict(entries: dict[str, T], finished_at: Callable[[T], float | None], result_bytes: Callable[[T], int], *,
+          ttl: float, max_jobs: int | None, max_result_bytes: int | None) -> None:
+    """Forget entries (jobs by id) finished more than `ttl` ago; with `max_jobs` (making room for one more),
+    also the oldest finished ones while full; and the oldest finished ones while their results together pass
+    `max_result_bytes` (the newest stays). Used by this process's JobStore and by Ray's shared state."""
+    now = time.time()
+    for key, entry in list(entries.items()):
+        done = finished_at(entry)
+        if done is not None and now - done > ttl:
+            del entries[key]
+    finished = sorted(((key, entry) for key, entry in entries.items() if finished_at(entry)),
+                      key=lambda pair: finished_at(pair[1]) or 0.0)
+    if max_jobs is not None and len(entries) >= max_jobs:
+        for key, _ in finished[: len(entries) - max_jobs + 1]:
+            del entries[key]
+        finished = [(key, entry) for key, entry in finished if key in entries]
+    if max_result_bytes is not None:
+        sizes = [result_bytes(entry) for _, entry in finished]
+        for key, _ in finished[: oldest_to_forget(sizes, max_result_bytes)]:
+            del entries[key]
+
+
+def unknown_job(job_id: str) -> NotFound:
+    return NotFound(f"no job {job_id!r} (unknown or expired)", code="unknown_job")
+
+
+class LocalJobs:
+    """The job book of one server process: its JobStore (the embedded backend's; Ray's is shared,
+    service/distributed/ray_backend.py)."""
+
+    def __init__(self, store: JobStore):
+        self.store = store
+
+    async def hold(self, job: Job) -> None:
+        """Keep `job` so that GET/DELETE /v1/jobs/{id} find it (Busy when max_jobs are held)."""
+        self.store.add(job)
+
+    async def discard(self, job: Job) -> None:
+        """Undo `hold` for a call refused before any work was queued."""
+        self.store.discard(job.id)
+
+    async def view(self, job_id: str) -> dict[str, Any]:
+        return self.store.get(job_id).view()
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        job = self.store.get(job_id)
+        if job.finished_at is None:
+            job.cancel()
+            if job.task is not None:  # answer with the job as cancelled, not as it was a moment ago
+                await asyncio.wait([job.task], timeout=5)
+        return job.view()
+
+    async def counts(self) -> dict[str, int]:
+        return self.store.counts()
+
+    async def finished(self, job: Job) -> None:
+        """The job's call has ended (its outcome is on the job)."""

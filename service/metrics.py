@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from starlette.routing import Match
 
 
-def _rss_bytes() -> float:
+def rss_bytes() -> float:
     try:
         with open("/proc/self/statm") as f:
             return float(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -15,8 +15,21 @@ def _rss_bytes() -> float:
         return float("nan")
 
 
+def device_memory(device) -> float:
+    """Allocated device memory on a GPU, the process's RSS on a CPU."""
+    if device.type == "cuda":
+        import torch
+
+        return float(torch.cuda.memory_allocated(device))
+    return rss_bytes()
+
+
 class Metrics:
-    def __init__(self):
+    """The call side's families: requests, latency, jobs, cache, pixels in flight. The families of the passes
+    (`WorkerMetrics`) live where the passes are counted: this registry for the embedded backend, the shared
+    state's for Ray Serve (service/distributed/state.py)."""
+
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("saliency_requests", "HTTP requests by route and status", ["route", "status"],
@@ -28,6 +41,17 @@ class Metrics:
         self.in_flight = Gauge("saliency_requests_in_flight", "HTTP requests being handled", registry=r)
         self.pixels_in_flight = Gauge("saliency_pixels_in_flight", "decoded pixels held by calls queued or "
                                       "running (limit: max_pixels_in_flight)", registry=r)
+        self.latency = Histogram(
+            "saliency_request_seconds", "explain latency, arrival to response", ["method"], registry=r,
+            buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300))
+        self.jobs = Gauge("saliency_jobs", "jobs held, by status", ["status"], registry=r)
+
+
+class WorkerMetrics:
+    """The families of the passes: batches, compute, queue depth, device memory, restarts."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
         self.queue_depth = Gauge("saliency_queue_depth", "images waiting in a worker's queue", ["worker"],
                                  registry=r)
         self.batch_size = Histogram("saliency_batch_size", "images per batch run on the device", ["method"],
@@ -35,10 +59,6 @@ class Metrics:
         self.compute = Histogram(
             "saliency_compute_seconds", "device time per batch", ["method"], registry=r,
             buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300))
-        self.latency = Histogram(
-            "saliency_request_seconds", "explain latency, arrival to response", ["method"], registry=r,
-            buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300))
-        self.jobs = Gauge("saliency_jobs", "jobs held, by status", ["status"], registry=r)
         self.device_memory = Gauge("saliency_device_memory_bytes", "allocated device memory (CUDA), or on "
                                    "the CPU the RSS of the process(es) running the passes", ["device"],
                                    registry=r)
@@ -46,12 +66,7 @@ class Metrics:
                                      "worker threads and engine processes restarted", ["worker"], registry=r)
 
     def sample_device(self, device) -> None:
-        import torch
-
-        if device.type == "cuda":
-            self.device_memory.labels(str(device)).set(torch.cuda.memory_allocated(device))
-        else:
-            self.device_memory.labels("cpu").set(_rss_bytes())
+        self.device_memory.labels(str(device) if device.type == "cuda" else "cpu").set(device_memory(device))
 
 
 class RequestCounter:

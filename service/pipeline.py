@@ -1,6 +1,7 @@
-"""decode -> validate -> (batch on the worker) -> encode, for one explain call.
+"""The stages of one explain call: resolve -> prepare (decode, validate) -> (batch on a backend) -> encode.
 
-Decoding and encoding run in the caller's thread pool, never on the worker thread that owns the device.
+Only the call lifecycle (service/runtime.py) calls them. Decoding and encoding run in request threads or the
+encoder pool, never on a thread that runs passes.
 """
 from __future__ import annotations
 
@@ -14,16 +15,28 @@ from PIL import Image
 from pydantic import ValidationError
 
 from . import imaging
-from .api.errors import ApiError, describe_validation
 from .cache import content_hash
-from .engine import ImageExplanation
+from .engine import ImageExplanation, check_targets
+from .errors import BadInput, InvalidInput, NotFound, TooLarge, describe_validation
 from .methods import Method, MethodParams, get_method
 from .settings import Settings
 from .zoo import LoadedModel, ModelRegistry
 
 
 @dataclass
-class ExplainCall:
+class CallRequest:
+    """What a caller asked for, in either request form (the API parses multipart and JSON into it)."""
+
+    model: str | None
+    blobs: list[bytes]
+    targets: list[int | None] | None
+    params: dict[str, Any]
+    outputs: list[str]
+    size: str
+
+
+@dataclass
+class Call:
     """A validated request: everything the worker and the encoder need."""
 
     model: LoadedModel
@@ -69,69 +82,61 @@ def resolve(registry: ModelRegistry, settings: Settings, model_name: str | None,
     try:
         method = get_method(method_name)
     except LookupError as exc:
-        raise ApiError(404, "unknown_method", str(exc)) from None
+        raise NotFound(str(exc), code="unknown_method") from None
     try:
         model = registry.get(model_name or settings.default_model)
     except LookupError as exc:
-        raise ApiError(404, "unknown_model", str(exc)) from None
+        raise NotFound(str(exc), code="unknown_model") from None
     try:
         params = method.Params.model_validate(raw_params)
     except ValidationError as exc:
-        raise ApiError(422, "invalid_params", f"{method.name}: {describe_validation(exc.errors())}") from None
+        raise InvalidInput(f"{method.name}: {describe_validation(exc.errors())}", code="invalid_params") from None
     if (params.precision not in (None, "fp32") and model.device.type == "cpu"
             and not settings.cpu_reduced_precision):
-        raise ApiError(422, "invalid_params", f"{method.name}: precision {params.precision} is for GPUs; {model.name} "
-                                              f"runs on the CPU, where reduced precision is many times slower than "
-                                              f"fp32 (the server's cpu_reduced_precision setting allows it)")
+        raise InvalidInput(f"{method.name}: precision {params.precision} is for GPUs; {model.name} runs on the "
+                           f"CPU, where reduced precision is many times slower than fp32 (the server's "
+                           f"cpu_reduced_precision setting allows it)", code="invalid_params")
     if params.precision is None:  # fill in the server's default: batch keys, cache keys and echoes say it
         params = params.model_copy(update={"precision": settings.precision})
-    layer = getattr(params, "layer", None)
-    if layer is not None and layer not in model.cam_layers:
-        raise ApiError(422, "unknown_layer", f"layer {layer!r} is not a layer of {model.name} usable by "
-                                             f"Grad-CAM (see GET /v1/models)")
-    group = getattr(params, "group_size", None)
-    if getattr(params, "sparsity", None) == "group" and any(side % group for side in model.preprocess.size):
-        raise ApiError(422, "invalid_params", f"{method.name}: group_size {group} does not divide {model.name}'s "
-                                              f"input size {list(model.preprocess.size)}")
+    method.check_model(model, params)
     return model, method, params
 
 
 def check_counts(settings: Settings, n_images: int, targets: list[int | None] | None) -> list[int | None]:
     if n_images == 0:
-        raise ApiError(422, "no_images", "no images in the request (multipart field 'image' or JSON 'images')")
+        raise InvalidInput("no images in the request (multipart field 'image' or JSON 'images')", code="no_images")
     if n_images > settings.max_images:
-        raise ApiError(413, "too_many_images", f"{n_images} images; the limit is {settings.max_images} per request")
+        raise TooLarge(f"{n_images} images; the limit is {settings.max_images} per request",
+                       code="too_many_images")
     if targets is None:
         return [None] * n_images
     if len(targets) == 1 and n_images > 1:
         return targets * n_images
     if len(targets) != n_images:
-        raise ApiError(422, "invalid_targets", f"{len(targets)} targets for {n_images} images")
+        raise InvalidInput(f"{len(targets)} targets for {n_images} images", code="invalid_targets")
     return targets
 
 
-def prepare(settings: Settings, model: LoadedModel, method: Method, params: MethodParams, blobs: list[bytes],
-            targets: list[int | None] | None, outputs: list[str], size: str) -> ExplainCall:
+def prepare(settings: Settings, model: LoadedModel, method: Method, params: MethodParams,
+            request: CallRequest, outputs: list[str]) -> Call:
     """Validate counts, targets and cost, decode and preprocess (CPU work: run it in a thread)."""
-    targets = check_counts(settings, len(blobs), targets)
-    for i, t in enumerate(targets):
-        if t is not None and not 0 <= t < model.num_classes:
-            raise ApiError(422, "invalid_target", f"target {t} for image {i} is out of range: {model.name} has "
-                                                  f"classes 0..{model.num_classes - 1}")
+    blobs = request.blobs
+    targets = check_counts(settings, len(blobs), request.targets)
+    check_targets(model, targets)
     cost = method.cost(params) * len(blobs)
     if cost > settings.max_request_cost:
-        raise ApiError(422, "too_costly", f"this request costs {cost} forward+backward passes; the limit is "
-                                          f"{settings.max_request_cost} per request")
+        raise InvalidInput(f"this request costs {cost} forward+backward passes; the limit is "
+                           f"{settings.max_request_cost} per request", code="too_costly")
     # The request's total, from the headers: refused before anything is decoded. An image over its own limits
     # is left to decode_image, whose message names that image.
     sizes = [imaging.declared_pixels(blob) for blob in blobs]
     declared = sum(sizes)
     each_within = all(len(blob) <= settings.max_image_bytes and size <= settings.max_image_pixels
-                      for blob, size in zip(blobs, sizes))
+                      for blob, size in zip(blobs, sizes, strict=True))
     if declared > settings.max_request_pixels and each_within:
-        raise ApiError(413, "too_many_pixels", f"the {len(blobs)} images of this request hold {declared} pixels; "
-                                               f"the limit is {settings.max_request_pixels} per request: "
-                                               "send fewer or smaller images per request")
+        raise TooLarge(f"the {len(blobs)} images of this request hold {declared} pixels; the limit is "
+                       f"{settings.max_request_pixels} per request: send fewer or smaller images per request",
+                       code="too_many_pixels")
     uploads = []
     for i, blob in enumerate(blobs):
         try:
@@ -139,11 +144,11 @@ def prepare(settings: Settings, model: LoadedModel, method: Method, params: Meth
                                                  max_pixels=settings.max_image_pixels,
                                                  min_side=model.preprocess.decode_side, index=i))
         except imaging.ImageError as exc:
-            status = 413 if "exceeds" in str(exc) else 400
-            raise ApiError(status, "bad_image", str(exc)) from None
+            kind = TooLarge if "exceeds" in str(exc) else BadInput
+            raise kind(str(exc), code="bad_image") from None
     pixels = model.preprocess.batch([u.image for u in uploads])
-    return ExplainCall(model, method, params, uploads, list(blobs), pixels, [content_hash(b) for b in blobs],
-                       targets, set(outputs or ["npy"]), size)
+    return Call(model, method, params, uploads, list(blobs), pixels, [content_hash(b) for b in blobs],
+                targets, set(outputs or ["npy"]), request.size)
 
 
 def _b64(data: bytes) -> str:
@@ -151,7 +156,7 @@ def _b64(data: bytes) -> str:
     return pybase64.b64encode_as_string(data)
 
 
-def encode_result(call: ExplainCall, index: int, result: ImageExplanation, queue_ms: float,
+def encode_result(call: Call, index: int, result: ImageExplanation, queue_ms: float,
                   compute_ms: float) -> dict[str, Any]:
     """One image's entry of the response (JSON-ready)."""
     heat = result.heatmap.numpy()
@@ -179,7 +184,7 @@ def encode_result(call: ExplainCall, index: int, result: ImageExplanation, queue
     return entry
 
 
-def response_body(call: ExplainCall, results: list[dict[str, Any]]) -> dict[str, Any]:
+def response_body(call: Call, results: list[dict[str, Any]]) -> dict[str, Any]:
     return {"model": call.model.name, "method": call.method.name, "params": call.params.model_dump(),
             "results": results}
 

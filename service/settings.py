@@ -62,7 +62,7 @@ class Settings(BaseSettings):
                                  "at load (the same function, one op fewer per layer; every method's maps are "
                                  "unchanged, service/zoo/fold.py)")
     retain_host_memory: bool = Field(True, description="keep freed host memory for the next pass instead of "
-                                     "returning it to the kernel (glibc only; see service/hostmem.py); on a CPU the "
+                                     "returning it to the kernel (glibc only; see service/host.py); on a CPU the "
                                      "interactive lane's pass thread then runs two passes before /readyz says ready "
                                      "(service/warmup.py)")
 

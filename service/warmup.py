@@ -1,15 +1,14 @@
 """Warm a pass thread before it takes requests.
 
 PyTorch keeps cuDNN's execution plans per thread (a `thread_local` cache in aten's cudnn Conv_v8.cpp, since
-plans are not guaranteed thread-safe) and builds them the first time a thread runs a shape. On an H100 that
-took seconds per new batch size with autotuning off, and a warm-up in the model-loading thread did not help
-the worker threads (docs/benchmarks.md, "GPU: NVIDIA H100, second run"). So the thread that will run the
+plans are not guaranteed thread-safe) and builds them the first time a thread runs a shape. That takes seconds
+per new batch size even with autotuning off, and a warm-up in the model-loading thread does not help the
+worker threads (docs/benchmarks.md, "GPU: NVIDIA H100, second run"). So the thread that will run the
 passes runs one pass at each padded size (service/engine.py `pass_sizes`) that a queue batch can reach.
 
-On a CPU whose server keeps freed memory (service/hostmem.py) the interactive lane's thread runs two passes at
-its largest size: until the heap has grown to a pass's peak, every new peak is page-faulted and zeroed. A
-cold server's first round of 16 clients took ~4,800 faults and 44 ms of system time per image that way
-(docs/benchmarks.md, "Page faults"). The bulk lane's thread does not warm on a CPU (service/openmp.py).
+On a CPU whose server keeps freed memory (service/host.py) the interactive lane's thread runs two passes at
+its largest size: until the heap has grown to a pass's peak, every new peak is page-faulted and zeroed, which
+a cold server's first clients pay for (docs/benchmarks.md, "Page faults"). The bulk lane's thread does not warm on a CPU (service/host.py).
 """
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ import time
 import torch
 
 from .engine import explain, pass_sizes
-from .methods import METHODS
+from .methods.gradient import Gradient
 from .methods.base import padded_size
 from .settings import Settings
 from .zoo import LoadedModel
@@ -39,7 +38,7 @@ def warm_up(models: dict[str, LoadedModel], pass_batch: dict[str, int], settings
     input-gradient plans, the ones Grad-CAM, FullGrad and Gradient use) in the calling thread: on a GPU at its
     warm sizes (with `gpu_warmup`), on a CPU twice at its pass batch (with `retain_host_memory`). Returns the
     passes run."""
-    method = METHODS["gradient"]
+    method = Gradient()
     runs = 0
     for name, model in models.items():
         on_gpu = model.device.type == "cuda"

@@ -317,14 +317,14 @@ def test_job_cancel(server):
 def busy_worker(app, seconds: float):
     """Holds the interactive worker in its next batch for `seconds` (a slow batch, injected)."""
     runtime = app.state.runtime
-    runtime.fault_hook = lambda items: time.sleep(seconds)
+    runtime.backend.fault_hook = lambda items: time.sleep(seconds)
     blocker = threading.Thread(target=httpx.post, args=(f"{app.state.base}/v1/explain/gradcam",),
                                kwargs={"files": [("image", ("x.png", png_bytes(random_image(3)), "image/png"))],
                                        "timeout": 60})
     blocker.start()
-    while not runtime.pool.running:  # the blocker's batch has started
+    while not runtime.backend.lanes["interactive"].pool.running:  # the blocker's batch has started
         time.sleep(0.01)
-    runtime.fault_hook = None
+    runtime.backend.fault_hook = None
     try:
         yield
     finally:
@@ -378,7 +378,7 @@ def test_a_job_is_running_as_soon_as_the_worker_takes_it(small_registry):
     # SmoothGrad reports progress only when its image is done; the status must not say "queued" meanwhile.
     entered, release = threading.Event(), threading.Event()
     with running_server(Settings(default_model="tiny_cnn"), small_registry) as (base, app):
-        app.state.runtime.fault_hook = lambda items: (entered.set(), release.wait(30))
+        app.state.runtime.backend.fault_hook = lambda items: (entered.set(), release.wait(30))
         r = httpx.post(f"{base}/v1/jobs/smoothgrad", data={"n_samples": "4"},
                        files=[("image", ("x.png", png_bytes(random_image(9)), "image/png"))], timeout=30)
         assert r.status_code == 202 and entered.wait(30)
@@ -409,14 +409,14 @@ def test_a_repeated_request_is_answered_from_the_cache(small_registry):
                               data={"n_samples": "4", **data}, timeout=30).json()["results"][0]
 
         first = call()
-        pool = app.state.runtime.pool
+        pool = app.state.runtime.backend.lanes["interactive"].pool
         deadline = time.monotonic() + 10
         while pool.running and time.monotonic() < deadline:  # the answer can come before the batch is counted
             time.sleep(0.01)
         batches = pool.stats.batches
         again = call()
         assert cache_counts(base) == (1, 1)
-        assert app.state.runtime.pool.stats.batches == batches  # no model pass
+        assert app.state.runtime.backend.lanes["interactive"].pool.stats.batches == batches  # no model pass
         assert again["timing_ms"]["compute"] == 0 and again["map"]["npy"] == first["map"]["npy"]
         call(seed="1")  # other params: a miss
         call(target="3")  # another target: a miss
@@ -431,9 +431,9 @@ def test_a_caller_hanging_up_cancels_its_queued_work(small_registry):
             httpx.post(f"{base}/v1/explain/gradcam", files=[("image", ("x.png", png_bytes(random_image(8)), "image/png"))],
                        timeout=0.5)
         deadline = time.monotonic() + 5
-        while runtime.pool.stats.cancelled == 0 and time.monotonic() < deadline:
+        while runtime.backend.lanes["interactive"].pool.stats.cancelled == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert runtime.pool.stats.cancelled == 1  # dropped from the queue, never computed
+        assert runtime.backend.lanes["interactive"].pool.stats.cancelled == 1  # dropped from the queue, never computed
 
 
 def test_json_bodies_are_strict_json_even_with_non_finite_numbers():

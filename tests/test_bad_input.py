@@ -176,9 +176,9 @@ def test_png_answers_take_one_image_and_honour_q_values(base, small_png):
 
 
 def test_a_map_that_is_not_finite_fails_its_call_with_a_422_and_is_not_cached(monkeypatch, small_png):
-    import service.runtime
+    import service.engine_core
 
-    real = service.runtime.explain
+    real = service.engine_core.explain
 
     def overflowing(*args, **kwargs):
         results = real(*args, **kwargs)
@@ -187,11 +187,11 @@ def test_a_map_that_is_not_finite_fails_its_call_with_a_422_and_is_not_cached(mo
 
     registry = ModelRegistry.from_dir(MODELS, torch.device("cpu"), only={"tiny_cnn"})
     with running_server(Settings(default_model="tiny_cnn"), registry) as (url, _):
-        monkeypatch.setattr(service.runtime, "explain", overflowing)
+        monkeypatch.setattr(service.engine_core, "explain", overflowing)
         files = {"image": ("a.png", small_png, "image/png")}
         r = httpx.post(f"{url}/v1/explain/gradient", files=files, timeout=60)
         assert r.status_code == 422 and "not finite" in r.json()["error"]["message"], r.text
-        monkeypatch.setattr(service.runtime, "explain", real)
+        monkeypatch.setattr(service.engine_core, "explain", real)
         again = httpx.post(f"{url}/v1/explain/gradient", files=files, timeout=60)
         assert again.status_code == 200  # computed afresh, not the failed result from the cache
 

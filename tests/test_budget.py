@@ -70,7 +70,7 @@ def test_the_server_refuses_pixels_beyond_its_budget_while_a_call_runs(server):
         entered.set()
         release.wait(30)
 
-    runtime.fault_hook = hold_the_worker
+    runtime.backend.fault_hook = hold_the_worker
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(post, base, png(100, 0))  # 10,000 pixels, running
         assert entered.wait(30)
@@ -86,7 +86,7 @@ def test_the_server_refuses_pixels_beyond_its_budget_while_a_call_runs(server):
         assert runtime.pixels_in_flight.held == 12_500
         release.set()
         assert first.result().status_code == 200 and fits.result().status_code == 200
-    runtime.fault_hook = None
+    runtime.backend.fault_hook = None
     assert post(base, png(80, 1)).status_code == 200
     metrics = httpx.get(f"{base}/metrics").text
     assert "saliency_pixels_in_flight 0.0" in metrics

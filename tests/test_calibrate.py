@@ -67,12 +67,14 @@ def test_gpu_peaks_grow_with_batch(registry):
 @pytest.mark.parametrize("enabled", [True, False])
 def test_the_runtime_sets_cudnn_autotuning_from_its_setting(registry, enabled):
     # Off by default: a batching server's pass sizes keep changing, and cuDNN times kernels for each new one.
+    from service.backends import EmbeddedBackend
     from service.runtime import Runtime
     from service.settings import Settings
 
     assert Settings().cudnn_benchmark is False
     before = torch.backends.cudnn.benchmark
-    runtime = Runtime(Settings(cudnn_benchmark=enabled, device="cpu", retain_host_memory=False), registry)
+    settings = Settings(cudnn_benchmark=enabled, device="cpu", retain_host_memory=False)
+    runtime = Runtime(settings, EmbeddedBackend(settings, registry))
     try:
         runtime.start()
         assert torch.backends.cudnn.benchmark is enabled

@@ -207,9 +207,9 @@ def test_queue_full_raises_then_retry_honours_retry_after(small_registry):
     settings = Settings(default_model="tiny_cnn", max_queue=1, max_wait_ms=0)
     with running_server(settings, small_registry) as (base, app), Client(base, timeout=60) as c:
         runtime, release = app.state.runtime, threading.Event()
-        runtime.fault_hook = lambda items: release.wait(30)  # the worker holds its batch until released
+        runtime.backend.fault_hook = lambda items: release.wait(30)  # the worker holds its batch until released
         held = c.submit(noise(8), "gradient")
-        while not runtime.pool.running:
+        while not runtime.backend.lanes["interactive"].pool.running:
             time.sleep(0.01)
         queued = c.submit(noise(9), "gradient")  # fills the queue of one
         with pytest.raises(RateLimitError) as e:

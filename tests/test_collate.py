@@ -3,13 +3,13 @@
 import pytest
 
 from service.worker.collate import collate
-from service.worker.job import WorkItem
+from service.worker.item import Item
 
 FAR = 1e9  # a deadline that never passes in these tests
 
 
-def make(key="a", cost=1, at=0.0, deadline=FAR, payload=None) -> WorkItem:
-    return WorkItem(key=key, cost=cost, payload=payload, deadline=deadline, enqueued_at=at)
+def make(key="a", cost=1, at=0.0, deadline=FAR, payload=None) -> Item:
+    return Item(key=key, cost=cost, payload=payload, deadline=deadline, enqueued_at=at)
 
 
 def run(pending, now=0.0, max_cost=10, max_items=4, max_wait=1.0):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import pickle
 import signal
 import time
 
@@ -17,10 +18,10 @@ import pytest
 from PIL import Image
 
 from service.engine import explain
-from service.engine_process import (CANCELLED, INTERNAL, INVALID, OUT_OF_MEMORY, EngineOutOfMemory, _exception,
-                                    pack, unpack)
+from service.backends import EmbeddedBackend
+from service.engine_process import pack, unpack
+from service.errors import Busy, Cancelled, EngineOutOfMemory, Internal, InvalidInput, QueueFull, ServiceError
 from service.methods import METHODS
-from service.runtime import Cancelled, Runtime
 from service.settings import Settings
 from service.shared_arrays import ArrayReader, ArrayWriter
 from service.worker.pool import default_is_oom
@@ -65,8 +66,9 @@ def job_reaching(base: str, job_id: str, status: str, timeout: float = 60.0) -> 
 
 def test_maps_equal_the_engine_run_in_this_process(server, registry):
     base, runtime = server
-    assert runtime.isolated and all(engine.alive for engine in runtime.engines.values())
-    assert runtime.engines["worker"].pid != os.getpid()
+    lanes = runtime.backend.lanes
+    assert runtime.backend.isolated and all(lane.engine.alive for lane in lanes.values())
+    assert lanes["interactive"].engine.pid != os.getpid()
     model = registry.models["tiny_cnn"]
     blob = png(1)
     x = model.preprocess(Image.open(io.BytesIO(blob)).convert("RGB")).unsqueeze(0)
@@ -85,7 +87,7 @@ def test_maps_equal_the_engine_run_in_this_process(server, registry):
 
 def test_a_cancelled_job_stops_the_engine_process_which_stays_up(server):
     base, runtime = server
-    pid = runtime.engines["bulk"].pid
+    pid = runtime.backend.lanes["bulk"].engine.pid
     job_id = start_job(base, 2, iterations="2000", n_samples="8")  # the bulk lane
     while httpx.get(f"{base}/v1/jobs/{job_id}").json()["progress"]["done"] < 5:  # progress crosses the pipe
         time.sleep(0.02)
@@ -94,12 +96,12 @@ def test_a_cancelled_job_stops_the_engine_process_which_stays_up(server):
     assert job["status"] == "cancelled" and job["progress"]["done"] < 2000
     # The child stopped at its next pass: the same process takes the next bulk job at once.
     job = job_reaching(base, start_job(base, 2, iterations="100", n_samples="8"), "succeeded")
-    assert job["status"] == "succeeded" and runtime.engines["bulk"].pid == pid
+    assert job["status"] == "succeeded" and runtime.backend.lanes["bulk"].engine.pid == pid
 
 
 def test_a_killed_engine_process_fails_its_request_and_is_replaced(server):
     base, runtime = server
-    engine = runtime.engines["bulk"]
+    engine = runtime.backend.lanes["bulk"].engine
     pid = engine.pid
     job_id = start_job(base, 3, iterations="2000", n_samples="8")
     while httpx.get(f"{base}/v1/jobs/{job_id}").json()["progress"]["done"] < 2:
@@ -116,21 +118,30 @@ def test_a_killed_engine_process_fails_its_request_and_is_replaced(server):
     assert httpx.get(f"{base}/readyz").status_code == 200
 
 
+def crossed(error: ServiceError) -> ServiceError:
+    """As an error crosses the engine-process pipe and Ray (both pickle it)."""
+    return pickle.loads(pickle.dumps(error))
+
+
 def test_errors_cross_the_pipe_as_the_exceptions_the_pool_and_api_expect():
-    assert isinstance(_exception(INVALID, "bad target"), ValueError)  # -> 422
-    oom = _exception(OUT_OF_MEMORY, "CUDA out of memory")
+    invalid = crossed(InvalidInput("bad target", code="invalid_target"))
+    assert isinstance(invalid, InvalidInput) and isinstance(invalid, ValueError)  # -> 422
+    assert (invalid.code, invalid.message) == ("invalid_target", "bad target")
+    oom = crossed(EngineOutOfMemory("CUDA out of memory"))
     assert isinstance(oom, EngineOutOfMemory) and default_is_oom(oom)  # -> the pool halves the batch
-    assert isinstance(_exception(CANCELLED, "cancelled"), Cancelled)
-    assert type(_exception(INTERNAL, "boom")) is RuntimeError
+    assert isinstance(crossed(Cancelled()), Cancelled)
+    assert type(crossed(Internal("boom"))) is Internal
+    full = crossed(QueueFull(3.4))
+    assert isinstance(full, Busy) and full.retry_after == 3.4 and full.code == "queue_full"
 
 
 def test_a_registry_cannot_be_handed_to_a_process_worker(registry):
     with pytest.raises(ValueError, match="models_dir"):
-        Runtime(Settings(worker="process"), registry)
+        EmbeddedBackend(Settings(worker="process"), registry)
 
 
 def test_auto_means_a_thread_on_the_cpu():
-    assert Runtime(Settings(worker="auto", device="cpu")).isolated is False
+    assert EmbeddedBackend(Settings(worker="auto", device="cpu")).isolated is False
 
 
 def test_shared_arrays_round_trip_grow_and_fall_back_to_the_pipe(monkeypatch):

@@ -55,10 +55,10 @@ def test_cuda_oom_splits_the_batch_and_retries(server):
         if len(items) > 2:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
 
-    runtime.fault_hook = fake_oom
+    runtime.backend.fault_hook = fake_oom
     responses = burst(base, 8)
     assert all(r.status_code == 200 for r in responses)
-    assert max(sizes) > 2 and runtime.pool.stats.oom_splits > 0  # a big batch was tried, then split
+    assert max(sizes) > 2 and runtime.backend.lanes["interactive"].pool.stats.oom_splits > 0  # a big batch was tried, then split
     for r, expected in zip(responses, reference):
         np.testing.assert_allclose(heat(r), expected, atol=1e-6)
 
@@ -73,7 +73,7 @@ def test_an_exception_fails_only_the_request_it_concerns(server):
             if image.tobytes() == Image.open(io.BytesIO(poisoned)).tobytes():
                 raise RuntimeError("injected failure for one image")
 
-    runtime.fault_hook = poison
+    runtime.backend.fault_hook = poison
     responses = burst(base, 8)
     statuses = [r.status_code for r in responses]
     assert statuses[3] == 500 and "RuntimeError" in responses[3].json()["error"]["message"]
@@ -88,7 +88,7 @@ def test_a_dead_worker_is_restarted_and_readyz_reflects_it(server):
     base, runtime = server
     # Pause the supervisor's watchdog so the dead state can be observed, then restart as its tick does
     # (tests/test_pool.py covers the watchdog thread itself).
-    runtime.pool._watchdog_stop.set()
+    runtime.backend.lanes["interactive"].pool._watchdog_stop.set()
     crashed = []
 
     def crash_once(items):
@@ -96,11 +96,11 @@ def test_a_dead_worker_is_restarted_and_readyz_reflects_it(server):
             crashed.append(True)
             raise WorkerCrash()
 
-    runtime.fault_hook = crash_once
+    runtime.backend.fault_hook = crash_once
     r = httpx.post(f"{base}/v1/explain/gradcam", files=[("image", ("x.png", png(0), "image/png"))], timeout=30)
     assert r.status_code == 500 and r.json()["error"]["code"] == "internal"
     deadline = time.monotonic() + 5
-    while runtime.pool.alive and time.monotonic() < deadline:  # the thread is ending
+    while runtime.backend.lanes["interactive"].pool.alive and time.monotonic() < deadline:  # the thread is ending
         time.sleep(0.01)
     for _ in range(5):
         r = httpx.get(f"{base}/readyz")
@@ -108,7 +108,7 @@ def test_a_dead_worker_is_restarted_and_readyz_reflects_it(server):
         time.sleep(0.05)
     r = httpx.post(f"{base}/v1/explain/gradcam", files=[("image", ("x.png", png(0), "image/png"))], timeout=30)
     assert r.status_code == 503 and r.headers["retry-after"]  # meanwhile callers are told to come back
-    runtime.pool.ensure_alive()  # what the watchdog does on its next tick
+    runtime.backend.lanes["interactive"].pool.ensure_alive()  # what the watchdog does on its next tick
     r = httpx.post(f"{base}/v1/explain/gradcam", files=[("image", ("x.png", png(0), "image/png"))], timeout=30)
-    assert r.status_code == 200 and runtime.pool.stats.restarts == 1
+    assert r.status_code == 200 and runtime.backend.lanes["interactive"].pool.stats.restarts == 1
     assert httpx.get(f"{base}/readyz").status_code == 200

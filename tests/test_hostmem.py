@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from service.calibrate import host_pass_batch, largest_activation_bytes
-from service.hostmem import MMAP_THRESHOLD
+from service.host import MMAP_THRESHOLD
 
 pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                                 reason="the thresholds are glibc's")
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ve
 _PASSES = """
 import ctypes, resource, sys, threading, torch
 from pathlib import Path
-from service.hostmem import retain_freed_memory
+from service.host import retain_freed_memory
 from service.methods import METHODS
 from service.settings import Settings
 from service.warmup import warm_up

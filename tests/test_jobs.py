@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from service.api.errors import ApiError
+from service.errors import NotFound
 from service.jobs import Job, JobStore, oldest_to_forget, payload_bytes
 from service.settings import Settings
 from service.zoo import ModelRegistry
@@ -41,7 +41,7 @@ def test_the_oldest_finished_results_go_first_past_the_byte_budget_and_the_newes
     running = Job(method="gradcam", model="tiny_cnn", total=[1])
     for job in (old, middle, running, new):
         store.add(job)
-    with pytest.raises(ApiError, match="no job"):  # 300 bytes held: the oldest finished one goes
+    with pytest.raises(NotFound, match="no job"):  # 300 bytes held: the oldest finished one goes
         store.get(old.id)
     assert store.get(middle.id) is middle and store.get(new.id) is new and store.get(running.id) is running
     huge = finished_job(10_000, now)
@@ -110,7 +110,7 @@ def test_a_call_that_never_started_by_its_sync_wait_gets_its_504_not_a_202():
     settings = Settings(default_model="tiny_cnn", sync_wait_s=0.5, queue_deadline_s=0.5, max_wait_ms=0)
     with running_server(settings, registry) as (base, app):
         release = threading.Event()
-        app.state.runtime.fault_hook = lambda items: release.wait(30)  # the worker holds its batch
+        app.state.runtime.backend.fault_hook = lambda items: release.wait(30)  # the worker holds its batch
         try:
             held = httpx.post(f"{base}/v1/jobs/gradient", files=files, timeout=30)
             assert held.status_code == 202

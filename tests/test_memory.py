@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from service.metrics import _rss_bytes
+from service.metrics import rss_bytes
 from service.settings import Settings
 from service.zoo import ModelRegistry
 from tests.conftest import MODELS
@@ -44,12 +44,12 @@ def test_rss_is_flat_over_1000_requests():
                                   files=[("image", ("x.png", png(i), "image/png"))])
                     assert r.status_code == 200, r.text
                     if i in (10, 999):
-                        readings[i] = _rss_bytes()
+                        readings[i] = rss_bytes()
 
         threads = [threading.Thread(target=client) for _ in range(8)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        after = _rss_bytes()
+        after = rss_bytes()
     assert after <= 1.2 * readings[10], f"RSS {readings[10] / 2**20:.0f} MiB -> {after / 2**20:.0f} MiB"

@@ -315,7 +315,7 @@ def test_fullgrad_decomposition_puts_a_linear_bias_on_the_last_dim():
 
 
 def test_fullgrad_refuses_a_token_model_with_a_422_naming_the_layer():
-    from service.runtime import as_api_error
+    from service.api.errors import as_api_error
 
     refusal = r"FullGrad needs a CNN: Linear layer 'mlp' acts on tokens"
     with pytest.raises(FullGradUnsupported, match=refusal) as e:

@@ -1,4 +1,4 @@
-"""Only the interactive lane's pass thread keeps an OpenMP team on the CPU (service/openmp.py): the bulk lane's
+"""Only the interactive lane's pass thread keeps an OpenMP team on the CPU (service/host.py): the bulk lane's
 passes run in a thread that ends with them, taking its team's helper threads along."""
 import subprocess
 import sys
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.openmp import run_in_passing_thread
+from service.host import run_in_passing_thread
 
 # A server on the default model; the native threads of the process (OpenMP helpers: threads Python did not
 # start) after an interactive Grad-CAM, then after an IG request on the bulk lane.

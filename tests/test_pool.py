@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import service.worker.pool as pool_module
-from service.worker.job import DeadlineExceeded, QueueFull, WorkerStopped, WorkItem
+from service.errors import DeadlineExceeded, QueueFull, WorkerStopped
+from service.worker.item import Item
 from service.worker.pool import WorkerPool, default_is_oom
 
 TIMEOUT = 5.0  # generous bound on future.result(); the tests normally finish in milliseconds
@@ -17,7 +18,7 @@ TIMEOUT = 5.0  # generous bound on future.result(); the tests normally finish in
 class Runner:
     """Doubles each payload; the first call blocks until `release()` so that a queue can build up."""
 
-    def __init__(self, fail: Callable[[list[WorkItem]], None] | None = None, gated: bool = True) -> None:
+    def __init__(self, fail: Callable[[list[Item]], None] | None = None, gated: bool = True) -> None:
         self.fail = fail
         self.batches: list[list] = []  # payloads of every call, including failed ones
         self.started = threading.Event()
@@ -29,7 +30,7 @@ class Runner:
     def release(self) -> None:
         self._gate.set()
 
-    def __call__(self, items: list[WorkItem]) -> list:
+    def __call__(self, items: list[Item]) -> list:
         with self._lock:
             self.batches.append([item.payload for item in items])
         self.started.set()
@@ -42,8 +43,8 @@ class Runner:
         return [len(batch) for batch in self.batches if not failing(batch)]
 
 
-def item(payload, key="k", cost=1, deadline_in=60.0) -> WorkItem:
-    return WorkItem(key=key, cost=cost, payload=payload, deadline=time.monotonic() + deadline_in)
+def item(payload, key="k", cost=1, deadline_in=60.0) -> Item:
+    return Item(key=key, cost=cost, payload=payload, deadline=time.monotonic() + deadline_in)
 
 
 @pytest.fixture

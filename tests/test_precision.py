@@ -11,7 +11,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from service.engine import FP32_FORWARD, WHOLE_PASS_FP16_MIN_DRAWS, ReducedBackward, explain, forward_in_fp32
+from service.engine import ReducedBackward, explain
+from service.methods.moreaugrad import WHOLE_PASS_FP16_MIN_DRAWS
 from service.methods import METHODS
 from tests.conftest import MODELS
 
@@ -70,7 +71,7 @@ def test_precision_policy(default_model, chelsea_batch, name):
     (full,) = run(default_model, chelsea_batch, name, "fp32")
     seen = {(op, str(dtype).removeprefix("torch.")) for op, dtype in ops.seen}
     assert "precision_forward" not in full.diagnostics
-    if name in FP32_FORWARD:
+    if METHODS[name].fp32_forward:
         assert {k: half.diagnostics[k] for k in ("precision_forward", "precision_backward")} == {
             "precision_forward": "fp32", "precision_backward": "bf16"}
         assert seen == {("convolution", "float32"), ("addmm", "float32"),
@@ -90,10 +91,11 @@ def test_fp16_moreaugrad_with_many_draws_runs_whole_pass_and_keeps_the_map(defau
     draws: with enough of them the forward runs in fp16 too (the GPU's fast path) and the map still agrees."""
     assert 4 * 2 < WHOLE_PASS_FP16_MIN_DRAWS <= 20 * 4
     params = {name: METHODS["moreaugrad"].Params(precision=name, **MANY_DRAWS) for name in ("fp32", "fp16")}
-    assert not forward_in_fp32("moreaugrad", params["fp16"])
-    assert forward_in_fp32("moreaugrad", METHODS["moreaugrad"].Params(precision="fp16", **QUICK["moreaugrad"]))
-    assert forward_in_fp32("moreaugrad", METHODS["moreaugrad"].Params(precision="bf16", **MANY_DRAWS))
-    assert forward_in_fp32("smoothgrad", METHODS["smoothgrad"].Params(precision="fp16", n_samples=256))
+    moreaugrad, smoothgrad = METHODS["moreaugrad"], METHODS["smoothgrad"]
+    assert not moreaugrad.forward_in_fp32(params["fp16"])
+    assert moreaugrad.forward_in_fp32(moreaugrad.Params(precision="fp16", **QUICK["moreaugrad"]))
+    assert moreaugrad.forward_in_fp32(moreaugrad.Params(precision="bf16", **MANY_DRAWS))
+    assert smoothgrad.forward_in_fp32(smoothgrad.Params(precision="fp16", n_samples=256))
     with ConvDtypes() as ops:
         (half,) = explain(default_model, METHODS["moreaugrad"], chelsea_batch, [None], params["fp16"])
     (full,) = explain(default_model, METHODS["moreaugrad"], chelsea_batch, [None], params["fp32"])

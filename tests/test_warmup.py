@@ -46,8 +46,10 @@ def test_warm_up_on_a_cpu_runs_two_passes_at_the_pass_batch_when_memory_is_retai
 
 def test_the_runtime_warms_the_pass_thread_before_it_is_ready(registry, monkeypatch):
     # The cuDNN plan cache is per thread, so the warm-up must run in the lanes' worker threads themselves. On a
-    # CPU only the interactive lane's: the bulk lane's passes run in passing threads (service/openmp.py).
-    import service.runtime as runtime_module
+    # CPU only the interactive lane's: the bulk lane's passes run in passing threads (service/host.py).
+    import service.engine_core
+    from service.backends import EmbeddedBackend
+    from service.runtime import Runtime
 
     threads, release = [], threading.Event()
 
@@ -56,15 +58,16 @@ def test_the_runtime_warms_the_pass_thread_before_it_is_ready(registry, monkeypa
         release.wait(10)
         return 1
 
-    monkeypatch.setattr(runtime_module, "warm_up", fake_warm_up)
-    runtime = runtime_module.Runtime(Settings(device="cpu", retain_host_memory=False), registry)
+    monkeypatch.setattr(service.engine_core, "warm_up", fake_warm_up)
+    settings = Settings(device="cpu", retain_host_memory=False)
+    runtime = Runtime(settings, EmbeddedBackend(settings, registry))
     try:
         runtime.start()
         deadline = time.monotonic() + 10
         while not threads and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(0.2)  # room for a wrong second warm-up to show
-        assert [name.rsplit("-", 1)[0] for name in threads] == ["worker-cpu"]
+        assert [name.rsplit("-", 1)[0] for name in threads] == ["interactive-cpu"]
         assert not runtime.ready  # loaded, but the lanes are still warming
         release.set()
         while not runtime.ready and time.monotonic() < deadline:

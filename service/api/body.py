@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import binascii
 import json
-from dataclasses import dataclass
-from typing import Any
 
 import pybase64
 from fastapi import Request
@@ -12,22 +10,14 @@ from pydantic import ValidationError
 from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 
+from ..errors import describe_validation
+from ..pipeline import CallRequest
 from ..settings import Settings
-from .errors import ApiError, describe_validation
+from .errors import ApiError
 from .schemas import ExplainRequest
 
 RESERVED_FIELDS = {"image", "model", "target", "targets", "outputs", "size"}
 OUTPUTS = {"npy", "png", "overlay", "raw"}
-
-
-@dataclass
-class ParsedBody:
-    model: str | None
-    blobs: list[bytes]
-    targets: list[int | None] | None
-    params: dict[str, Any]
-    outputs: list[str]
-    size: str
 
 
 def _split(values: list[str]) -> list[str]:
@@ -85,7 +75,7 @@ def _text(form, name: str) -> str | None:
     return values[0] if values else None
 
 
-async def parse_multipart(request: Request, settings: Settings, content_type: str) -> ParsedBody:
+async def parse_multipart(request: Request, settings: Settings, content_type: str) -> CallRequest:
     # BodyLimit has bounded the body as it arrived; request.form() parses this same buffered body
     _check_closed(await request.body(), content_type)
     try:
@@ -120,13 +110,13 @@ async def parse_multipart(request: Request, settings: Settings, content_type: st
         size = _text(form, "size") or "original"
         _check_outputs(outputs, size)
         model = _text(form, "model")
-        return ParsedBody(model or None, blobs, _targets(_texts(form, "target") + _texts(form, "targets")),
+        return CallRequest(model or None, blobs, _targets(_texts(form, "target") + _texts(form, "targets")),
                           params, outputs, size)
     finally:
         await form.close()
 
 
-def parse_json(raw: bytes) -> ParsedBody:
+def parse_json(raw: bytes) -> CallRequest:
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -144,7 +134,7 @@ def parse_json(raw: bytes) -> ParsedBody:
         except (binascii.Error, ValueError):
             raise ApiError(400, "bad_base64", f"images[{i}] is not valid base64") from None
     _check_outputs(list(req.outputs), req.size)
-    return ParsedBody(req.model, blobs, req.targets, req.params, list(req.outputs), req.size)
+    return CallRequest(req.model, blobs, req.targets, req.params, list(req.outputs), req.size)
 
 
 def _b64decode(text: str) -> bytes:
@@ -159,7 +149,7 @@ def _b64decode(text: str) -> bytes:
         return pybase64.b64decode(stripped, validate=True)
 
 
-async def parse_body(request: Request, settings: Settings) -> ParsedBody:
+async def parse_body(request: Request, settings: Settings) -> CallRequest:
     content_type = request.headers.get("content-type", "")
     media_type = content_type.split(";", 1)[0].strip().lower()  # media types are case-insensitive
     if media_type == "multipart/form-data":

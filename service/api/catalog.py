@@ -9,15 +9,12 @@ from .schemas import MethodOut, ModelOut
 
 router = APIRouter(prefix="/v1", tags=["catalog"])
 
-COST = {"gradcam": "1 pass", "gradient": "1 pass", "fullgrad": "1 pass", "integrated-gradients": "n_steps passes",
-        "smoothgrad": "n_samples passes", "moreaugrad": "iterations x n_samples passes"}
-
 
 @router.get("/models", operation_id="list_models", response_model=list[ModelOut])
 async def list_models(runtime: RuntimeDep) -> list[ModelOut]:
     registry = runtime.require_ready()
     out = [ModelOut(name=m.name, architecture=m.card.architecture, description=m.card.description,
-                    available=True, device=runtime.serving_device(), input_size=list(m.preprocess.size),
+                    available=True, device=runtime.backend.serving_device(), input_size=list(m.preprocess.size),
                     num_classes=m.num_classes, default_layer=m.card.cam.target_layer, layers=list(m.cam_layers),
                     default=m.name == runtime.settings.default_model, folded_batchnorms=m.folded_norms)
            for m in registry.models.values()]
@@ -28,5 +25,7 @@ async def list_models(runtime: RuntimeDep) -> list[ModelOut]:
 
 @router.get("/methods", operation_id="list_methods", response_model=list[MethodOut])
 async def list_methods() -> list[MethodOut]:
-    return [MethodOut(name=m.name, title=m.title, cost=COST.get(m.name, "1 pass"),
+    """Each method's facts, as its class declares them (service/methods/base.py `Method`)."""
+    return [MethodOut(name=m.name, title=m.title, cost=m.cost_text(), cost_factors=list(m.cost_factors),
+                      passes_at_defaults=m.cost(m.Params()), iterative=m.iterative, diagnostics=m.diagnostics,
                       parameters=m.Params.model_json_schema()) for m in METHODS.values()]

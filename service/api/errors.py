@@ -1,10 +1,16 @@
-"""Errors as JSON `{"error": {"code", "message"}}`; callers' mistakes are 4xx, never 500."""
+"""Errors as JSON `{"error": {"code", "message"}}`; callers' mistakes are 4xx, never 500.
+
+The one place that knows HTTP statuses: the domain's error kinds (service/errors.py) map onto them here, and
+the API layer's own refusals (malformed bodies, Accept) are `ApiError`s.
+"""
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import errors as domain
 
 
 class ApiError(Exception):
@@ -13,21 +19,41 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
 
+# Each domain kind's status; a subclass takes its base's (QueueFull is Busy: 429).
+STATUS: dict[type[domain.ServiceError], int] = {
+    domain.BadInput: 400,
+    domain.NotFound: 404,
+    domain.NotAcceptable: 406,
+    domain.Cancelled: 409,
+    domain.TooLarge: 413,
+    domain.InvalidInput: 422,
+    domain.Busy: 429,
+    domain.Internal: 500,
+    domain.EngineCrashed: 500,
+    domain.EngineOutOfMemory: 500,
+    domain.Unavailable: 503,
+    domain.DeadlineExceeded: 504,
+}
+
+
+def status_of(error: domain.ServiceError) -> int:
+    for kind in type(error).__mro__:
+        if kind in STATUS:
+            return STATUS[kind]  # type: ignore[index]
+    return 500
+
+
+def as_api_error(exc: BaseException) -> ApiError:
+    """Whatever a call ended with, as the API's answer (unclassified exceptions are classified and logged)."""
+    if isinstance(exc, ApiError):
+        return exc
+    error = domain.as_service_error(exc)
+    headers = {"Retry-After": str(max(1, round(error.retry_after)))} if error.retry_after is not None else None
+    return ApiError(status_of(error), error.code, error.message, headers)
+
+
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
-
-
-def describe_validation(errors) -> str:
-    parts = []
-    for e in errors:
-        loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body",))
-        msg = str(e.get("msg")).removeprefix("Value error, ")  # a validator's own sentence needs no label
-        text = f"{loc}: {msg}" if loc else msg
-        given = e.get("input")
-        if isinstance(given, (str, int, float, bool)) and e.get("type") != "missing":
-            text += f" (got {given!r:.60})"
-        parts.append(text)
-    return "; ".join(parts)
 
 
 _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
@@ -40,9 +66,14 @@ def install(app: FastAPI) -> None:
     async def _api(_: Request, exc: ApiError):
         return error_response(exc.status, exc.code, exc.message, exc.headers)
 
+    @app.exception_handler(domain.ServiceError)
+    async def _domain(_: Request, exc: domain.ServiceError):
+        error = as_api_error(exc)
+        return error_response(error.status, error.code, error.message, error.headers)
+
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):
-        return error_response(422, "invalid", describe_validation(exc.errors()))
+        return error_response(422, "invalid", domain.describe_validation(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException):

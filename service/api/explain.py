@@ -2,19 +2,18 @@
 from __future__ import annotations
 
 import asyncio
-from functools import partial
 
 import pybase64
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from ..errors import Busy
 from ..jobs import Job
-from ..pipeline import prepare, resolve
-from ..runtime import Runtime, as_api_error
-from .errors import ApiError
+from ..runtime import Runtime
 from .body import parse_body
-from .responses import FastJSONResponse
 from .deps import RuntimeDep
+from .errors import as_api_error
+from .responses import FastJSONResponse
 from .schemas import ErrorOut, ExplainRequest, ExplainResponse, JobOut
 
 router = APIRouter(prefix="/v1", tags=["explain"])
@@ -35,29 +34,10 @@ _ERRORS = {code: {"model": ErrorOut} for code in (400, 404, 406, 413, 415, 422, 
 
 async def start_call(request: Request, runtime: Runtime, method_name: str, *, png: bool = False,
                      deadline_s: float | None = None, hold: bool = False) -> Job:
-    """Parse, validate, decode, enqueue; the job's task awaits and encodes the results. With `hold`, the job is
-    held (429 when max_jobs are) before any work is queued, so a refused call never runs."""
-    registry = runtime.require_ready()
+    """Parse the body and hand the call to the runtime (service/runtime.py), which queues it and returns its job."""
+    runtime.require_ready()
     body = await parse_body(request, runtime.settings)
-    model, method, params = resolve(registry, runtime.settings, body.model, method_name, body.params)
-    if png and len(body.blobs) != 1:
-        raise ApiError(406, "not_acceptable", f"Accept: image/png answers with one image's overlay; this call has "
-                                              f"{len(body.blobs)} images: accept application/json for several")
-    outputs = ["overlay"] if png else body.outputs
-    job = Job(method=method.name, model=model.name, total=[method.steps(params)] * len(body.blobs))
-    if hold:
-        await runtime.hold_job(job)
-    try:
-        call, items = await runtime.enqueue(
-            partial(prepare, runtime.settings, model, method, params, body.blobs, body.targets, outputs, body.size),
-            job, deadline_s or runtime.settings.queue_deadline_s)
-    except BaseException:
-        if hold:
-            await runtime.discard_job(job)
-        raise
-    job.task = asyncio.create_task(runtime.complete(call, job, items))
-    job.task.add_done_callback(lambda t: t.cancelled() or t.exception())  # outcome lives on the job
-    return job
+    return await runtime.start_call(method_name, body, overlay_only=png, deadline_s=deadline_s, hold=hold)
 
 
 class _ClientGone(Exception):
@@ -88,7 +68,7 @@ async def _answer(request: Request, runtime: Runtime, job: Job, timeout: float):
     except TimeoutError:
         raise
     except Exception as exc:  # noqa: BLE001 - mapped onto the API's errors
-        raise as_api_error(exc, log_unexpected=False) from None  # the job's task has logged it
+        raise as_api_error(exc) from None  # classified (and logged) by the runtime
 
 
 def _wants_png(request: Request) -> bool:
@@ -133,8 +113,8 @@ async def _past_sync_wait(request: Request, runtime: Runtime, job: Job):
     if job.task.done():
         return await _answer(request, runtime, job, 0)
     try:
-        await runtime.hold_job(job)
-    except ApiError:  # max_jobs are held: answer on this connection when done rather than refuse running work
+        await runtime.job_book.hold(job)
+    except Busy:  # max_jobs are held: answer on this connection when done rather than refuse running work
         return await _answer(request, runtime, job, float("inf"))
     return None
 
@@ -156,11 +136,11 @@ async def submit_job(method: str, request: Request, runtime: RuntimeDep):
 @router.get("/jobs/{job_id}", operation_id="get_job", response_model=JobOut, responses={404: {"model": ErrorOut}})
 async def get_job(job_id: str, runtime: RuntimeDep):
     """Status, progress (done/total steps) and, when done, the result."""
-    return FastJSONResponse(await runtime.job_view(job_id))
+    return FastJSONResponse(await runtime.job_book.view(job_id))
 
 
 @router.delete("/jobs/{job_id}", operation_id="cancel_job", response_model=JobOut,
                responses={404: {"model": ErrorOut}})
 async def cancel_job(job_id: str, runtime: RuntimeDep):
     """Cancel a job: queued work is dropped, running work stops at its next step."""
-    return FastJSONResponse(await runtime.cancel_job(job_id))
+    return FastJSONResponse(await runtime.job_book.cancel(job_id))

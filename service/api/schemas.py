@@ -100,7 +100,14 @@ class ModelOut(BaseModel):
 class MethodOut(BaseModel):
     name: str
     title: str
-    cost: str
+    cost: str = Field(description="forward+backward passes per image, in words (\"n_steps passes\")")
+    cost_factors: list[str] = Field(default_factory=list, description="the parameters whose product is the "
+                                    "passes per image (none: 1 pass)")
+    passes_at_defaults: int = Field(1, description="passes per image at the default parameters")
+    iterative: bool = Field(False, description="its passes run one after another and report progress: long "
+                            "work, best sent as a job (POST /v1/jobs/{method})")
+    diagnostics: dict[str, str] = Field(default_factory=dict, description="what each result's `diagnostics` "
+                                        "holds, name -> meaning")
     parameters: dict[str, Any] = Field(description="JSON schema of the parameters (types, defaults, bounds)")
 
 

@@ -19,7 +19,7 @@ from ..settings import Settings
 from ..zoo.cards import CardError, discover_cards, read_card
 from ..zoo.weights import resolve_weights
 from .explainer import Explainer
-from .ray_runtime import RayRuntime
+from .ray_backend import RayBackend
 from .state import SharedState
 
 log = logging.getLogger(__name__)
@@ -36,16 +36,16 @@ EXPLAINER = serve.deployment(Explainer, num_replicas=1, max_ongoing_requests=256
 @serve.deployment(name="ingress", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
 @serve.ingress()
 class Ingress:
-    """Runs the service's own FastAPI app (every route, schema, error and middleware) with a RayRuntime."""
+    """Runs the service's own FastAPI app (every route, schema, error and middleware) with a RayBackend."""
 
     def __init__(self, settings: dict[str, Any], explainers: dict[str, Any], state: Any):
         self.settings, self.explainers, self.state = Settings(**settings), explainers, state
 
     def __serve_build_asgi_app__(self):
-        def runtime(settings: Settings, registry):
-            return RayRuntime(settings, registry, explainers=self.explainers, state=self.state)
+        def backend(settings: Settings, registry):
+            return RayBackend(settings, registry, explainers=self.explainers, state=self.state)
 
-        return create_app(self.settings, runtime_factory=runtime)
+        return create_app(self.settings, backend=backend)
 
 
 def servable_models(settings: Settings) -> list[str]:

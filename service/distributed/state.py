@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry, Counter
 
-from ..jobs import oldest_to_forget, payload_bytes
-from ..metrics import Metrics
+from ..jobs import evict, payload_bytes
+from ..metrics import WorkerMetrics
 
 # The families an explainer replica feeds; the ingress serves them next to its own (requests, latency, jobs).
 WORKER_FAMILIES = ("saliency_batch_size", "saliency_compute_seconds", "saliency_queue_depth",
@@ -23,9 +23,10 @@ class SharedState:
     def __init__(self, max_jobs: int = 1000, ttl_s: float = 3600.0, max_result_bytes: int | None = None):
         self.max_jobs, self.ttl_s, self.max_result_bytes = max_jobs, ttl_s, max_result_bytes
         self._jobs: dict[str, dict[str, Any]] = {}
-        self.metrics = Metrics()
+        self.registry = CollectorRegistry()
+        self.metrics = WorkerMetrics(self.registry)
         self.replica_images = Counter("saliency_replica_images", "images explained, by explainer replica",
-                                      ["deployment", "replica"], registry=self.metrics.registry)
+                                      ["deployment", "replica"], registry=self.registry)
 
     # ------------------------------------------------------------------ jobs
     async def add(self, view: dict[str, Any], total: list[int]) -> str | None:
@@ -89,20 +90,9 @@ class SharedState:
         return out
 
     def _evict(self, room: bool = False) -> None:
-        """Forget jobs finished more than ttl_s ago; with `room`, also the oldest finished ones when full."""
-        now = time.time()
-        for job_id, record in list(self._jobs.items()):
-            if record["finished_at"] is not None and now - record["finished_at"] > self.ttl_s:
-                del self._jobs[job_id]
-        finished = sorted((r for r in self._jobs.values() if r["finished_at"]), key=lambda r: r["finished_at"])
-        if room and len(self._jobs) >= self.max_jobs:
-            for record in finished[: len(self._jobs) - self.max_jobs + 1]:
-                del self._jobs[record["view"]["id"]]
-            finished = [r for r in finished if r["view"]["id"] in self._jobs]
-        if self.max_result_bytes is not None:  # as service.jobs.JobStore: oldest finished first, newest stays
-            sizes = [payload_bytes(r["view"].get("result")) for r in finished]
-            for record in finished[: oldest_to_forget(sizes, self.max_result_bytes)]:
-                del self._jobs[record["view"]["id"]]
+        """As service.jobs.JobStore: with `room`, also the oldest finished ones when full."""
+        evict(self._jobs, lambda r: r["finished_at"], lambda r: payload_bytes(r["view"].get("result")),
+              ttl=self.ttl_s, max_jobs=self.max_jobs if room else None, max_result_bytes=self.max_result_bytes)
 
     # ------------------------------------------------------------------ metrics
     async def observe_batch(self, deployment: str, replica: str, method: str, size: int, seconds: float,
@@ -116,7 +106,7 @@ class SharedState:
 
     async def families(self) -> list:
         """The worker-side metric families (prometheus_client Metric objects, picklable)."""
-        return [family for family in self.metrics.registry.collect() if family.name in WORKER_FAMILIES]
+        return [family for family in self.registry.collect() if family.name in WORKER_FAMILIES]
 
 
 def _render(record: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,9 @@
-"""Saliency methods: one module each, one verb (`attribute`), an explicit registry by wire name."""
-from .base import Attribution, Explainee, Method, MethodParams, Progress
+"""Saliency methods: one module each, one verb (`attribute`), an explicit registry by wire name.
+
+Adding a method: its module, one line in `_BUILTIN` below, and its tests (docs/adding-a-method.md). A plugin
+or a test registers one at run time with `register_method`.
+"""
+from .base import Attribution, Explainee, Method, MethodParams, Progress, ServedModel
 from .fullgrad import FullGrad
 from .gradcam import GradCAM
 from .gradient import Gradient
@@ -7,8 +11,22 @@ from .integrated_gradients import IntegratedGradients
 from .moreaugrad import MoreauGrad
 from .smoothgrad import SmoothGrad
 
-METHODS: dict[str, Method] = {m.name: m for m in (GradCAM(), IntegratedGradients(), SmoothGrad(), FullGrad(),
-                                                    MoreauGrad(), Gradient())}
+# In the order GET /v1/methods lists them (the viewer checks the first by default).
+_BUILTIN: tuple[type[Method], ...] = (GradCAM, IntegratedGradients, SmoothGrad, FullGrad, MoreauGrad, Gradient)
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Serve `method` under its `name` (a ValueError if the name is taken)."""
+    if method.name in METHODS:
+        raise ValueError(f"a method named {method.name!r} is registered already")
+    METHODS[method.name] = method
+    return method
+
+
+def unregister_method(name: str) -> None:
+    METHODS.pop(name, None)
 
 
 def get_method(name: str) -> Method:
@@ -18,4 +36,8 @@ def get_method(name: str) -> Method:
         raise LookupError(f"unknown method {name!r}; available: {sorted(METHODS)}") from None
 
 
-__all__ = ["METHODS", "Attribution", "Explainee", "Method", "MethodParams", "Progress", "get_method"]
+for _method in _BUILTIN:
+    register_method(_method())
+
+__all__ = ["METHODS", "Attribution", "Explainee", "Method", "MethodParams", "Progress", "ServedModel", "get_method",
+           "register_method", "unregister_method"]

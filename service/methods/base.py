@@ -1,16 +1,18 @@
-"""What every method shares: its parameters model, the result type, the target model handle, one verb."""
+"""What every method shares: its parameters model, the result type, the target model handle, one verb, and
+the facts the rest of the service asks of a method (cost, precision policy, model checks, job-worthiness,
+diagnostics), declared on its class: nothing outside service/methods/ keys anything by a method's name."""
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from ..zoo.reshape import ReshapeTransform, identity
 from .gradients import even_chunk
 
 Progress = Callable[[int, int], None]  # (done, total) steps; may raise to cancel the work
@@ -45,14 +47,34 @@ class SeededParams(MethodParams):
                                                           "generator so results do not depend on batching")
 
 
+ReshapeTransform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _unchanged(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+class ServedModel(Protocol):
+    """What a method's model checks may read of a served model (service/zoo's LoadedModel has it)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def input_size(self) -> tuple[int, int]: ...
+
+    @property
+    def cam_layers(self) -> Mapping[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class Explainee:
     """The model as the methods see it. Built from a LoadedModel, or by hand in tests."""
 
     module: nn.Module
-    normalize: Callable[[torch.Tensor], torch.Tensor] = identity  # pixel [0,1] -> model-input space
+    normalize: Callable[[torch.Tensor], torch.Tensor] = _unchanged  # pixel [0,1] -> model-input space
     cam_layer: str | None = None  # default Grad-CAM layer (dotted module path)
-    reshape: ReshapeTransform = identity
+    reshape: ReshapeTransform = _unchanged
     max_batch: int = 64  # memory budget: most images in one forward pass
     # Single-pass methods pad each pass up to the smallest of these sizes (zero images, results dropped), so a
     # GPU meets a few shapes, each warmed once (service/warmup.py); empty: every pass at its own size.
@@ -87,15 +109,37 @@ class Attribution:
 
 
 class Method(ABC):
-    """One saliency method. `attribute` is the one verb; it holds no per-call state on `self`."""
+    """One saliency method. `attribute` is the one verb; it holds no per-call state on `self`.
+
+    The class declares what the rest of the service needs to know about it (published by GET /v1/methods):
+    - `cost_factors`: the parameters whose product is the forward+backward passes per image (none: 1 pass);
+    - `iterative`: its passes run one after another and report progress (long work: the viewer and clients
+      run it as a job);
+    - `forward_in_fp32(params)`: its precision policy under a reduced `precision`;
+    - `check_model(model, params)`: checks of a request against the model it is asked of;
+    - `diagnostics`: what each image's `diagnostics` holds, name -> meaning.
+    """
 
     name: ClassVar[str]
     title: ClassVar[str]
     Params: ClassVar[type[MethodParams]]
+    cost_factors: ClassVar[tuple[str, ...]] = ()
+    iterative: ClassVar[bool] = False
+    diagnostics: ClassVar[dict[str, str]] = {}
+    # Whether a reduced-precision request runs the forward in float32 and only the backward's conv/linear
+    # input-gradients in the reduced dtype (service/engine.py ReducedBackward), else both passes under autocast.
+    # Input-gradient maps of a piecewise-linear net are set by its activation pattern, which a reduced forward
+    # flips in places and decorrelates; Grad-CAM and FullGrad maps survive plain autocast (docs/benchmarks.md,
+    # "Reduced precision").
+    fp32_forward: ClassVar[bool] = False
 
     def cost(self, params: MethodParams) -> int:
-        """Forward+backward passes per image: what the worker queue budgets a batch with."""
-        return 1
+        """Forward+backward passes per image: what admission and the worker queue budget a call with."""
+        return math.prod(int(getattr(params, factor)) for factor in self.cost_factors)
+
+    def cost_text(self) -> str:
+        """The cost as /v1/methods states it: "1 pass", "n_steps passes", "iterations x n_samples passes"."""
+        return " x ".join(self.cost_factors) + " passes" if self.cost_factors else "1 pass"
 
     def steps(self, params: MethodParams) -> int:
         """Progress steps reported per image (iterations for iterative methods)."""
@@ -105,6 +149,13 @@ class Method(ABC):
         """Images this item adds to each forward pass: what bounds a batch's memory. Equal to `cost` except
         for iterative methods, whose passes run one after another whatever the batch size."""
         return self.cost(params)
+
+    def forward_in_fp32(self, params: MethodParams) -> bool:
+        """Under a reduced `precision`, whether the forward stays float32 (see `fp32_forward`)."""
+        return self.fp32_forward
+
+    def check_model(self, model: ServedModel, params: MethodParams) -> None:
+        """Raise InvalidInput when `params` cannot be used with `model` (checked before any work is queued)."""
 
     @abstractmethod
     def attribute(self, model: Explainee, x: torch.Tensor, targets: torch.Tensor, params: MethodParams,
@@ -140,8 +191,3 @@ class SinglePassMethod(Method):
 def padded_size(n: int, sizes: tuple[int, ...]) -> int:
     """The smallest of `sizes` that holds n images; n itself when none does."""
     return min((s for s in sizes if s >= n), default=n)
-
-
-def check_inputs(x: torch.Tensor, targets: torch.Tensor) -> None:
-    if x.dim() != 4 or targets.shape != (x.shape[0],):
-        raise ValueError(f"expected x (B,C,H,W) and targets (B,), got {tuple(x.shape)} and {tuple(targets.shape)}")

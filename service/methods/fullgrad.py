@@ -123,7 +123,7 @@ class Decomposition:
                     f"FullGrad needs a CNN: Linear layer {record.name!r} acts on tokens or channels-last "
                     f"features (its output is {tuple(grad.shape[1:])} per image, not a feature vector), as "
                     f"in ViT, Swin or ConvNeXt; its bias has no place in FullGrad's per-pixel map. Explain "
-                    f"this model with gradcam, gradient, integrated-gradients, smoothgrad or moreaugrad")
+                    f"this model with another method of GET /v1/methods")
 
 
 def decompose(module: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> Decomposition:
@@ -144,6 +144,12 @@ class FullGrad(SinglePassMethod):
     name = "fullgrad"
     title = "FullGrad (Srinivas & Fleuret 2019)"
     Params = FullGradParams
+    diagnostics = {"completeness_gap": "|score - sum of the map's terms| / |score|: 0 for a piecewise-linear "
+                                       "net (SiLU/sigmoid nets are not)",
+                   "complete": f"completeness_gap <= {COMPLETE_TOLERANCE:g}",
+                   "score": "the explained class's logit",
+                   "bias_layers": "bias terms in the decomposition",
+                   "clamp_layers": "clipping activations (ReLU6) counted as implicit biases"}
 
     def attribute_chunk(self, model, x, targets, params):
         parts = decompose(model.module, x, targets)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from .base import Attribution, MethodParams, SinglePassMethod
+from ..errors import InvalidInput
+from .base import Attribution, MethodParams, ServedModel, SinglePassMethod
 from .gradients import class_scores, resolve_targets, widen
 from .hooks import OutputCapture, get_layer
 from .postprocess import minmax, upsample
@@ -19,6 +20,13 @@ class GradCAM(SinglePassMethod):
     name = "gradcam"
     title = "Grad-CAM (Selvaraju et al. 2017)"
     Params = GradCAMParams
+    diagnostics = {"layer": "the layer whose activations and gradients made the map",
+                   "layer_size": "that layer's (height, width): the map's resolution before upsampling"}
+
+    def check_model(self, model: ServedModel, params: GradCAMParams) -> None:  # type: ignore[override]
+        if params.layer is not None and params.layer not in model.cam_layers:
+            raise InvalidInput(f"layer {params.layer!r} is not a layer of {model.name} usable by Grad-CAM "
+                               f"(see GET /v1/models)", code="unknown_layer")
 
     def attribute_chunk(self, model, x, targets, params):
         path = params.layer or model.cam_layer

@@ -16,6 +16,7 @@ class Gradient(SinglePassMethod):
     name = "gradient"
     title = "Gradient (Simonyan et al. 2014)"
     Params = GradientParams
+    fp32_forward = True
 
     def attribute_chunk(self, model, x, targets, params):
         with torch.enable_grad():

@@ -50,9 +50,12 @@ class IntegratedGradients(Method):
     name = "integrated-gradients"
     title = "Integrated Gradients (Sundararajan et al. 2017)"
     Params = IntegratedGradientsParams
-
-    def cost(self, params):
-        return params.n_steps
+    cost_factors = ("n_steps",)
+    fp32_forward = True
+    diagnostics = {"convergence_delta": "sum of the attribution minus F(image) - F(baseline): completeness, "
+                                        "0 for an exact integral",
+                   "relative_delta": "|convergence_delta| / |score_difference|",
+                   "score_difference": "F(image) - F(baseline) for the explained class"}
 
     def attribute(self, model, x, targets, params, progress=None):
         x = x.detach()

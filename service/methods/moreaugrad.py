@@ -15,13 +15,19 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from .base import Attribution, HeatmapParams, Method, SeededParams
+from ..errors import InvalidInput
+from .base import Attribution, HeatmapParams, Method, SeededParams, ServedModel
 from .gradients import clean_logits, input_gradients, resolve_targets
 from .noise import generators, normal_like, value_range
 from .postprocess import heatmap
 
 AVERAGED_ITERATES = 101  # the official code's window: MAX_ITR - (n_itr + 1) in 0..100
 DEFAULT_ETA = {"none": 0.0, "l1": 5e-3, "group": 5e-2}
+# Under fp16, the exception to the float32 forward of input-gradient methods: MoreauGrad's map averages
+# iterations x n_samples noisy gradients, and the activation flips of a whole-pass fp16 forward average out
+# with them (bf16, three mantissa bits shorter, does not). At least this many draws per image run whole-pass
+# autocast, so the forward uses the fast half-precision kernels too (docs/benchmarks.md, "Reduced precision").
+WHOLE_PASS_FP16_MIN_DRAWS = 64
 
 
 class MoreauGradParams(HeatmapParams, SeededParams):
@@ -61,9 +67,23 @@ class MoreauGrad(Method):
     name = "moreaugrad"
     title = "MoreauGrad (Zhang & Farnia 2023)"
     Params = MoreauGradParams
+    cost_factors = ("iterations", "n_samples")
+    iterative = True
+    fp32_forward = True
+    diagnostics = {"noise_std": "the noise's standard deviation, in model-input units",
+                   "averaged_iterates": "how many of the last iterates the map averages",
+                   "delta_l1": "L1 norm of the averaged perturbation delta"}
 
-    def cost(self, params):
-        return params.iterations * params.n_samples
+    def forward_in_fp32(self, params: MoreauGradParams) -> bool:  # type: ignore[override]
+        if params.precision == "fp16":
+            return params.iterations * params.n_samples < WHOLE_PASS_FP16_MIN_DRAWS
+        return True
+
+    def check_model(self, model: ServedModel, params: MoreauGradParams) -> None:  # type: ignore[override]
+        group = params.group_size
+        if params.sparsity == "group" and any(side % group for side in model.input_size):
+            raise InvalidInput(f"{self.name}: group_size {group} does not divide {model.name}'s input size "
+                               f"{list(model.input_size)}", code="invalid_params")
 
     def steps(self, params):
         return params.iterations

@@ -27,9 +27,9 @@ class SmoothGrad(Method):
     name = "smoothgrad"
     title = "SmoothGrad (Smilkov et al. 2017)"
     Params = SmoothGradParams
-
-    def cost(self, params):
-        return params.n_samples
+    cost_factors = ("n_samples",)
+    fp32_forward = True
+    diagnostics = {"noise_std": "the noise's standard deviation, in model-input units"}
 
     def attribute(self, model, x, targets, params, progress=None):
         n = params.n_samples

@@ -5,7 +5,6 @@ import { blend, colorize, lookupTable } from "./colormaps.js";
 
 const DISPLAY_MAX = 960; // longest side of the image as drawn in the page (a 2000 x 1500 photo is drawn at 960 x 720)
 const JOB_PASSES = 512; // estimated forward+backward passes from which a request runs as a job
-const ALWAYS_JOB = new Set(["moreaugrad"]); // iterative: always a job, with progress and cancel
 const POLL_MS = 300;
 
 const $ = (selector, root = document) => root.querySelector(selector);
@@ -124,10 +123,11 @@ function buildMethods() {
   box.replaceChildren(el("legend", { textContent: "Methods" }));
   const params = $("#params");
   params.replaceChildren();
-  for (const method of state.methods) {
+  // Every fact about a method comes from GET /v1/methods (its class declares them); the first is checked.
+  for (const [index, method] of state.methods.entries()) {
     const id = `method-${method.name}`;
     const check = el("input", { type: "checkbox", id, value: method.name, name: "method",
-                                checked: method.name === "gradcam" });
+                                checked: index === 0 });
     check.setAttribute("aria-describedby", `${id}-cost`);
     box.append(el("div", { className: "method-option" }, check,
                   el("label", { htmlFor: id, textContent: method.title }),
@@ -343,17 +343,18 @@ function onRun(event) {
   }
 }
 
+// Passes per image: the product of the method's cost factors (parameters), as the server counts them.
 function estimatedPasses(method, params) {
   const defaults = (method.parameters && method.parameters.properties) || {};
-  return method.cost.replace(/passes?/, "").split(" x ").reduce((total, token) => {
-    const name = token.trim();
-    const value = /^\d+$/.test(name) ? Number(name) : params[name] ?? unwrap(defaults[name] || {}).default ?? 1;
+  return (method.cost_factors || []).reduce((total, name) => {
+    const value = params[name] ?? unwrap(defaults[name] || {}).default ?? 1;
     return total * Number(value);
   }, 1);
 }
 
+// Iterative methods always run as a job (progress and cancel); others once they are long.
 function runsAsJob(method, params) {
-  return ALWAYS_JOB.has(method.name) || estimatedPasses(method, params) >= JOB_PASSES;
+  return method.iterative || estimatedPasses(method, params) >= JOB_PASSES;
 }
 
 function makeCard(method, request) {

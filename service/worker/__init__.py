@@ -1,18 +1,7 @@
-"""The batching work queue: generic over what a batch does (the engine supplies the runner)."""
+"""The batching work queue: generic over what a batch does (the backend supplies the runner)."""
 
 from service.worker.collate import Collation, collate
-from service.worker.job import DeadlineExceeded, QueueFull, WorkerStopped, WorkItem
+from service.worker.item import Item
 from service.worker.pool import Runner, WorkerPool, WorkerStats, default_is_oom
 
-__all__ = [
-    "Collation",
-    "DeadlineExceeded",
-    "QueueFull",
-    "Runner",
-    "WorkItem",
-    "WorkerPool",
-    "WorkerStats",
-    "WorkerStopped",
-    "collate",
-    "default_is_oom",
-]
+__all__ = ["Collation", "Item", "Runner", "WorkerPool", "WorkerStats", "collate", "default_is_oom"]

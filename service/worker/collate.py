@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from service.worker.job import WorkItem
+from service.worker.item import Item
 
 
 @dataclass
 class Collation:
-    batch: list[WorkItem] = field(default_factory=list)  # empty: nothing is ready to run yet
-    expired: list[WorkItem] = field(default_factory=list)  # past their deadline: fail with DeadlineExceeded
-    remaining: list[WorkItem] = field(default_factory=list)  # still pending, in arrival order
+    batch: list[Item] = field(default_factory=list)  # empty: nothing is ready to run yet
+    expired: list[Item] = field(default_factory=list)  # past their deadline: fail with DeadlineExceeded
+    remaining: list[Item] = field(default_factory=list)  # still pending, in arrival order
     wait: float | None = None  # seconds until the batch becomes ready, when it is not ready now
 
 
 def collate(
-    pending: list[WorkItem], *, now: float, max_cost: int, max_items: int, max_wait: float
+    pending: list[Item], *, now: float, max_cost: int, max_items: int, max_wait: float
 ) -> Collation:
     """Split `pending` (in arrival order) into the next batch, the expired items and the rest.
 
@@ -33,7 +33,7 @@ def collate(
         return Collation(expired=expired)
 
     key = live[0].key
-    batch: list[WorkItem] = []
+    batch: list[Item] = []
     total_cost = 0
     full = False
     for item in live:

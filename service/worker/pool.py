@@ -18,13 +18,14 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, replace
 from typing import Any
 
+from service.errors import DeadlineExceeded, QueueFull, WorkerStopped
 from service.worker.collate import collate
-from service.worker.job import DeadlineExceeded, QueueFull, WorkerStopped, WorkItem
+from service.worker.item import Item
 
 logger = logging.getLogger(__name__)
 
-Runner = Callable[[list[WorkItem]], list[Any]]  # one result per item, in order; an Exception fails that item
-BatchHook = Callable[[list[WorkItem], float], None]
+Runner = Callable[[list[Item]], list[Any]]  # one result per item, in order; an Exception fails that item
+BatchHook = Callable[[list[Item], float], None]
 
 _RECENT_BATCHES = 32  # how many recent batches inform the retry-after estimate
 _MAX_RETRY_AFTER = 300.0
@@ -85,8 +86,8 @@ class WorkerPool:
         self._watchdog_interval = watchdog_interval
 
         self._cond = threading.Condition()
-        self._pending: list[WorkItem] = []
-        self._in_flight: list[WorkItem] = []
+        self._pending: list[Item] = []
+        self._in_flight: list[Item] = []
         self._started = False
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -116,14 +117,14 @@ class WorkerPool:
             self._cond.notify_all()
         self._watchdog_stop.set()
         for item in leftover:
-            self._fail(item, WorkerStopped(f"{self.name} stopped before the item ran"))
+            self._fail(item, WorkerStopped(f"the service is shutting down ({self.name} stopped before the item ran)"))
         if thread is not None and thread is not threading.current_thread():
             thread.join(grace)
         # Work still running after the grace period is abandoned (its thread is a daemon); callers are told.
         with self._cond:
             stuck = list(self._in_flight) if thread is not None and thread.is_alive() else []
         for item in stuck:
-            self._fail(item, WorkerStopped(f"{self.name} stopped before the item finished"))
+            self._fail(item, WorkerStopped(f"the service is shutting down ({self.name} stopped before the item finished)"))
 
     def ensure_alive(self) -> None:
         """Restart the worker thread if it died; pending items stay queued for the new one."""
@@ -136,12 +137,12 @@ class WorkerPool:
 
     # --- submitting and observing ----------------------------------------------------------------
 
-    def submit(self, item: WorkItem) -> Future:
+    def submit(self, item: Item) -> Future:
         """Queue `item`; its future resolves with the runner's result. Raises QueueFull or WorkerStopped."""
         self.ensure_alive()
         with self._cond:
             if not self._started or self._stopping:
-                raise WorkerStopped(f"{self.name} is not running")
+                raise WorkerStopped(f"the service is shutting down ({self.name} is not running)")
             self._drop_cancelled_locked()
             if len(self._pending) >= self._max_queue:
                 raise QueueFull(self._retry_after_locked())
@@ -197,7 +198,7 @@ class WorkerPool:
             while True:
                 batch, expired = self._take_next()
                 for item in expired:
-                    self._fail(item, DeadlineExceeded("the request waited in the queue past its deadline"))
+                    self._fail(item, DeadlineExceeded())
                 if batch is None:
                     return
                 if batch:
@@ -211,7 +212,7 @@ class WorkerPool:
             for item in held:
                 self._fail(item, RuntimeError(f"{self.name} crashed while running this item: {exc!r}"))
 
-    def _take_next(self) -> tuple[list[WorkItem] | None, list[WorkItem]]:
+    def _take_next(self) -> tuple[list[Item] | None, list[Item]]:
         """Block until a batch is ready or items expired; (None, []) once stopping."""
         with self._cond:
             while True:
@@ -243,7 +244,7 @@ class WorkerPool:
         self._stats.cancelled += len(self._pending) - len(kept)
         self._pending = kept
 
-    def _run_batch(self, batch: list[WorkItem]) -> None:
+    def _run_batch(self, batch: list[Item]) -> None:
         now = time.monotonic()
         runnable = []
         for item in batch:
@@ -262,7 +263,7 @@ class WorkerPool:
         with self._cond:
             self._in_flight = []
 
-    def _execute(self, items: list[WorkItem]) -> None:
+    def _execute(self, items: list[Item]) -> None:
         """Run `items` through the runner, splitting on OOM and isolating a failing item."""
         try:
             results = self._runner(items)
@@ -297,7 +298,7 @@ class WorkerPool:
             else:
                 self._succeed(item, result)
 
-    def _notify_batch(self, items: list[WorkItem], duration: float) -> None:
+    def _notify_batch(self, items: list[Item], duration: float) -> None:
         if self.on_batch is None:
             return
         try:
@@ -307,7 +308,7 @@ class WorkerPool:
 
     # --- resolving futures -----------------------------------------------------------------------
 
-    def _succeed(self, item: WorkItem, result: Any) -> None:
+    def _succeed(self, item: Item, result: Any) -> None:
         try:
             item.future.set_result(result)
         except InvalidStateError:
@@ -315,7 +316,7 @@ class WorkerPool:
         with self._cond:
             self._stats.items_done += 1
 
-    def _fail(self, item: WorkItem, error: BaseException) -> None:
+    def _fail(self, item: Item, error: BaseException) -> None:
         try:
             item.future.set_exception(error)
         except InvalidStateError:

@@ -38,6 +38,11 @@ class LoadedModel:
     def num_classes(self) -> int:
         return self.card.num_classes
 
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(height, width) the model takes."""
+        return self.preprocess.size
+
     def explainee(self, max_batch: int = 64, pass_sizes: tuple[int, ...] = ()):
         from ..methods.base import Explainee
 

@@ -100,6 +100,10 @@ class MethodOut(BaseModel):
     name: str
     title: str
     cost: str
+    cost_factors: list[str] = Field(default_factory=list)  # parameters whose product is the passes per image
+    passes_at_defaults: int = 1
+    iterative: bool = False  # long work: best sent as a job (`submit`)
+    diagnostics: dict[str, str] = Field(default_factory=dict)  # each result's diagnostics: name -> meaning
     parameters: dict[str, Any]
 
 

@@ -1,4 +1,4 @@
-"""One unit of queued work and the errors a queued item can end with."""
+"""One unit of queued work: an item (one image of a call)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ ProgressCallback = Callable[[int, int], None]
 
 
 @dataclass(eq=False)  # identity equality: two requests with equal fields are still two requests
-class WorkItem:
+class Item:
     """One image to explain, as the queue sees it.
 
     The queue knows nothing of models: `key` decides which items may share a batch,
@@ -31,19 +31,3 @@ class WorkItem:
     def __post_init__(self) -> None:
         if self.cost < 1:
             raise ValueError(f"cost must be >= 1, got {self.cost}")
-
-
-class QueueFull(Exception):
-    """The queue holds its maximum number of items; the caller should retry later."""
-
-    def __init__(self, retry_after: float) -> None:
-        super().__init__(f"queue full; retry after {retry_after:.1f}s")
-        self.retry_after = retry_after
-
-
-class DeadlineExceeded(Exception):
-    """The item waited past its deadline, so it was dropped rather than computed late."""
-
-
-class WorkerStopped(Exception):
-    """The worker stopped before the item could run."""
