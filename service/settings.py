@@ -21,80 +21,104 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:1 ...")
 
     # Batching
-    max_batch_cost: int = Field(256, ge=1, description="most images per forward pass in one batch (an IG image "
-                                                       "at n_steps=50 costs 50; MoreauGrad costs n_samples)")
+    max_batch_cost: int = Field(
+        256, ge=1, description="most images per forward pass in one batch (an IG image at n_steps=50 "
+                               "costs 50; MoreauGrad costs n_samples)")
     max_batch_items: int = Field(32, ge=1, description="most requests' images in one batch")
-    max_wait_ms: float = Field(0.0, ge=0, description="how long a batch waits for company after its first item. "
-                               "0: an idle worker starts at once; under load batches still form from the queue "
-                               "that builds while the worker runs (docs/benchmarks.md)")
-    max_pass_batch: int = Field(256, ge=1, description="memory budget: most images in one forward pass (on a "
-                                "GPU, lowered at start-up to what measured memory allows; on an H100 a pass of 256 "
-                                "ran ~10 % more images/s than one of 64, docs/benchmarks.md)")
+    max_wait_ms: float = Field(
+        0.0, ge=0, description="how long a batch waits for company after its first item. 0: an idle worker "
+                               "starts at once, so a lone request waits for nothing; under load batches "
+                               "still form from the queue that builds while the worker runs "
+                               "(docs/benchmarks.md, \"Service overhead: one request on an idle server\")")
+    max_pass_batch: int = Field(
+        256, ge=1, description="memory budget: most images in one forward pass (on a GPU, lowered at "
+                               "start-up to what measured memory allows; a GPU pass waits on the host's "
+                               "kernel launches, so larger passes give more images/s: docs/benchmarks.md, "
+                               "\"GPU\", its \"MoreauGrad 200 x 32 on ResNet-50 at batch 8\")")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="default reduced precision of model passes (per-request parameter `precision`; how each "
-                            "method applies it: service/engine.py precision_scope)")
-    cpu_reduced_precision: bool = Field(False, description="accept a request's bf16/fp16 `precision` for a "
-                                        "model on the CPU; off by default: without native half-precision kernels "
-                                        "those passes ran 8-23x slower than fp32 (docs/benchmarks.md), so one "
-                                        "request could hold the worker for minutes")
-    gpu_memory_fraction: float = Field(0.8, gt=0, le=1, description="share of a GPU's free memory at start-up "
-                                       "that model passes may use; each of the two lanes sizes its passes to half "
-                                       "of it, and an engine process (worker=process) is held to its half")
-    gpu_warmup: bool = Field(True, description="on a GPU, each thread that runs passes first runs one at each "
-                             "padded batch size a queue batch can reach (service/warmup.py); /readyz waits for it")
+        "fp32", description="default reduced precision of model passes (per-request parameter `precision`; "
+                            "how each method applies it: service/engine.py precision_scope)")
+    cpu_reduced_precision: bool = Field(
+        False, description="accept a request's bf16/fp16 `precision` for a model on the CPU; off by default: "
+                           "without native half-precision kernels those passes run many times slower than "
+                           "fp32, so one request could hold the worker for minutes (docs/benchmarks.md, "
+                           "\"Reduced precision on the CPU\")")
+    gpu_memory_fraction: float = Field(
+        0.8, gt=0, le=1, description="share of a GPU's free memory at start-up that model passes may use; "
+                                     "each of the two lanes sizes its passes to half of it, and an engine "
+                                     "process (worker=process) is held to its half")
+    gpu_warmup: bool = Field(
+        True, description="on a GPU, each thread that runs passes first runs one at each padded batch size a "
+                          "queue batch can reach (service/warmup.py); /readyz waits for it")
     cache_bytes: int = Field(256 * 2**20, ge=0, description="result cache size (0 disables it)")
-    cpu_pass_batch: int = Field(8, ge=1, description="most images per forward pass on a CPU: measured on a 2-core "
-                                "Xeon, the cost per image grows past 8 (docs/benchmarks.md); with "
-                                "retain_host_memory, lowered per model at start-up so that its largest activation "
-                                "stays below glibc's 32 MiB mmap threshold (service/calibrate.py)")
+    cpu_pass_batch: int = Field(
+        8, ge=1, description="most images per forward pass on a CPU: there a larger pass cost more per "
+                             "image, its fresh activations page-faulted and zeroed on every pass "
+                             "(docs/benchmarks.md, \"Engine: methods vs peers\"); with retain_host_memory, "
+                             "lowered per model at start-up so that its largest activation stays below "
+                             "glibc's 32 MiB mmap threshold (service/calibrate.py; docs/benchmarks.md, "
+                             "\"Page faults\")")
     max_queue: int = Field(256, ge=1, description="pending images before requests get 429 (per lane)")
-    bulk_cost: int = Field(2000, ge=1, description="images costing more passes than this run on the bulk lane, "
-                                                   "a second worker, so they never hold up interactive work")
+    bulk_cost: int = Field(
+        2000, ge=1, description="images costing more passes than this run on the bulk lane, a second worker, "
+                                "so they never hold up interactive work")
 
     worker: Literal["auto", "thread", "process"] = Field(
-        "auto", description="where each lane runs its model passes: a thread of the server process, or a child "
-                            "process of its own, whose GIL no HTTP work contends for (service/engine_process.py); "
-                            "auto: process on a GPU, thread on a CPU (docs/benchmarks.md)")
-    cudnn_benchmark: bool = Field(False, description="let cuDNN autotune each new input shape: a batching server "
-                                  "sees new pass sizes all the time, and each one stalls the worker while it is "
-                                  "timed (service/zoo/registry.py set_cudnn_autotuning)")
-    fold_batchnorm: bool = Field(True, description="fold each eval-mode BatchNorm into the convolution before it "
-                                 "at load (the same function, one op fewer per layer; every method's maps are "
-                                 "unchanged, service/zoo/fold.py)")
-    retain_host_memory: bool = Field(True, description="keep freed host memory for the next pass instead of "
-                                     "returning it to the kernel (glibc only; see service/host.py); on a CPU the "
-                                     "interactive lane's pass thread then runs two passes before /readyz says ready "
-                                     "(service/warmup.py)")
+        "auto", description="where each lane runs its model passes: a thread of the server process, or a "
+                            "child process of its own, whose GIL no HTTP work contends for "
+                            "(service/engine_process.py); auto: process on a GPU, where a pass is hundreds "
+                            "of kernel launches that each need the GIL; thread on a CPU, where the hand-off "
+                            "costs an idle request more than the GIL costs under load (docs/benchmarks.md, "
+                            "\"Process worker\")")
+    cudnn_benchmark: bool = Field(
+        False, description="let cuDNN autotune each new input shape: a batching server sees new pass sizes "
+                           "all the time, and each one stalls the worker while it is timed "
+                           "(service/zoo/registry.py set_cudnn_autotuning; docs/benchmarks.md, "
+                           "\"Service under load\")")
+    fold_batchnorm: bool = Field(
+        True, description="fold each eval-mode BatchNorm into the convolution before it at load (the same "
+                          "function, one op fewer per layer; every method's maps are unchanged, "
+                          "service/zoo/fold.py)")
+    retain_host_memory: bool = Field(
+        True, description="keep freed host memory for the next pass instead of returning it to the kernel "
+                          "(glibc only; see service/host.py); on a CPU the interactive lane's pass thread "
+                          "then runs two passes before /readyz says ready (service/warmup.py)")
 
-    watchdog_s: float = Field(1.0, gt=0, description="how often a dead worker thread is noticed and restarted")
+    watchdog_s: float = Field(1.0, gt=0,
+                              description="how often a dead worker thread is noticed and restarted")
 
     # Deadlines
     queue_deadline_s: float = Field(30.0, gt=0, description="work not started by then is dropped with 504")
-    sync_wait_s: float = Field(30.0, gt=0, description="a synchronous request still running after this "
-                                                       "becomes a job (202 with its id)")
+    sync_wait_s: float = Field(
+        30.0, gt=0, description="a synchronous request still running after this becomes a job "
+                                "(202 with its id)")
     job_deadline_s: float = Field(3600.0, gt=0, description="start deadline of job work")
     job_ttl_s: float = Field(3600.0, gt=0, description="finished jobs are forgotten after this")
     max_jobs: int = Field(1000, ge=1, description="jobs kept in memory (finished ones are evicted first)")
-    max_job_result_bytes: int = Field(2 * 2**30, ge=0, description="encoded maps held by finished jobs' results; "
-                                      "beyond it the oldest finished jobs are forgotten first (the newest stays)")
+    max_job_result_bytes: int = Field(
+        2 * 2**30, ge=0, description="encoded maps held by finished jobs' results; beyond it the oldest "
+                                     "finished jobs are forgotten first (the newest stays)")
 
     # Limits on what a request may ask for
     max_images: int = Field(16, ge=1, description="images per request")
     max_image_bytes: int = Field(20 * 2**20, ge=1, description="bytes per image file")
     max_image_pixels: int = Field(40_000_000, ge=1, description="pixels per image (decompression bombs)")
-    max_request_pixels: int = Field(200_000_000, ge=1, description="pixels of all a request's images together: "
-                                    "maps at the original size, overlays and the JSON around them grow with it "
-                                    "(4 images of 40 MP with every output took a 5.4 GB peak)")
-    max_pixels_in_flight: int = Field(400_000_000, ge=1, description="pixels of the images of all calls queued "
-                                      "or running; a call beyond it gets 429 (the queue counts images, and one "
-                                      "may hold 40 MP)")
+    max_request_pixels: int = Field(
+        200_000_000, ge=1, description="pixels of all a request's images together: maps at the original "
+                                       "size, overlays and the JSON around them grow with it, and so does "
+                                       "the server's peak memory (docs/benchmarks.md, \"Photo sizes\")")
+    max_pixels_in_flight: int = Field(
+        400_000_000, ge=1, description="pixels of the images of all calls queued or running; a call beyond "
+                                       "it gets 429 (the queue counts images, and one may hold up to "
+                                       "max_image_pixels)")
     max_body_bytes: int = Field(100 * 2**20, ge=1, description="request body size")
     max_request_cost: int = Field(200_000, ge=1, description="forward+backward passes per request")
     top_k: int = Field(5, ge=1, le=100)
 
     # Security
-    api_key: str | None = Field(None, min_length=16, description="when set, every /v1 route needs it "
-                                "(Authorization: Bearer <key> or X-API-Key: <key>)")
+    api_key: str | None = Field(
+        None, min_length=16, description="when set, every /v1 route needs it "
+                                         "(Authorization: Bearer <key> or X-API-Key: <key>)")
     allow_insecure_bind: bool = Field(False, description="allow a non-loopback host without an API key")
 
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM: time for in-flight work to finish")

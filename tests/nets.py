@@ -13,8 +13,8 @@ class CamNet(nn.Module):
 
     def __init__(self, classes: int = 5):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1),
-                                      nn.ReLU())
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(8, 12, 3, padding=1), nn.ReLU())
         self.fc = nn.Linear(12, classes)
 
     def forward(self, x):
@@ -49,7 +49,8 @@ class ReluBnNet(nn.Module):
         super().__init__()
         self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
                                   nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8),
-                                  nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes))
+                                  nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(8, classes))
 
     def forward(self, x):
         return self.body(x)

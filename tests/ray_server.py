@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 
-
 from service.settings import Settings
 from tests.server import free_port, wait_ready
 
@@ -23,7 +22,8 @@ def start_ray(num_cpus: int = 2) -> None:
 
 @contextlib.contextmanager
 def running_ray_server(settings: Settings, explainers: dict | None = None, ready_timeout: float = 240.0):
-    """Serve's proxy on a free loopback port; yields (base URL, None): the app lives in the ingress replica."""
+    """Serve's proxy on a free loopback port; yields (base URL, None): the app lives in the ingress
+    replica."""
     from ray import serve
 
     from service.distributed.app import APP_NAME, build

@@ -1,6 +1,7 @@
-"""A method added from outside the service, as docs/adding-a-method.md describes: its class and one registration,
-no other file touched. It reaches GET /v1/methods with the facts its class declares, admission counts its cost,
-and POST /v1/explain serves it. The toy is gradient x input (Shrikumar et al. 2016), checked against autograd."""
+"""A method added from outside the service, as docs/adding-a-method.md describes: its class and one
+registration, no other file touched. It reaches GET /v1/methods with the facts its class declares, admission
+counts its cost, and POST /v1/explain serves it. The toy is gradient x input (Shrikumar et al. 2016), checked
+against autograd."""
 from __future__ import annotations
 
 import base64
@@ -89,6 +90,7 @@ def test_a_registered_method_explains_and_equals_autograd(toy_server):
 def test_admission_counts_a_registered_methods_cost(toy_server):
     url, _ = toy_server
     files = [("image", ("a.png", png_bytes(random_image(1)), "image/png"))] * 2
-    r = httpx.post(f"{url}/v1/explain/{GradientTimesInput.name}", files=files, data={"repeats": "4"}, timeout=60)
+    r = httpx.post(f"{url}/v1/explain/{GradientTimesInput.name}", files=files, data={"repeats": "4"},
+                   timeout=60)
     assert r.status_code == 422 and r.json()["error"]["code"] == "too_costly"  # 2 images x 4 passes > 6
     assert "costs 8 forward+backward passes" in r.json()["error"]["message"]

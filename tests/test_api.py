@@ -69,8 +69,10 @@ def test_each_method_explains_chelsea(server, chelsea_png, chelsea, method, form
     base, _ = server
     params = QUICK.get(method, {})
     if form == "multipart":
-        r = httpx.post(f"{base}/v1/explain/{method}", files=[("image", ("cat.png", chelsea_png, "image/png"))],
-                       data={"outputs": "npy,png,overlay", **{k: str(v) for k, v in params.items()}}, timeout=120)
+        r = httpx.post(f"{base}/v1/explain/{method}",
+                       files=[("image", ("cat.png", chelsea_png, "image/png"))],
+                       data={"outputs": "npy,png,overlay", **{k: str(v) for k, v in params.items()}},
+                       timeout=120)
     else:
         r = httpx.post(f"{base}/v1/explain/{method}", timeout=120, json={
             "images": [base64.b64encode(chelsea_png).decode()], "params": params,
@@ -174,8 +176,8 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_result(server, re
         assert r.status_code == 200, r.text
         res = r.json()["results"][0]
         assert res["target"] == targets[i]
-        np.testing.assert_allclose(npy(res["map"]["npy"]), direct(registry, images[i], "gradcam", targets[i], {}),
-                                   atol=1e-5)
+        np.testing.assert_allclose(npy(res["map"]["npy"]),
+                                   direct(registry, images[i], "gradcam", targets[i], {}), atol=1e-5)
 
 
 def test_mixed_methods_and_models_in_flight_and_a_bad_image_fails_alone(server, registry, chelsea_png):
@@ -219,7 +221,8 @@ def test_catalog(server):
     base, _ = server
     models = {m["name"]: m for m in httpx.get(f"{base}/v1/models").json()}
     lite = models["efficientnet_lite0"]
-    assert lite["available"] and lite["default"] and lite["input_size"] == [224, 224] and lite["num_classes"] == 1000
+    assert (lite["available"] and lite["default"] and lite["input_size"] == [224, 224]
+            and lite["num_classes"] == 1000)
     assert "bn2" in lite["layers"] and "conv_head" in lite["layers"] and lite["device"] in ("cpu", "ray:auto")
     assert lite["folded_batchnorms"] == 49  # every BatchNorm of the model (service/zoo/fold.py)
     assert not models["resnet50"]["available"] and "weights" in models["resnet50"]["reason"]
@@ -234,18 +237,23 @@ def test_errors_are_json_with_codes(server, chelsea_png):
     b64 = base64.b64encode(chelsea_png).decode()
     cases = [
         (httpx.post(f"{base}/v1/explain/nope", json={"images": [b64]}), 404, "unknown method"),
-        (httpx.post(f"{base}/v1/explain/gradcam", json={"images": [b64], "model": "zzz"}), 404, "unknown model"),
-        (httpx.post(f"{base}/v1/explain/gradcam", json={"images": [b64], "model": "resnet50"}), 404, "unavailable"),
-        (httpx.post(f"{base}/v1/explain/gradcam", json={"images": [b64], "params": {"layer": "nope"}}), 422, "layer"),
-        (httpx.post(f"{base}/v1/explain/gradcam", json={"images": [b64], "targets": [1000]}), 422, "out of range"),
-        (httpx.post(f"{base}/v1/explain/smoothgrad", json={"images": [b64], "params": {"n_samples": 10**6}}), 422,
-         "n_samples"),
-        (httpx.post(f"{base}/v1/explain/gradcam", content=b"{", headers={"content-type": "application/json"}), 400,
-         "malformed JSON"),
+        (httpx.post(f"{base}/v1/explain/gradcam", json={"images": [b64], "model": "zzz"}), 404,
+         "unknown model"),
+        (httpx.post(f"{base}/v1/explain/gradcam", json={"images": [b64], "model": "resnet50"}), 404,
+         "unavailable"),
+        (httpx.post(f"{base}/v1/explain/gradcam", json={"images": [b64], "params": {"layer": "nope"}}), 422,
+         "layer"),
+        (httpx.post(f"{base}/v1/explain/gradcam", json={"images": [b64], "targets": [1000]}), 422,
+         "out of range"),
+        (httpx.post(f"{base}/v1/explain/smoothgrad",
+                    json={"images": [b64], "params": {"n_samples": 10**6}}), 422, "n_samples"),
+        (httpx.post(f"{base}/v1/explain/gradcam", content=b"{",
+                    headers={"content-type": "application/json"}), 400, "malformed JSON"),
         (httpx.post(f"{base}/v1/explain/gradcam", json={"images": []}), 422, "images"),
         (httpx.post(f"{base}/v1/explain/gradcam", content=b"x", headers={"content-type": "text/plain"}), 415,
          "content type"),
-        (httpx.post(f"{base}/v1/explain/gradcam", files=[("image", ("a", b"", "image/png"))]), 400, "image 0"),
+        (httpx.post(f"{base}/v1/explain/gradcam", files=[("image", ("a", b"", "image/png"))]), 400,
+         "image 0"),
         (httpx.post(f"{base}/v1/explain/gradcam", files=[("image", ("a", chelsea_png, "image/png"))],
                     data={"target": "cat"}), 422, "not an integer"),
         (httpx.get(f"{base}/v1/jobs/unknown"), 404, "no job"),
@@ -254,13 +262,15 @@ def test_errors_are_json_with_codes(server, chelsea_png):
         assert r.status_code == status, (r.status_code, r.text)
         assert text in r.json()["error"]["message"], r.text
     assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
-    assert httpx.head(f"{base}/healthz").status_code == httpx.head(f"{base}/readyz").status_code == 200  # probes
+    # probes
+    assert httpx.head(f"{base}/healthz").status_code == httpx.head(f"{base}/readyz").status_code == 200
 
 
 def test_job_progress_advances_and_completes(server):
     base, _ = server
     blob = png_bytes(random_image(1))
-    r = httpx.post(f"{base}/v1/jobs/moreaugrad", data={"model": "tiny_cnn", "iterations": "60", "n_samples": "4"},
+    r = httpx.post(f"{base}/v1/jobs/moreaugrad",
+                   data={"model": "tiny_cnn", "iterations": "60", "n_samples": "4"},
                    files=[("image", ("x.png", blob, "image/png"))])
     assert r.status_code == 202 and r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
     job_id = r.json()["id"]
@@ -295,7 +305,8 @@ def test_a_job_shows_running_before_its_only_progress_report(server):
 def test_job_cancel(server):
     base, _ = server
     blob = png_bytes(random_image(2))
-    r = httpx.post(f"{base}/v1/jobs/moreaugrad", data={"model": "tiny_cnn", "iterations": "2000", "n_samples": "8"},
+    r = httpx.post(f"{base}/v1/jobs/moreaugrad",
+                   data={"model": "tiny_cnn", "iterations": "2000", "n_samples": "8"},
                    files=[("image", ("x.png", blob, "image/png"))])
     job_id = r.json()["id"]
     while httpx.get(f"{base}/v1/jobs/{job_id}").json()["progress"]["done"] < 5:
@@ -319,7 +330,8 @@ def busy_worker(app, seconds: float):
     runtime = app.state.runtime
     runtime.backend.fault_hook = lambda items: time.sleep(seconds)
     blocker = threading.Thread(target=httpx.post, args=(f"{app.state.base}/v1/explain/gradcam",),
-                               kwargs={"files": [("image", ("x.png", png_bytes(random_image(3)), "image/png"))],
+                               kwargs={"files": [("image", ("x.png", png_bytes(random_image(3)),
+                                                            "image/png"))],
                                        "timeout": 60})
     blocker.start()
     while not runtime.backend.lanes["interactive"].pool.running:  # the blocker's batch has started
@@ -343,7 +355,8 @@ def test_queue_full_is_429_with_retry_after(small_registry):
         with ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(httpx.post, f"{base}/v1/explain/gradcam", timeout=60,
                                    files=[("image", ("x.png", blob, "image/png"))]) for _ in range(6)]
-            rejected = next(as_completed(futures)).result()  # 429s answer at once; the rest wait for the worker
+            # 429s answer at once; the rest wait for the worker
+            rejected = next(as_completed(futures)).result()
             statuses = sorted(f.result().status_code for f in futures)
         assert rejected.status_code == 429 and rejected.json()["error"]["code"] == "queue_full"
         assert int(rejected.headers["retry-after"]) >= 1
@@ -353,8 +366,8 @@ def test_queue_full_is_429_with_retry_after(small_registry):
 def test_deadline_passed_before_start_is_504(small_registry):
     settings = Settings(default_model="tiny_cnn", queue_deadline_s=0.2, max_wait_ms=0)
     with running_server(settings, small_registry) as (base, app), busy_worker(app, 1.5):
-        r = httpx.post(f"{base}/v1/explain/gradcam", files=[("image", ("x.png", png_bytes(random_image(5)), "image/png"))],
-                       timeout=30)
+        r = httpx.post(f"{base}/v1/explain/gradcam",
+                       files=[("image", ("x.png", png_bytes(random_image(5)), "image/png"))], timeout=30)
         assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
 
 
@@ -405,7 +418,8 @@ def test_a_repeated_request_is_answered_from_the_cache(small_registry):
         blob = png_bytes(random_image(7))
 
         def call(**data):
-            return httpx.post(f"{base}/v1/explain/smoothgrad", files=[("image", ("x.png", blob, "image/png"))],
+            return httpx.post(f"{base}/v1/explain/smoothgrad",
+                              files=[("image", ("x.png", blob, "image/png"))],
                               data={"n_samples": "4", **data}, timeout=30).json()["results"][0]
 
         first = call()
@@ -428,12 +442,13 @@ def test_a_caller_hanging_up_cancels_its_queued_work(small_registry):
     with running_server(settings, small_registry) as (base, app), busy_worker(app, 1.5):
         runtime = app.state.runtime
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{base}/v1/explain/gradcam", files=[("image", ("x.png", png_bytes(random_image(8)), "image/png"))],
-                       timeout=0.5)
+            httpx.post(f"{base}/v1/explain/gradcam",
+                       files=[("image", ("x.png", png_bytes(random_image(8)), "image/png"))], timeout=0.5)
         deadline = time.monotonic() + 5
         while runtime.backend.lanes["interactive"].pool.stats.cancelled == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert runtime.backend.lanes["interactive"].pool.stats.cancelled == 1  # dropped from the queue, never computed
+        # dropped from the queue, never computed
+        assert runtime.backend.lanes["interactive"].pool.stats.cancelled == 1
 
 
 def test_json_bodies_are_strict_json_even_with_non_finite_numbers():

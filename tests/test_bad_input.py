@@ -39,7 +39,8 @@ def post(base: str, form: str, blobs: list[bytes], method="gradcam", params=None
     if form == "multipart":
         data = {**{k: str(v) for k, v in params.items()}, **{k: str(v) for k, v in fields.items()}}
         return httpx.post(f"{base}/v1/explain/{method}", data=data, timeout=60,
-                          files=[("image", (f"{i}.bin", b, "application/octet-stream")) for i, b in enumerate(blobs)])
+                          files=[("image", (f"{i}.bin", b, "application/octet-stream"))
+                                 for i, b in enumerate(blobs)])
     body = {"images": [base64.b64encode(b).decode() for b in blobs], "params": params, **fields}
     if "target" in body:
         body["targets"] = [body.pop("target")]
@@ -79,23 +80,29 @@ def bad_requests(base: str, form: str):
     yield "unknown layer", post(base, form, [ok], params={"layer": "fc.nope"}), 422, "layer 'fc.nope'"
     yield "target out of range", post(base, form, [ok], target=10), 422, "out of range"
     yield "target negative", post(base, form, [ok], target=-1), 422, "out of range"
-    yield "target not an integer", post(base, form, [ok], target="cat" if form == "multipart" else 1.5), 422, "target"
+    yield "target not an integer", post(base, form, [ok],
+                                        target="cat" if form == "multipart" else 1.5), 422, "target"
     yield "n_steps 0", post(base, form, [ok], "integrated-gradients", {"n_steps": 0}), 422, "n_steps"
     yield "n_steps 1e6", post(base, form, [ok], "integrated-gradients", {"n_steps": 10**6}), 422, "n_steps"
     yield "negative noise", post(base, form, [ok], "smoothgrad", {"noise_level": -0.1}), 422, "noise_level"
     yield "bad variant", post(base, form, [ok], "smoothgrad", {"variant": "x"}), 422, "variant"
-    yield "group_size not dividing", post(base, form, [ok], "moreaugrad", {"sparsity": "group", "group_size": 5}), \
+    yield "group_size not dividing", post(base, form, [ok], "moreaugrad",
+                                          {"sparsity": "group", "group_size": 5}), \
         422, "group_size 5 does not divide"
     yield "unknown parameter", post(base, form, [ok], params={"colour": "red"}), 422, "colour"
-    yield "over the cost cap", post(base, form, [ok] * 2, "smoothgrad", {"n_samples": 1001}), 422, "limit is 2000"
+    yield "over the cost cap", post(base, form, [ok] * 2, "smoothgrad", {"n_samples": 1001}), 422, \
+        "limit is 2000"
     big = save(photo((120, 100)), "PNG")  # 12,000 pixels: one fits the request limit of 20,000, two do not
-    yield "over the request's pixels", post(base, form, [ok, big, big]), 413, "the 3 images of this request hold " \
-        "28800 pixels; the limit is 20000 per request"
-    yield "unknown output", post(base, form, [ok], outputs="jpeg" if form == "multipart" else ["jpeg"]), 422, "jpeg"
-    yield "reduced precision on a CPU", post(base, form, [ok], params={"precision": "bf16"}), 422, "is for GPUs"
+    yield "over the request's pixels", post(base, form, [ok, big, big]), 413, \
+        "the 3 images of this request hold 28800 pixels; the limit is 20000 per request"
+    yield "unknown output", post(base, form, [ok],
+                                 outputs="jpeg" if form == "multipart" else ["jpeg"]), 422, "jpeg"
+    yield "reduced precision on a CPU", post(base, form, [ok], params={"precision": "bf16"}), 422, \
+        "is for GPUs"
     yield "riemann with one step", post(base, form, [ok], "integrated-gradients",
                                         {"method": "riemann_left", "n_steps": 1}), 422, "at least 2"
-    yield "moreaugrad step that diverges", post(base, form, [ok], "moreaugrad", {"rho": 1e-300, "iterations": 3}), \
+    yield "moreaugrad step that diverges", post(base, form, [ok], "moreaugrad",
+                                                {"rho": 1e-300, "iterations": 3}), \
         422, "lr must be below 2 * rho"
     yield "blur sigma that underflows", post(base, form, [ok], "integrated-gradients",
                                              {"baseline": "blur", "blur_sigma": 1e-300}), 422, "blur_sigma"
@@ -115,7 +122,8 @@ def test_bad_requests(base, form):
     (b"{not json", {"content-type": "application/json"}, 400, "malformed JSON"),
     (json.dumps({"images": ["@@@"]}).encode(), {"content-type": "application/json"}, 400, "not valid base64"),
     (json.dumps({"images": "abc"}).encode(), {"content-type": "application/json"}, 422, "images"),
-    (json.dumps({"images": ["aGk="], "surprise": 1}).encode(), {"content-type": "application/json"}, 422, "surprise"),
+    (json.dumps({"images": ["aGk="], "surprise": 1}).encode(), {"content-type": "application/json"}, 422,
+     "surprise"),
     (b"", {"content-type": "multipart/form-data; boundary=xyz"}, 422, "no images"),
     (b"--xyz\r\nbroken", {"content-type": "multipart/form-data; boundary=xyz"}, 4, ""),
     (b"", {}, 415, "content type"),
@@ -126,8 +134,8 @@ def test_bad_requests(base, form):
      "targets"),
     # the last part is cut off before the close delimiter: its field would be lost in silence
     (b'--xyz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\nabc\r\n--xyz\r\n'
-     b'Content-Disposition: form-data; name="target"\r\n\r\n281', {"content-type": "multipart/form-data; boundary=xyz"},
-     400, "closing boundary"),
+     b'Content-Disposition: form-data; name="target"\r\n\r\n281',
+     {"content-type": "multipart/form-data; boundary=xyz"}, 400, "closing boundary"),
 ])
 def test_malformed_bodies(base, body, headers, status, text):
     r = httpx.post(f"{base}/v1/explain/gradcam", content=body, headers=headers, timeout=30)
@@ -157,8 +165,10 @@ def test_multipart_fields_are_text_and_given_once(base, small_png):
     image = ("image", ("a.png", small_png, "image/png"))
     cases = [([image, ("model", ("m.txt", b"tiny_cnn", "text/plain"))], "'model' field must be text"),
              ([image, ("layer", ("l.txt", b"bn2", "text/plain"))], "'layer' is a file"),
-             ([image, ("size", (None, "input")), ("size", (None, "original"))], "'size' field is given 2 times"),
-             ([image, ("n_steps", (None, "4")), ("n_steps", (None, "8"))], "'n_steps' is given more than once")]
+             ([image, ("size", (None, "input")), ("size", (None, "original"))],
+              "'size' field is given 2 times"),
+             ([image, ("n_steps", (None, "4")), ("n_steps", (None, "8"))],
+              "'n_steps' is given more than once")]
     for files, text in cases:
         r = httpx.post(f"{base}/v1/explain/integrated-gradients", files=files, timeout=60)
         assert r.status_code == 422 and text in r.json()["error"]["message"], r.text
@@ -197,7 +207,8 @@ def test_a_map_that_is_not_finite_fails_its_call_with_a_422_and_is_not_cached(mo
 
 
 def test_refusals_before_routing_count_under_their_route(base):
-    r = httpx.post(f"{base}/v1/explain/gradcam", content=b"x" * 3_000_000, headers={"content-type": "application/json"})
+    r = httpx.post(f"{base}/v1/explain/gradcam", content=b"x" * 3_000_000,
+                   headers={"content-type": "application/json"})
     assert r.status_code == 413
     httpx.get(f"{base}/no/such/path")
     metrics = httpx.get(f"{base}/metrics").text
@@ -210,8 +221,8 @@ def test_chunked_body_over_the_limit_is_refused_while_streaming(base):
         for _ in range(100):
             yield b"x" * 100_000
 
-    r = httpx.post(f"{base}/v1/explain/gradcam", content=chunks(), headers={"content-type": "application/json"},
-                   timeout=30)
+    r = httpx.post(f"{base}/v1/explain/gradcam", content=chunks(),
+                   headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 413
 
 
@@ -236,7 +247,8 @@ def test_valid_oddities_are_explained(base, form):
         "rgba png": (save(image.convert("RGBA"), "PNG"), image),
         "grayscale png": (save(gray, "PNG"), gray.convert("RGB")),
         "animated gif": (save(image.quantize(256), "GIF", save_all=True, loop=0,
-                              append_images=[photo(seed=1).quantize(256)]), image.quantize(256).convert("RGB")),
+                              append_images=[photo(seed=1).quantize(256)]),
+                         image.quantize(256).convert("RGB")),
     }
     for name, (blob, equivalent) in cases.items():
         heat = map_of(post(base, form, [blob], size="original"))

@@ -46,7 +46,8 @@ def test_pixels_come_back_when_every_future_is_done_however_it_ends():
 
 def png(side: int, seed: int) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buffer, "PNG")
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side, 3),
+                                                         dtype=np.uint8)).save(buffer, "PNG")
     return buffer.getvalue()
 
 
@@ -59,7 +60,8 @@ def server():
 
 
 def post(base: str, blob: bytes) -> httpx.Response:
-    return httpx.post(f"{base}/v1/explain/gradcam", files=[("image", ("x.png", blob, "image/png"))], timeout=60)
+    return httpx.post(f"{base}/v1/explain/gradcam", files=[("image", ("x.png", blob, "image/png"))],
+                      timeout=60)
 
 
 def test_the_server_refuses_pixels_beyond_its_budget_while_a_call_runs(server):

@@ -26,7 +26,8 @@ def test_lru_eviction_within_the_budget():
 def test_an_entry_without_attribution_does_not_answer_a_raw_request():
     cache = ResultCache(max_bytes=10**6)
     cache.put("k", entry(10, with_attribution=False))
-    assert cache.get("k", need_attribution=True) is None and cache.get("k", need_attribution=False) is not None
+    assert (cache.get("k", need_attribution=True) is None
+            and cache.get("k", need_attribution=False) is not None)
     assert (cache.hits, cache.misses) == (1, 1)
 
 

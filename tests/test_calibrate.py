@@ -3,9 +3,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.calibrate import (calibrate, calibrate_lane, hold_process_to_lane_share, lane_share,
-                               largest_activation_bytes, measure_peaks, pass_batch_from_peaks,
-                               process_memory_fraction)
+from service.calibrate import (
+    calibrate,
+    calibrate_lane,
+    hold_process_to_lane_share,
+    lane_share,
+    largest_activation_bytes,
+    measure_peaks,
+    pass_batch_from_peaks,
+    process_memory_fraction,
+)
 from service.settings import Settings
 
 
@@ -39,7 +46,8 @@ def test_an_engine_process_keeps_its_weights_and_its_lane_share_of_the_free_memo
 def test_cpu_models_use_the_cpu_setting_within_the_cap(registry):
     assert calibrate(registry.models, cap=48, cpu_pass_batch=8) == {name: 8 for name in registry.models}
     assert calibrate(registry.models, cap=4, cpu_pass_batch=8) == {name: 4 for name in registry.models}
-    assert calibrate_lane(registry.models, Settings(cpu_pass_batch=6)) == {name: 6 for name in registry.models}
+    assert calibrate_lane(registry.models, Settings(cpu_pass_batch=6)) == {name: 6
+                                                                           for name in registry.models}
 
 
 def test_cpu_passes_keep_the_largest_activation_below_the_host_block_limit(registry):
@@ -48,9 +56,11 @@ def test_cpu_passes_keep_the_largest_activation_below_the_host_block_limit(regis
     limit = 3 * largest["tiny_cnn"] + 4096  # room for three, with the allocator's slack
     assert calibrate(registry.models, cap=48, cpu_pass_batch=8, host_block_limit=limit) == {
         "tiny_cnn": 3, "efficientnet_lite0": 1}  # never below one image
-    # The server's settings: glibc's 32 MiB when freed memory is retained (6 x 4.8 MB fit), the setting when not.
+    # The server's settings: glibc's 32 MiB when freed memory is retained (6 x 4.8 MB fit), the setting when
+    # not.
     assert calibrate_lane(registry.models, Settings()) == {"tiny_cnn": 8, "efficientnet_lite0": 6}
-    assert calibrate_lane(registry.models, Settings(retain_host_memory=False)) == {name: 8 for name in largest}
+    assert calibrate_lane(registry.models, Settings(retain_host_memory=False)) == {name: 8
+                                                                                   for name in largest}
 
 
 @pytest.mark.gpu
@@ -99,9 +109,9 @@ def test_gpu_process_cap_leaves_room_for_the_other_lane():
 
 
 def test_the_process_cap_names_the_device_by_index(monkeypatch):
-    # The server's device setting is a bare "cuda"; PyTorch's cap refuses a device without an index, which kept
-    # every engine process from starting on the first GPU run of worker=process. The CUDA calls are stood in
-    # for here, so the call's arguments are checked on a CPU.
+    # The server's device setting is a bare "cuda"; PyTorch's cap refuses a device without an index, which
+    # kept every engine process from starting on the first GPU run of worker=process. The CUDA calls are
+    # stood in for here, so the call's arguments are checked on a CPU.
     calls = []
     gib = 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * gib, 80 * gib))

@@ -40,11 +40,14 @@ def test_several_images_json_params_and_job(server, tmp_path, capsys):
     paths = []
     for i in range(2):
         paths.append(tmp_path / f"img{i}.png")
-        Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(paths[-1])
-    assert main(["--url", server, "explain", *map(str, paths), "-m", "integrated-gradients", "--model", "tiny_cnn",
-                 "-p", "n_steps=4", "--npy", str(tmp_path / "{stem}_ig.npy"), "--json", "--job", "-q"]) == 0
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3),
+                                                          dtype=np.uint8)).save(paths[-1])
+    assert main(["--url", server, "explain", *map(str, paths), "-m", "integrated-gradients",
+                 "--model", "tiny_cnn", "-p", "n_steps=4", "--npy", str(tmp_path / "{stem}_ig.npy"),
+                 "--json", "--job", "-q"]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
-    assert [x["image"] for x in lines] == list(map(str, paths)) and all(x["model"] == "tiny_cnn" for x in lines)
+    assert ([x["image"] for x in lines] == list(map(str, paths))
+            and all(x["model"] == "tiny_cnn" for x in lines))
     assert np.load(tmp_path / "img1_ig.npy").shape == (64, 64)
     with pytest.raises(SystemExit):  # several images need a {stem} in output names
         main(["--url", server, "explain", *map(str, paths), "--model", "tiny_cnn", "--npy", "x.npy"])
@@ -52,15 +55,16 @@ def test_several_images_json_params_and_job(server, tmp_path, capsys):
 
 def test_models_methods_and_errors_through_the_installed_script(server, tmp_path):
     script = Path(sys.executable).with_name("saliency")
-    models = subprocess.run([script, "--url", server, "models", "--json"], capture_output=True, text=True, check=True)
+    models = subprocess.run([script, "--url", server, "models", "--json"], capture_output=True, text=True,
+                            check=True)
     assert {m["name"] for m in json.loads(models.stdout)} >= {"efficientnet_lite0", "tiny_cnn"}
     methods = subprocess.run([script, "--url", server, "methods"], capture_output=True, text=True, check=True)
     assert methods.stdout.startswith("gradcam") or "gradcam" in methods.stdout
-    bad = subprocess.run([script, "--url", server, "explain", str(tmp_path / "missing.png")], capture_output=True,
-                         text=True)
+    bad = subprocess.run([script, "--url", server, "explain", str(tmp_path / "missing.png")],
+                         capture_output=True, text=True)
     assert bad.returncode == 1 and "missing.png" in bad.stderr
     wrong = tmp_path / "x.png"
     Image.new("RGB", (8, 8)).save(wrong)
-    bad = subprocess.run([script, "--url", server, "explain", str(wrong), "-m", "nosuch"], capture_output=True,
-                         text=True)
+    bad = subprocess.run([script, "--url", server, "explain", str(wrong), "-m", "nosuch"],
+                         capture_output=True, text=True)
     assert bad.returncode == 1 and "unknown method 'nosuch'" in bad.stderr

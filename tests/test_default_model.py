@@ -15,7 +15,8 @@ QUICK = {"integrated-gradients": {"n_steps": 8}, "smoothgrad": {"n_samples": 4},
 
 
 def hook_count(module: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in module.modules())
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               for m in module.modules())
 
 
 def live_tensors() -> int:
@@ -27,7 +28,8 @@ def live_tensors() -> int:
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_explains_chelsea(default_model, chelsea_batch, name):
-    [result] = explain(default_model, METHODS[name], chelsea_batch, [None], METHODS[name].Params(**QUICK.get(name, {})))
+    [result] = explain(default_model, METHODS[name], chelsea_batch, [None],
+                       METHODS[name].Params(**QUICK.get(name, {})))
     assert result.label == "Egyptian cat" and result.probability > 0.7
     assert [c.label for c in result.top_k][:1] == ["Egyptian cat"] and len(result.top_k) == 5
     heat = result.heatmap

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.engine import explain
 from service.backends import EmbeddedBackend
+from service.engine import explain
 from service.engine_process import pack, unpack
 from service.errors import Busy, Cancelled, EngineOutOfMemory, Internal, InvalidInput, QueueFull, ServiceError
 from service.methods import METHODS
@@ -37,8 +37,9 @@ def png(seed: int, size: int = 48) -> bytes:
 
 @pytest.fixture(scope="module")
 def server():
+    # MoreauGrad of more than 500 passes runs on the bulk lane
     settings = Settings(worker="process", models=["tiny_cnn"], default_model="tiny_cnn", cache_bytes=0,
-                        max_wait_ms=20, bulk_cost=500)  # MoreauGrad of more than 500 passes runs on the bulk lane
+                        max_wait_ms=20, bulk_cost=500)
     with running_server(settings) as (base, app):
         yield base, app.state.runtime
 
@@ -49,13 +50,15 @@ def post(base: str, method: str, blob: bytes, timeout: float = 60, **fields) -> 
 
 
 def start_job(base: str, seed: int, **fields) -> str:
-    r = httpx.post(f"{base}/v1/jobs/moreaugrad", data=fields, files=[("image", ("x.png", png(seed), "image/png"))])
+    r = httpx.post(f"{base}/v1/jobs/moreaugrad", data=fields,
+                   files=[("image", ("x.png", png(seed), "image/png"))])
     assert r.status_code == 202, r.text
     return r.json()["id"]
 
 
 def job_reaching(base: str, job_id: str, status: str, timeout: float = 60.0) -> dict:
-    # a poll limit, not a speed check: it returns as soon as the job gets there (a loaded CI machine took >10 s)
+    # a poll limit, not a speed check: it returns as soon as the job gets there (a loaded CI machine
+    # took >10 s)
     deadline = time.monotonic() + timeout
     while True:
         job = httpx.get(f"{base}/v1/jobs/{job_id}").json()
@@ -110,7 +113,8 @@ def test_a_killed_engine_process_fails_its_request_and_is_replaced(server):
     job = job_reaching(base, job_id, "failed")
     assert job["status"] == "failed" and job["error"]["code"] == "engine_crashed"
     assert f"code {-signal.SIGKILL}" in job["error"]["message"]
-    r = post(base, "moreaugrad", png(3), iterations="100", n_samples="8")  # the bulk lane: a new process takes it
+    # the bulk lane: a new process takes it
+    r = post(base, "moreaugrad", png(3), iterations="100", n_samples="8")
     assert r.status_code == 200, r.text
     assert engine.pid != pid and engine.restarts == 1
     metrics = httpx.get(f"{base}/metrics").text
@@ -150,13 +154,13 @@ def test_shared_arrays_round_trip_grow_and_fall_back_to_the_pipe(monkeypatch):
     small = [rng.random((3, 5), dtype=np.float32), np.arange(7, dtype=np.int64), np.zeros((0, 4), np.float32)]
     first = pack(writer, small)
     assert first[0] == "shared"
-    for got, want in zip(unpack(reader, first), small):
+    for got, want in zip(unpack(reader, first), small, strict=False):
         np.testing.assert_array_equal(got, want)
         assert got.dtype == want.dtype
     big = [rng.random((1200, 1200), dtype=np.float32) for _ in range(4)]  # 23 MB: a new, larger file
     second = pack(writer, big)
     assert second[1][0] != first[1][0] and not os.path.exists(first[1][0])
-    for got, want in zip(unpack(reader, second), big):
+    for got, want in zip(unpack(reader, second), big, strict=False):
         np.testing.assert_array_equal(got, want)
 
     def full(fd, offset, length):

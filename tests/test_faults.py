@@ -28,13 +28,15 @@ def png(seed: int) -> bytes:
 @pytest.fixture
 def server():
     registry = ModelRegistry.from_dir(MODELS, torch.device("cpu"), only={"tiny_cnn"})
-    with running_server(Settings(default_model="tiny_cnn", max_wait_ms=50, cache_bytes=0), registry) as (base, app):
+    with running_server(Settings(default_model="tiny_cnn", max_wait_ms=50, cache_bytes=0),
+                        registry) as (base, app):
         yield base, app.state.runtime
 
 
 def burst(base: str, n: int, seed0: int = 0):
     def one(i):
-        return httpx.post(f"{base}/v1/explain/gradcam", files=[("image", ("x.png", png(seed0 + i), "image/png"))],
+        return httpx.post(f"{base}/v1/explain/gradcam",
+                          files=[("image", ("x.png", png(seed0 + i), "image/png"))],
                           data={"size": "input"}, timeout=60)
 
     with ThreadPoolExecutor(n) as pool:
@@ -58,8 +60,9 @@ def test_cuda_oom_splits_the_batch_and_retries(server):
     runtime.backend.fault_hook = fake_oom
     responses = burst(base, 8)
     assert all(r.status_code == 200 for r in responses)
-    assert max(sizes) > 2 and runtime.backend.lanes["interactive"].pool.stats.oom_splits > 0  # a big batch was tried, then split
-    for r, expected in zip(responses, reference):
+    # a big batch was tried, then split
+    assert max(sizes) > 2 and runtime.backend.lanes["interactive"].pool.stats.oom_splits > 0
+    for r, expected in zip(responses, reference, strict=True):
         np.testing.assert_allclose(heat(r), expected, atol=1e-6)
 
 
@@ -97,18 +100,22 @@ def test_a_dead_worker_is_restarted_and_readyz_reflects_it(server):
             raise WorkerCrash()
 
     runtime.backend.fault_hook = crash_once
-    r = httpx.post(f"{base}/v1/explain/gradcam", files=[("image", ("x.png", png(0), "image/png"))], timeout=30)
+    r = httpx.post(f"{base}/v1/explain/gradcam", files=[("image", ("x.png", png(0), "image/png"))],
+                   timeout=30)
     assert r.status_code == 500 and r.json()["error"]["code"] == "internal"
     deadline = time.monotonic() + 5
-    while runtime.backend.lanes["interactive"].pool.alive and time.monotonic() < deadline:  # the thread is ending
+    # the thread is ending
+    while runtime.backend.lanes["interactive"].pool.alive and time.monotonic() < deadline:
         time.sleep(0.01)
     for _ in range(5):
         r = httpx.get(f"{base}/readyz")
         assert r.status_code == 503 and r.json()["worker_alive"] is False
         time.sleep(0.05)
-    r = httpx.post(f"{base}/v1/explain/gradcam", files=[("image", ("x.png", png(0), "image/png"))], timeout=30)
+    r = httpx.post(f"{base}/v1/explain/gradcam", files=[("image", ("x.png", png(0), "image/png"))],
+                   timeout=30)
     assert r.status_code == 503 and r.headers["retry-after"]  # meanwhile callers are told to come back
     runtime.backend.lanes["interactive"].pool.ensure_alive()  # what the watchdog does on its next tick
-    r = httpx.post(f"{base}/v1/explain/gradcam", files=[("image", ("x.png", png(0), "image/png"))], timeout=30)
+    r = httpx.post(f"{base}/v1/explain/gradcam", files=[("image", ("x.png", png(0), "image/png"))],
+                   timeout=30)
     assert r.status_code == 200 and runtime.backend.lanes["interactive"].pool.stats.restarts == 1
     assert httpx.get(f"{base}/readyz").status_code == 200

@@ -21,4 +21,5 @@ def test_fiftyone_heatmaps(registry, chelsea, tmp_path):
     with running_server(Settings(max_wait_ms=5), registry) as (base, _):
         with Client(base) as c:
             np.save(tmp_path / "chelsea_gradcam.npy", c.explain(tmp_path / "chelsea.png")[0].map)
-        run_inner_pytest("tests/integrations/fiftyone_checks.py", {"SALIENCY_URL": base, "IMAGES_DIR": str(tmp_path)})
+        run_inner_pytest("tests/integrations/fiftyone_checks.py",
+                         {"SALIENCY_URL": base, "IMAGES_DIR": str(tmp_path)})

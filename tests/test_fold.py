@@ -29,7 +29,8 @@ def run(name, net, x, targets, **kw):
     return METHODS[name].attribute(explainee(net), x, targets, METHODS[name].Params(**kw))
 
 
-@pytest.mark.parametrize(("name", "kw"), CASES, ids=[f"{n}-{kw.get('layer', '')}".rstrip("-") for n, kw in CASES])
+@pytest.mark.parametrize(("name", "kw"), CASES,
+                         ids=[f"{n}-{kw.get('layer', '')}".rstrip("-") for n, kw in CASES])
 def test_every_method_gives_the_maps_of_the_model_as_built(name, kw):
     """Exact equivalence in float64: folding changes the arithmetic's order, not the function."""
     net = tiny_cnn()
@@ -56,9 +57,10 @@ def test_fullgrad_counts_the_same_bias_terms_and_stays_complete():
     folded, _ = fold_batchnorms(net, images(2))
     x, targets = images(3, seed=2), torch.tensor([0, 4, 9])
     built, ours = run("fullgrad", net, x, targets), run("fullgrad", folded, x, targets)
-    for b, o in zip(built.diagnostics, ours.diagnostics):
+    for b, o in zip(built.diagnostics, ours.diagnostics, strict=False):
         assert o["complete"] and o["completeness_gap"] < 1e-9
-        assert o["bias_layers"] == b["bias_layers"]  # each BatchNorm bias is now its conv's bias: one term each
+        # each BatchNorm bias is now its conv's bias: one term each
+        assert o["bias_layers"] == b["bias_layers"]
         assert o["score"] == pytest.approx(b["score"], rel=1e-12)
 
 
@@ -126,7 +128,8 @@ def test_a_conv_output_used_twice_is_refused_by_the_logit_check(caplog):
     assert "serving the model unfolded" in caplog.text
 
 
-@pytest.mark.parametrize("factory", [lambda: make(SharedConv), lambda: make(ConvIntoTwoNorms), lambda: make(StdConvNet)],
+@pytest.mark.parametrize("factory",
+                         [lambda: make(SharedConv), lambda: make(ConvIntoTwoNorms), lambda: make(StdConvNet)],
                          ids=["shared", "two-norms", "std"])
 def test_convs_that_cannot_absorb_a_scale_are_not_paired(factory):
     net = factory()
@@ -154,10 +157,10 @@ def test_the_default_model_folds_every_batchnorm_and_keeps_its_layer_paths(defau
     assert isinstance(default_model.module.get_submodule("bn2.act"), nn.ReLU6)
 
 
-@pytest.mark.parametrize(("name", "kw"), [("gradcam", {}), ("gradcam", {"layer": "conv_head"}), ("gradient", {}),
-                                          ("integrated-gradients", {"n_steps": 4}), ("smoothgrad", {"n_samples": 4}),
-                                          ("fullgrad", {})], ids=lambda v: v if isinstance(v, str) else
-                         v.get("layer", ""))
+@pytest.mark.parametrize(("name", "kw"), [("gradcam", {}), ("gradcam", {"layer": "conv_head"}),
+                                          ("gradient", {}), ("integrated-gradients", {"n_steps": 4}),
+                                          ("smoothgrad", {"n_samples": 4}), ("fullgrad", {})],
+                         ids=lambda v: v if isinstance(v, str) else v.get("layer", ""))
 def test_the_default_model_gives_the_same_maps_folded(default_model, as_built, chelsea_batch, name, kw):
     """float32 on the real model: the same maps up to rounding (a ReLU6 unit at its clip may flip)."""
     with torch.no_grad():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
-from schemathesis import checks
 import torch
 from hypothesis import HealthCheck, given, settings
+from schemathesis import checks
 
 from service.settings import Settings
 from service.zoo import ModelRegistry

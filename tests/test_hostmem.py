@@ -60,7 +60,8 @@ for faults in lines:
 def _faults(mode: str, sizes: tuple[int, ...] = (1,), what: str = "passes") -> list[float]:
     """Median page faults per pass, per size (measured in this order in one process)."""
     out = subprocess.run([sys.executable, "-c", _PASSES, mode, ",".join(map(str, sizes)), what],
-                         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+                         capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
     return [statistics.median(int(n) for n in line.split()) for line in out.stdout.splitlines()]
 
 
@@ -76,9 +77,9 @@ def test_passes_stop_page_faulting_once_freed_memory_is_retained_within_the_pass
     one, within = _faults("retain", (1, fits))
     assert default > 200  # activations handed back to the kernel and faulted in again on every pass
     assert one < default / 10
-    # A pass of the calibrated size reuses its blocks too. (Above the threshold glibc maps blocks afresh unless
-    # freed heap space happens to fit them: 16,600-28,400 faults per pass of 7-8 in most runs, none in some, so
-    # that side is measured in docs/benchmarks.md, not asserted here.)
+    # A pass of the calibrated size reuses its blocks too. (Above the threshold glibc maps blocks afresh
+    # unless freed heap space happens to fit them: 16,600-28,400 faults per pass of 7-8 in most runs, none in
+    # some, so that side is measured in docs/benchmarks.md, not asserted here.)
     assert within < 200
 
 

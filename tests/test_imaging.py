@@ -13,8 +13,8 @@ from service.imaging import (
     ImageError,
     declared_pixels,
     decode_image,
-    decode_upload,
     decode_npy,
+    decode_upload,
     encode_npy,
     encode_png,
     encode_png_gray,
@@ -309,7 +309,8 @@ def test_overlay_rejects_unknown_colormap_and_bad_alpha():
 def test_encode_png_round_trip():
     image = noise_rgb()
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_png(image)))), np.asarray(image))
-    assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_png(image, photo=True)))), np.asarray(image))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_png(image, photo=True)))),
+                          np.asarray(image))
 
 
 def test_declared_pixels_reads_the_header_only():
@@ -335,7 +336,8 @@ def test_a_large_jpeg_is_decoded_at_the_smallest_scale_that_keeps_min_side(size,
 
 
 def test_a_reduced_decode_is_the_whole_decode_shrunk():
-    """Oracle: the whole decode resized to the reduced size with a box filter (what a DCT scaling averages)."""
+    """Oracle: the whole decode resized to the reduced size with a box filter (what a DCT scaling
+    averages)."""
     data = save(photo(2016, 1512), "JPEG", quality=95)
     reduced = np.asarray(decode_upload(data, **LIMITS, min_side=672).image, dtype=np.int16)
     whole = np.asarray(decode(data).resize((1008, 756), Image.Resampling.BOX), dtype=np.int16)

@@ -46,7 +46,8 @@ def test_the_oldest_finished_results_go_first_past_the_byte_budget_and_the_newes
     assert store.get(middle.id) is middle and store.get(new.id) is new and store.get(running.id) is running
     huge = finished_job(10_000, now)
     store.add(huge)
-    store.get(running.id)  # evicts: only the newest finished (huge, alone over the budget) and the running stay
+    # evicts: only the newest finished (huge, alone over the budget) and the running stay
+    store.get(running.id)
     assert {job.id for job in store.all()} == {huge.id, running.id}
 
 

@@ -43,8 +43,9 @@ def label_studio(tmp_path_factory):
            "ML_BLOCK_LOCAL_IP": "false", "USE_DEFAULT_BANNED_SUBNETS": "false", "DJANGO_DB": "sqlite"}
     url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
-    with process([str(PYTHON.with_name("label-studio")), "start", "--no-browser", "--host", "127.0.0.1", "--port",
-                  str(port), "--data-dir", str(data)], env, data / "label-studio.log", f"{url}/health", 300):
+    with process([str(PYTHON.with_name("label-studio")), "start", "--no-browser", "--host", "127.0.0.1",
+                  "--port", str(port), "--data-dir", str(data)], env, data / "label-studio.log",
+                 f"{url}/health", 300):
         print(f"Label Studio up in {time.monotonic() - started:.1f}s")
         yield url, token
 
@@ -96,7 +97,8 @@ def test_predictions_round_trip_through_label_studio(saliency, label_studio, bac
     assert stored["score"] == pytest.approx(expected.probability)
     out = tmp_path / "decoded.npy"
     subprocess.run([str(PYTHON), str(ROOT / "tests/integrations/decode_brush.py")], check=True, text=True,
-                   input=json.dumps({"rle": brush["value"]["rle"], "height": 300, "width": 451, "out": str(out)}))
+                   input=json.dumps({"rle": brush["value"]["rle"], "height": 300, "width": 451,
+                                     "out": str(out)}))
     rgba = np.load(out)
     levels = np.round(expected.map * 255).astype(np.uint8)
     for channel in range(4):  # Label Studio keeps the alpha: the saliency shows as graded opacity

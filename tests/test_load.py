@@ -1,4 +1,5 @@
-"""1,000 requests from 64 concurrent clients, mixed methods: none lost, no 5xx, each answer its own image's."""
+"""1,000 requests from 64 concurrent clients, mixed methods: none lost, no 5xx, each answer its own
+image's."""
 from __future__ import annotations
 
 import base64
@@ -51,7 +52,8 @@ def test_thousand_requests_from_64_clients():
         client = getattr(local, "client", None) or httpx.Client(timeout=120)
         local.client = client
         while True:
-            r = client.post(f"{base}/v1/explain/{method}", files=[("image", ("x.png", png(image(i)), "image/png"))],
+            r = client.post(f"{base}/v1/explain/{method}",
+                            files=[("image", ("x.png", png(image(i)), "image/png"))],
                             data={"size": "input", **{k: str(v) for k, v in params.items()}})
             statuses[r.status_code] += 1
             if r.status_code != 429:
@@ -73,7 +75,7 @@ def test_thousand_requests_from_64_clients():
         ids = list(range(m, REQUESTS, len(MIX)))
         x = torch.stack([model.preprocess(image(i)) for i in ids])
         expected = explain(model, METHODS[method], x, [None] * len(ids), METHODS[method].Params(**params))
-        for i, e in zip(ids, expected):
+        for i, e in zip(ids, expected, strict=False):
             result = answers[i][1].json()["results"][0]
             got = np.load(io.BytesIO(base64.b64decode(result["map"]["npy"])))
             assert result["target"] == e.target

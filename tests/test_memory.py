@@ -1,4 +1,5 @@
-"""RSS after 1,000 requests stays within 1.2x of RSS after the first 10 (tiny model, cache off: a leak test)."""
+"""RSS after 1,000 requests stays within 1.2x of RSS after the first 10 (tiny model, cache off: a leak
+test)."""
 from __future__ import annotations
 
 import io
@@ -40,7 +41,8 @@ def test_rss_is_flat_over_1000_requests():
                         i = next(counter, None)
                     if i is None:
                         return
-                    r = http.post(f"{base}/v1/explain/{METHODS[i % 4]}", data={"n_samples": "2"} if i % 4 == 3 else {},
+                    r = http.post(f"{base}/v1/explain/{METHODS[i % 4]}",
+                                  data={"n_samples": "2"} if i % 4 == 3 else {},
                                   files=[("image", ("x.png", png(i), "image/png"))])
                     assert r.status_code == 200, r.text
                     if i in (10, 999):

@@ -11,7 +11,18 @@ from service.methods import METHODS
 from service.methods.fullgrad import FullGrad, FullGradUnsupported, decompose
 from service.methods.moreaugrad import group_shrink, soft_threshold
 from service.methods.postprocess import minmax
-from tests.nets import CamNet, ClampNet, LinearNet, ReluBnNet, SiluNet, SmoothNet, explainee, images, make, tiny_cnn
+from tests.nets import (
+    CamNet,
+    ClampNet,
+    LinearNet,
+    ReluBnNet,
+    SiluNet,
+    SmoothNet,
+    explainee,
+    images,
+    make,
+    tiny_cnn,
+)
 
 
 def params(name: str, **kw):
@@ -64,17 +75,20 @@ def test_gradcam_equals_cam_on_gap_linear_net():
     cam = torch.einsum("bk,bkhw->bhw", net.fc.weight[targets], features)  # CAM = sum_k W_ck A^k
     z = features.shape[-1] * features.shape[-2]
     assert torch.allclose(result.attribution.squeeze(1), cam / z, atol=1e-12)  # pre-ReLU Grad-CAM = CAM / Z
-    expected = minmax(F.interpolate(cam.clamp_min(0).unsqueeze(1), size=x.shape[-2:], mode="bilinear").squeeze(1))
+    expected = minmax(F.interpolate(cam.clamp_min(0).unsqueeze(1), size=x.shape[-2:],
+                                    mode="bilinear").squeeze(1))
     assert torch.allclose(result.heatmap, expected, atol=1e-12)
 
 
 def test_gradcam_rejects_unknown_layer():
     with pytest.raises(ValueError, match="layer 'nope' does not exist"):
-        run("gradcam", explainee(make(CamNet), cam_layer="features"), images(1), torch.tensor([0]), layer="nope")
+        run("gradcam", explainee(make(CamNet), cam_layer="features"), images(1), torch.tensor([0]),
+            layer="nope")
 
 
 def test_gradcam_layer_followed_by_in_place_add_uses_its_own_output():
-    """block.bn2's output is modified by `out + x` then in-place ReLU; the capture must see bn2's own value."""
+    """block.bn2's output is modified by `out + x` then in-place ReLU; the capture must see bn2's own
+    value."""
     net = tiny_cnn()
     x, targets = images(2), torch.tensor([1, 2])
     result = run("gradcam", explainee(net), x, targets, layer="block.bn1")
@@ -94,7 +108,8 @@ def test_gradcam_vit_with_reshape_transform():
     from service.zoo.reshape import vit_tokens
 
     torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=5)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                            num_classes=5)
     vit = vit.double().eval().requires_grad_(False)
     x, targets = images(2, size=32), torch.tensor([1, 4])
     result = run("gradcam", explainee(vit, cam_layer="blocks.11.norm1", reshape=vit_tokens), x, targets)
@@ -110,7 +125,8 @@ def test_gradcam_vit_with_reshape_transform():
     h.remove()
     a = store["t"][:, 1:, :].reshape(2, 4, 4, -1).permute(0, 3, 1, 2)
     g = grad[:, 1:, :].reshape(2, 4, 4, -1).permute(0, 3, 1, 2)
-    assert torch.allclose(result.attribution, (g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True), atol=1e-10)
+    assert torch.allclose(result.attribution, (g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True),
+                          atol=1e-10)
 
 
 # ---------------------------------------------------------------- Integrated Gradients
@@ -123,7 +139,7 @@ def test_ig_completeness_on_relu_cnn_gauss_legendre_50():
         1, targets.view(-1, 1)).squeeze(1)
     sums = result.attribution.flatten(1).sum(1)
     assert torch.all((sums - scores).abs() <= 0.01 * scores.abs())
-    for d, s, total in zip(result.diagnostics, scores, sums):
+    for d, s, total in zip(result.diagnostics, scores, sums, strict=False):
         assert d["convergence_delta"] == pytest.approx(float(total - s), abs=1e-9)
 
 
@@ -132,7 +148,8 @@ def test_ig_exact_on_linear_model(rule):
     net = make(LinearNet)
     x, targets = images(2, size=8), torch.tensor([0, 2])
     normalize = lambda p: (p - 0.5) / 0.25  # noqa: E731
-    result = run("integrated-gradients", explainee(net, normalize=normalize), x, targets, n_steps=7, method=rule)
+    result = run("integrated-gradients", explainee(net, normalize=normalize), x, targets, n_steps=7,
+                 method=rule)
     black = normalize(torch.zeros_like(x))
     w = net.fc.weight[targets].view_as(x)
     assert torch.allclose(result.attribution, w * (x - black), atol=1e-10)
@@ -183,7 +200,7 @@ def test_smoothgrad_noise_scales_with_each_images_range():
     x = images(2)
     x[1] *= 3
     result = run("smoothgrad", explainee(net), x, torch.tensor([0, 0]), noise_level=0.2, n_samples=2)
-    for d, img in zip(result.diagnostics, x):
+    for d, img in zip(result.diagnostics, x, strict=False):
         assert d["noise_std"] == pytest.approx(0.2 * float(img.max() - img.min()))
 
 
@@ -236,7 +253,8 @@ def test_fullgrad_flags_a_silu_net_as_incomplete():
 
 
 def test_fullgrad_map_matches_the_reference_post_processing():
-    """psi(|grad*x|) + sum over conv/BN layers of upsample(psi(|grad*b|)), with psi = joint (C,H,W) min-max."""
+    """psi(|grad*x|) + sum over conv/BN layers of upsample(psi(|grad*b|)), with psi = joint (C,H,W)
+    min-max."""
     net = make(ReluBnNet)
     x, targets = images(1), torch.tensor([2])
     result = run("fullgrad", explainee(net), x, targets)
@@ -245,7 +263,8 @@ def test_fullgrad_map_matches_the_reference_post_processing():
         if isinstance(m, torch.nn.ReLU):
             m.inplace = False
     outs = {}
-    hooks = [net.body[i].register_forward_hook(lambda m, i_, o, k=i: outs.setdefault(k, o)) for i in (0, 1, 4, 5)]
+    hooks = [net.body[i].register_forward_hook(lambda m, i_, o, k=i: outs.setdefault(k, o))
+             for i in (0, 1, 4, 5)]
     xg = x.clone().requires_grad_(True)
     with torch.enable_grad():
         score = net(xg)[0, 2]
@@ -256,7 +275,8 @@ def test_fullgrad_map_matches_the_reference_post_processing():
     def psi(t):
         t = t.abs()
         flat = t.flatten(1)
-        t = (t - flat.min(1).values.view(-1, 1, 1, 1)) / (flat.max(1).values - flat.min(1).values).view(-1, 1, 1, 1)
+        t = ((t - flat.min(1).values.view(-1, 1, 1, 1))
+             / (flat.max(1).values - flat.min(1).values).view(-1, 1, 1, 1))
         return F.interpolate(t, size=(16, 16), mode="bilinear", align_corners=True).sum(1)
 
     def bn_bias(bn):
@@ -264,7 +284,7 @@ def test_fullgrad_map_matches_the_reference_post_processing():
 
     biases = {0: net.body[0].bias, 1: bn_bias(net.body[1]), 4: net.body[4].bias, 5: bn_bias(net.body[5])}
     expected = psi(grads[0] * x)
-    for g, k in zip(grads[1:], (0, 1, 4, 5)):
+    for g, k in zip(grads[1:], (0, 1, 4, 5), strict=True):
         expected = expected + psi(g * biases[k].view(1, -1, 1, 1))
     assert torch.allclose(result.attribution.squeeze(1), expected, atol=1e-10)
 
@@ -357,8 +377,8 @@ def test_moreaugrad_tends_to_the_gradient_as_rho_vanishes():
     gradient = grad_of(net, x, targets)
     errors = []
     for rho in (0.1, 0.01):
-        mg = run("moreaugrad", explainee(net), x, targets, noise_level=0.0, rho=rho, lr=rho / 2, iterations=200,
-                 n_samples=1).attribution
+        mg = run("moreaugrad", explainee(net), x, targets, noise_level=0.0, rho=rho, lr=rho / 2,
+                 iterations=200, n_samples=1).attribution
         errors.append(float((mg - gradient).norm() / gradient.norm()))
     assert errors[1] < errors[0] / 5 and errors[1] < 0.01
 
@@ -378,8 +398,8 @@ def test_moreaugrad_group_shrinkage_on_linear_model():
     net = make(LinearNet)
     x, targets = images(1, size=8), torch.tensor([0])
     rho, eta, g = 1.0, 0.3, 4
-    mg = run("moreaugrad", explainee(net), x, targets, noise_level=0.0, sparsity="group", eta=eta, group_size=g,
-             lr=0.2, iterations=300, n_samples=1).attribution
+    mg = run("moreaugrad", explainee(net), x, targets, noise_level=0.0, sparsity="group", eta=eta,
+             group_size=g, lr=0.2, iterations=300, n_samples=1).attribution
     w = net.fc.weight[0].view_as(x)
     # delta*_g = (1 - rho eta / ||v_g||)+ v_g with v = -rho w; MoreauGrad = -delta*/rho
     expected = -group_shrink(-rho * w, rho * eta, g) / rho
@@ -489,8 +509,8 @@ def test_batch_equals_single_runs(name):
 
 @pytest.mark.parametrize("name", ["gradcam", "gradient", "fullgrad"])
 def test_padded_passes_give_the_unpadded_results(name):
-    # On a GPU single-pass methods pad each pass to a fixed size (service/engine.py pass_sizes): the zero images
-    # must change no real image's result, and the padded rows must not come back.
+    # On a GPU single-pass methods pad each pass to a fixed size (service/engine.py pass_sizes): the zero
+    # images must change no real image's result, and the padded rows must not come back.
     net = tiny_cnn()
     seen = []
     net.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))

@@ -17,7 +17,8 @@ from tests.server import running_server
 
 
 class TokenNet(nn.Module):
-    """64x64 image -> 16x16 patches -> 16 tokens of 16 channels -> Linear on (N, T, C) -> mean -> 10 classes."""
+    """64x64 image -> 16x16 patches -> 16 tokens of 16 channels -> Linear on (N, T, C) -> mean -> 10
+    classes."""
 
     def __init__(self):
         super().__init__()
@@ -32,14 +33,16 @@ class TokenNet(nn.Module):
 
 def png(seed: int = 0) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3),
+                                                         dtype=np.uint8)).save(buf, "PNG")
     return buf.getvalue()
 
 
 def test_fullgrad_on_a_token_model_answers_422_naming_the_layer():
     registry = ModelRegistry.from_dir(MODELS, torch.device("cpu"), only={"tiny_cnn"})
     torch.manual_seed(0)
-    registry.models["tiny_cnn"].module = TokenNet().eval().requires_grad_(False)  # served under tiny_cnn's card
+    # served under tiny_cnn's card
+    registry.models["tiny_cnn"].module = TokenNet().eval().requires_grad_(False)
     with running_server(Settings(default_model="tiny_cnn", cache_bytes=0), registry) as (base, _):
         files = [("image", ("x.png", png(), "image/png"))]
         r = httpx.post(f"{base}/v1/explain/fullgrad", files=files, timeout=60)

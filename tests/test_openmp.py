@@ -22,7 +22,8 @@ def native_threads():
     time.sleep(1.0)  # a passing thread's helpers leave as it ends
     return len(os.listdir("/proc/self/task")) - threading.active_count()
 buf = io.BytesIO(); Image.fromarray(data.chelsea()).save(buf, "PNG"); png = buf.getvalue()
-settings = Settings(models=["efficientnet_lite0"], default_model="efficientnet_lite0", bulk_cost=1, cache_bytes=0)
+settings = Settings(models=["efficientnet_lite0"], default_model="efficientnet_lite0", bulk_cost=1,
+                    cache_bytes=0)
 with running_server(settings) as (base, app):
     def post(method, **params):
         r = httpx.post(f"{base}/v1/explain/{method}", data={k: str(v) for k, v in params.items()},

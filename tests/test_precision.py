@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from service.engine import ReducedBackward, explain
-from service.methods.moreaugrad import WHOLE_PASS_FP16_MIN_DRAWS
 from service.methods import METHODS
+from service.methods.moreaugrad import WHOLE_PASS_FP16_MIN_DRAWS
 from tests.conftest import MODELS
 
 QUICK = {"integrated-gradients": {"n_steps": 8}, "smoothgrad": {"n_samples": 4},
@@ -41,7 +41,7 @@ def maps(model, x, name, precision):
 def test_bf16_matches_fp32_on_cpu(default_model, chelsea_batch, name):
     full = maps(default_model, chelsea_batch, name, "fp32")
     half = maps(default_model, chelsea_batch, name, "bf16")
-    for a, b in zip(full, half):
+    for a, b in zip(full, half, strict=False):
         assert correlation(a, b) >= 0.99, f"{name}: {correlation(a, b):.4f}"
 
 
@@ -83,7 +83,8 @@ def test_precision_policy(default_model, chelsea_batch, name):
         assert ("convolution_backward", "float32") not in seen, seen
 
 
-MANY_DRAWS = {"iterations": 20, "n_samples": 4}  # 80 noisy gradients per image, past WHOLE_PASS_FP16_MIN_DRAWS
+# 80 noisy gradients per image, past WHOLE_PASS_FP16_MIN_DRAWS
+MANY_DRAWS = {"iterations": 20, "n_samples": 4}
 
 
 def test_fp16_moreaugrad_with_many_draws_runs_whole_pass_and_keeps_the_map(default_model, chelsea_batch):
@@ -132,10 +133,12 @@ def test_autocast_matches_fp32_on_gpu(registry, chelsea, name, precision):
 
     model = load_model(registry.models["efficientnet_lite0"].card, MODELS, torch.device("cuda"))
     x = model.preprocess(chelsea).unsqueeze(0)
-    for a, b in zip(maps(model, x, name, "fp32"), maps(model, x, name, precision)):
+    for a, b in zip(maps(model, x, name, "fp32"), maps(model, x, name, precision), strict=False):
         assert correlation(a, b) >= 0.99, f"{name} {precision}: {correlation(a, b):.4f}"
     if name == "moreaugrad" and precision == "fp16":  # the whole-pass fp16 case too
-        full, half = (explain(model, METHODS[name], x, [None], METHODS[name].Params(precision=p, **MANY_DRAWS))[0]
+        full, half = (explain(model, METHODS[name], x, [None],
+                              METHODS[name].Params(precision=p, **MANY_DRAWS))[0]
                       for p in ("fp32", "fp16"))
         assert half.diagnostics["precision_forward"] == "fp16"
-        assert correlation(full.heatmap, half.heatmap) >= 0.99, f"whole-pass: {correlation(full.heatmap, half.heatmap):.4f}"
+        assert correlation(full.heatmap, half.heatmap) >= 0.99, (
+            f"whole-pass: {correlation(full.heatmap, half.heatmap):.4f}")

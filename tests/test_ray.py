@@ -34,7 +34,8 @@ def explain(base: str, i: int, method: str = "smoothgrad", params: dict | None =
                       files=[("image", (f"{i}.png", png_bytes(random_image(100 + i)), "image/png"))])
 
 
-def explain_retrying(base: str, i: int, method: str, params: dict, attempts: int = 10) -> tuple[httpx.Response, int]:
+def explain_retrying(base: str, i: int, method: str, params: dict,
+                     attempts: int = 10) -> tuple[httpx.Response, int]:
     """A client following the documented semantics: 503 and 429 (and a dropped connection) were not
     computed; retry after Retry-After."""
     for attempt in range(attempts):
@@ -53,8 +54,8 @@ def check_own(registry, r: httpx.Response, i: int, method: str, params: dict) ->
     assert r.status_code == 200, r.text
     res = r.json()["results"][0]
     assert res["target"] == i % 10
-    np.testing.assert_allclose(npy(res["map"]["npy"]), direct(registry, random_image(100 + i), method, i % 10, params),
-                               atol=1e-5)
+    np.testing.assert_allclose(npy(res["map"]["npy"]),
+                               direct(registry, random_image(100 + i), method, i % 10, params), atol=1e-5)
 
 
 @pytest.mark.ray
@@ -187,7 +188,8 @@ def test_serve_config_file_validates_and_names_the_apps_deployments():
     from service.settings import Settings
     from tests.conftest import ROOT
 
-    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy" / "ray-serve.yaml").read_text()))
+    config = ServeDeploySchema.model_validate(
+        yaml.safe_load((ROOT / "deploy" / "ray-serve.yaml").read_text()))
     [app] = config.applications
     assert app.import_path == "service.distributed.app:app_builder" and app.route_prefix == "/"
     args = dict(app.args)

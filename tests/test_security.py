@@ -47,7 +47,8 @@ def test_api_key_protects_every_v1_route_and_the_metrics(secured):
     for verb, path, payload in calls:
         r = httpx.request(verb, base + path, json=payload)
         assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", (path, r.text)
-        assert httpx.request(verb, base + path, json=payload, headers={"X-API-Key": "wrong"}).status_code == 401
+        assert httpx.request(verb, base + path, json=payload,
+                             headers={"X-API-Key": "wrong"}).status_code == 401
     assert httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
     assert httpx.get(f"{base}/v1/models", headers={"X-API-Key": KEY}).status_code == 200
     r = httpx.post(f"{base}/v1/explain/gradcam", json=body, headers={"X-API-Key": KEY})

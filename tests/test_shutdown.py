@@ -21,7 +21,8 @@ from tests.server import free_port
 
 def png(seed: int) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3),
+                                                         dtype=np.uint8)).save(buf, "PNG")
     return buf.getvalue()
 
 
@@ -50,7 +51,8 @@ def test_sigterm_drains_accepted_requests():
         def one(i: int):
             try:
                 # smoothgrad with many samples: each request takes a while, so many are in flight at SIGTERM
-                r = httpx.post(f"{base}/v1/explain/smoothgrad", files=[("image", ("x.png", png(i), "image/png"))],
+                r = httpx.post(f"{base}/v1/explain/smoothgrad",
+                               files=[("image", ("x.png", png(i), "image/png"))],
                                data={"n_samples": "128"}, timeout=120)
                 return "answered", r.status_code
             except httpx.ConnectError:

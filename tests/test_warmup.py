@@ -1,4 +1,5 @@
-"""GPU pass shapes: padding sizes, and the warm-up that runs in each pass thread before the server is ready."""
+"""GPU pass shapes: padding sizes, and the warm-up that runs in each pass thread before the server is
+ready."""
 from __future__ import annotations
 
 import threading
@@ -19,7 +20,8 @@ def test_pass_sizes_are_powers_of_two_then_multiples_of_32_up_to_the_budget_on_a
     assert pass_sizes(torch.device("cuda"), 12) == (1, 2, 4, 8, 12)
     assert pass_sizes(torch.device("cuda"), 1) == (1,)
     assert pass_sizes(torch.device("cpu"), 256) == ()
-    assert [padded_size(n, (1, 2, 4, 8)) for n in (1, 3, 5, 8, 9)] == [1, 4, 8, 8, 9]  # beyond the sizes: as is
+    # 9, beyond the sizes: as is
+    assert [padded_size(n, (1, 2, 4, 8)) for n in (1, 3, 5, 8, 9)] == [1, 4, 8, 8, 9]
 
 
 def test_warm_sizes_cover_every_batch_the_queue_can_form():
@@ -36,8 +38,9 @@ def test_warm_up_on_a_cpu_runs_two_passes_at_the_pass_batch_when_memory_is_retai
     import service.warmup as warmup_module
 
     sizes = []
-    monkeypatch.setattr(warmup_module, "explain", lambda model, method, x, targets, params, max_batch: sizes.append(
-        (model.name, x.shape[0], max_batch)))
+    monkeypatch.setattr(warmup_module, "explain",
+                        lambda model, method, x, targets, params, max_batch: sizes.append(
+                            (model.name, x.shape[0], max_batch)))
     pass_batch = {name: 3 for name in registry.models}
     assert warm_up(registry.models, pass_batch, Settings(retain_host_memory=False)) == 0
     assert warm_up(registry.models, pass_batch, Settings()) == 2 * len(registry.models)
@@ -45,8 +48,8 @@ def test_warm_up_on_a_cpu_runs_two_passes_at_the_pass_batch_when_memory_is_retai
 
 
 def test_the_runtime_warms_the_pass_thread_before_it_is_ready(registry, monkeypatch):
-    # The cuDNN plan cache is per thread, so the warm-up must run in the lanes' worker threads themselves. On a
-    # CPU only the interactive lane's: the bulk lane's passes run in passing threads (service/host.py).
+    # The cuDNN plan cache is per thread, so the warm-up must run in the lanes' worker threads themselves. On
+    # a CPU only the interactive lane's: the bulk lane's passes run in passing threads (service/host.py).
     import service.engine_core
     from service.backends import EmbeddedBackend
     from service.runtime import Runtime

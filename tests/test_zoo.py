@@ -49,7 +49,8 @@ def test_models_are_in_eval_mode_and_frozen(registry):
 
 
 def test_grad_cam_layers_have_more_than_one_position(registry):
-    """At a 1 x 1 layer (global pooling) a Grad-CAM map is one value, all zeros once normalised: not offered."""
+    """At a 1 x 1 layer (global pooling) a Grad-CAM map is one value, all zeros once normalised: not
+    offered."""
     tiny = registry.get("tiny_cnn")
     assert "gap" not in tiny.cam_layers and tiny.card.cam.target_layer in tiny.cam_layers
     for model in registry.models.values():
@@ -121,7 +122,8 @@ def test_missing_key_names_the_card(models_dir):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda t: t.replace('architecture = "builtin:tiny_cnn"', 'architecture = "http://evil/x"'), "architecture"),
+    (lambda t: t.replace('architecture = "builtin:tiny_cnn"', 'architecture = "http://evil/x"'),
+     "architecture"),
     (lambda t: t.replace('path = "weights/tiny_cnn.safetensors"', 'path = "../../etc/passwd"'), "leaves"),
     (lambda t: t.replace('target_layer = "head"', 'target_layer = "nowhere"'), "target_layer 'nowhere'"),
     (lambda t: t + "\nsurprise = 1\n", "surprise"),
@@ -138,11 +140,13 @@ def test_bad_cards_are_reported_by_name(models_dir, edit, message):
 
 
 def test_numpy_preprocessing_equals_normalising_the_pixels(default_model, chelsea):
-    # Request threads preprocess in numpy (no torch ops, see Preprocessor.to_array); it must be the same input.
+    # Request threads preprocess in numpy (no torch ops, see Preprocessor.to_array); it must be the same
+    # input.
     expected = default_model.preprocess.normalize(default_model.preprocess.to_pixels(chelsea))
     got = default_model.preprocess.batch([chelsea, chelsea])
     assert got.shape == (2, 3, 224, 224) and got.is_contiguous() and got.dtype == torch.float32
-    assert torch.allclose(got[1], expected, atol=1e-5) and torch.equal(default_model.preprocess(chelsea), got[0])
+    assert (torch.allclose(got[1], expected, atol=1e-5)
+            and torch.equal(default_model.preprocess(chelsea), got[0]))
 
 
 def test_a_large_photo_is_resized_within_two_levels_of_the_full_filter(default_model):

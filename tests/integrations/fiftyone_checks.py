@@ -40,8 +40,8 @@ def test_samples_get_float_heatmaps_and_the_explained_class(client):
 def test_maps_default_to_the_model_input_size_and_params_reach_the_method(client):
     """At the input size a map fits one MongoDB document whatever the photo's size; the App stretches it."""
     [sample] = samples = [fo.Sample(filepath=str(IMAGES / "chelsea.png"))]
-    add_saliency(samples, client, field="ig", method="integrated-gradients", params={"method": "riemann_left"},
-                 n_steps=4)
+    add_saliency(samples, client, field="ig", method="integrated-gradients",
+                 params={"method": "riemann_left"}, n_steps=4)
     assert sample["ig"].map.shape == (224, 224) and sample["ig"].map.dtype == np.float32
     direct = client.explain(IMAGES / "chelsea.png", "integrated-gradients", size="input",
                             params={"method": "riemann_left", "n_steps": 4})[0]

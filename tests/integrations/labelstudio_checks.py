@@ -1,4 +1,5 @@
-"""The Label Studio backend's own checks; run by tests/test_labelstudio.py under .venv/tools (label-studio-sdk).
+"""The Label Studio backend's own checks; run by tests/test_labelstudio.py under .venv/tools
+(label-studio-sdk).
 
 SALIENCY_URL names a real saliency server that the outer test started.
 """
@@ -23,13 +24,16 @@ from saliency_labelstudio.predict import ConfigError, Control, Targets, brush_re
 BOTH = """<View><Image name="img" value="$photo"/>
 <BrushLabels name="sal" toName="img"><Label value="Other"/><Label value="Salient"/></BrushLabels>
 <RectangleLabels name="box" toName="img"><Label value="Salient"/></RectangleLabels></View>"""
-BRUSH_ONLY = '<View><Image name="i" value="$image"/><BrushLabels name="b" toName="i"><Label value="S"/></BrushLabels></View>'
-NEITHER = '<View><Image name="i" value="$image"/><Choices name="c" toName="i"><Choice value="x"/></Choices></View>'
+BRUSH_ONLY = ('<View><Image name="i" value="$image"/>'
+              '<BrushLabels name="b" toName="i"><Label value="S"/></BrushLabels></View>')
+NEITHER = ('<View><Image name="i" value="$image"/>'
+           '<Choices name="c" toName="i"><Choice value="x"/></Choices></View>')
 
 
 def png_data_url(seed: int) -> str:
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (48, 80, 3), dtype=np.uint8)).save(buf, "PNG")
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (48, 80, 3),
+                                                         dtype=np.uint8)).save(buf, "PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -136,8 +140,10 @@ def test_protocol_routes(app):
     assert app.post("/predict", json={"tasks": [], "label_config": NEITHER}).status_code == 400
 
 
-@pytest.mark.parametrize("extra, named", [({"threshold": "abc"}, "threshold"), ({"threshold": 2}, "threshold"),
-                                          ({"params": '{"layer": "bn2"}'}, "params"), ({"method": 3}, "method"),
+@pytest.mark.parametrize("extra, named", [({"threshold": "abc"}, "threshold"),
+                                          ({"threshold": 2}, "threshold"),
+                                          ({"params": '{"layer": "bn2"}'}, "params"),
+                                          ({"method": 3}, "method"),
                                           ("gradcam", "extra_params")])
 def test_setup_refuses_extra_params_it_cannot_use(app, extra, named):
     answer = app.post("/setup", json={"project": "8.1", "schema": BOTH, "extra_params": extra})

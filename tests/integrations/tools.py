@@ -24,7 +24,8 @@ def require_tools() -> None:
 
 @contextlib.contextmanager
 def process(args: list[str], env: dict[str, str], log: Path, ready_url: str, timeout: float):
-    """A subprocess with its output in `log`, up once `ready_url` answers 200; stopped (by its pid) at the end."""
+    """A subprocess with its output in `log`, up once `ready_url` answers 200; stopped (by its pid) at the
+    end."""
     with open(log, "wb") as out:
         proc = subprocess.Popen(args, env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT,
                                 cwd=ROOT)
@@ -53,7 +54,7 @@ def run_inner_pytest(path: str, env: dict[str, str]) -> None:
     """Run a check module under the tools' own pytest (without the service's conftest, which needs torch)."""
     require_tools()
     r = subprocess.run([str(PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider", "--confcutdir",
-                        str(ROOT / "tests" / "integrations"), str(ROOT / path)], cwd=ROOT, capture_output=True,
-                       text=True, env={**os.environ, **env}, timeout=600)
+                        str(ROOT / "tests" / "integrations"), str(ROOT / path)], cwd=ROOT,
+                       capture_output=True, text=True, env={**os.environ, **env}, timeout=600)
     sys.stdout.write(r.stdout[-5000:])
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-3000:]
