@@ -21,7 +21,8 @@ BackendFactory = Callable[[Settings, ModelRegistry | None], Backend]
 def create_app(settings: Settings | None = None, registry: ModelRegistry | None = None,
                backend: BackendFactory = EmbeddedBackend) -> FastAPI:
     """`backend` builds what runs the passes: the embedded lanes by default, or Ray Serve's explainers
-    (service/distributed/ray_backend.py), behind the same routes. `registry`: models loaded already (tests)."""
+    (service/distributed/ray_backend.py), behind the same routes. `registry`: models loaded already
+    (tests)."""
     settings = settings or Settings()
     runtime = Runtime(settings, backend(settings, registry))
 
@@ -34,8 +35,9 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
             runtime.stop(grace=settings.shutdown_grace_s)
 
     app = FastAPI(title="Saliency service", version="0.1.0", lifespan=lifespan,
-                  description="Explains what vision models look at: Grad-CAM, Integrated Gradients, SmoothGrad, "
-                              "FullGrad, MoreauGrad and the plain gradient, batched on one device.")
+                  description="Explains what vision models look at: Grad-CAM, Integrated Gradients, "
+                              "SmoothGrad, FullGrad, MoreauGrad and the plain gradient, batched on one "
+                              "device.")
     app.state.runtime = runtime
     errors.install(app)
     app.include_router(health.router)  # open: probes carry no key

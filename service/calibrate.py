@@ -22,7 +22,7 @@ import logging
 import torch
 
 from .host import MMAP_THRESHOLD
-from .methods.gradients import input_gradients
+from .methods.passes import input_gradients
 from .settings import Settings
 from .zoo import LoadedModel
 
@@ -87,8 +87,8 @@ def largest_activation_bytes(model: LoadedModel) -> int:
 
 
 def host_pass_batch(model: LoadedModel, block_limit: int) -> int:
-    """Most images per pass whose largest activation stays below `block_limit` bytes (at least one): a tensor's
-    block is a little larger than its data, and glibc maps a block of exactly its threshold."""
+    """Most images per pass whose largest activation stays below `block_limit` bytes (at least one): a
+    tensor's block is a little larger than its data, and glibc maps a block of exactly its threshold."""
     return max(1, (block_limit - _ALLOCATOR_SLACK) // largest_activation_bytes(model))
 
 
@@ -100,7 +100,9 @@ def calibrate(models: dict[str, LoadedModel], cap: int, cpu_pass_batch: int | No
     for name, model in models.items():
         if model.device.type != "cuda":
             out[name] = min(cap, cpu_pass_batch or cap)
-            fits = host_pass_batch(model, host_block_limit) if host_block_limit is not None else out[name]
+            if host_block_limit is None:
+                continue
+            fits = host_pass_batch(model, host_block_limit)
             if fits < out[name]:
                 out[name] = fits
                 log.info("%s: %d images per pass on the CPU, the most whose largest activation stays below "

@@ -118,15 +118,15 @@ def precision_scope(method: Method, params: MethodParams, device: torch.device
     dtype = AUTOCAST[precision]
     if method.forward_in_fp32(params):
         return ReducedBackward(dtype), {"precision_forward": "fp32", "precision_backward": precision}
-    ran = {"precision_forward": precision, "precision_backward": precision}
+    ran: dict[str, str] = {"precision_forward": precision, "precision_backward": precision}
     return torch.autocast(device.type, dtype=dtype), ran
 
 
 def pass_sizes(device: torch.device, max_batch: int) -> tuple[int, ...]:
-    """The sizes a single-pass method's passes are padded up to: on a GPU, powers of two up to 32 (where a pass
-    is bound by launches, so padding costs little), then multiples of 32 (at most 31 images of padding where
-    they cost compute), then `max_batch`; on a CPU none (a pass there costs in proportion to its images, and a
-    new shape costs little).
+    """The sizes a single-pass method's passes are padded up to: on a GPU, powers of two up to 32 (where a
+    pass is bound by launches, so padding costs little), then multiples of 32 (at most 31 images of padding
+    where they cost compute), then `max_batch`; on a CPU none (a pass there costs in proportion to its images,
+    and a new shape costs little).
 
     Why pad on a GPU: PyTorch keeps cuDNN's execution plans in a thread-local cache keyed by shape, and
     building the plans of a new batch size takes seconds even with autotuning off. A batching server meets a
@@ -140,8 +140,8 @@ def pass_sizes(device: torch.device, max_batch: int) -> tuple[int, ...]:
     return (*sizes, max_batch)
 
 
-def explain(model: LoadedModel, method: Method, x: torch.Tensor, targets: list[int | None], params: MethodParams,
-            *, progress: Progress | None = None, top_k: int = 5, max_batch: int = 64,
+def explain(model: LoadedModel, method: Method, x: torch.Tensor, targets: list[int | None],
+            params: MethodParams, *, progress: Progress | None = None, top_k: int = 5, max_batch: int = 64,
             keep_attribution: list[bool] | None = None,
             map_sizes: list[tuple[int, int] | None] | None = None) -> list[ImageExplanation]:
     """x: (B, 3, H, W) preprocessed images; a None target means the top-1 class of that image.
@@ -166,10 +166,11 @@ def explain(model: LoadedModel, method: Method, x: torch.Tensor, targets: list[i
     heat = heat_on_device.cpu()
     keep = keep_attribution if keep_attribution is not None else [True] * x.shape[0]
     out = []
-    for b, (target, top_ib, top_pb) in enumerate(zip(chosen.tolist(), top_i.tolist(), top_p.tolist())):
+    for b, (target, top_ib, top_pb) in enumerate(zip(chosen.tolist(), top_i.tolist(), top_p.tolist(),
+                                                     strict=True)):
         out.append(ImageExplanation(
             target=target, label=model.labels[target], probability=chosen_p[b],
-            top_k=[ClassScore(i, model.labels[i], p) for i, p in zip(top_ib, top_pb)],
+            top_k=[ClassScore(i, model.labels[i], p) for i, p in zip(top_ib, top_pb, strict=True)],
             heatmap=heat[b], attribution=result.attribution[b].float().cpu() if keep[b] else None,
             diagnostics={**result.diagnostics[b], **ran}, sized_heatmap=sized[b]))
     return out

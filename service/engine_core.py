@@ -1,6 +1,7 @@
 """One engine core for every backend: `boot` a device's models once per process, `warm_up` each thread that
-will run passes, `run_batch` for each batch. Used by the embedded backend's lanes (service/backends/embedded.py),
-by an engine process (service/engine_process.py) and by a Ray explainer replica (service/distributed/explainer.py).
+will run passes, `run_batch` for each batch. Used by the embedded backend's lanes
+(service/backends/embedded.py), by an engine process (service/engine_process.py) and by a Ray explainer
+replica (service/distributed/explainer.py).
 
 What `run_batch` raises is already classified (service/errors.py): EngineOutOfMemory (a MemoryError, so the
 worker pool halves the batch), Cancelled, InvalidInput, or Internal.
@@ -54,11 +55,11 @@ class EngineCore:
         self.settings, self.registry, self.pass_batch, self.device = settings, registry, pass_batch, device
 
     @classmethod
-    def boot(cls, settings: Settings, *, registry: ModelRegistry | None = None, only: Collection[str] | None = None,
-             own_process: bool = False) -> EngineCore:
-        """Host settings, the models on the device (or `registry`, loaded already), and each model's images per
-        pass (calibrate.py). `own_process`: this process runs one lane's passes only and is held to its lane's
-        share of the device's memory (worker=process)."""
+    def boot(cls, settings: Settings, *, registry: ModelRegistry | None = None,
+             only: Collection[str] | None = None, own_process: bool = False) -> EngineCore:
+        """Host settings, the models on the device (or `registry`, loaded already), and each model's images
+        per pass (calibrate.py). `own_process`: this process runs one lane's passes only and is held to its
+        lane's share of the device's memory (worker=process)."""
         device = resolve_device(settings.device)
         boot_host(settings, device)
         if registry is None:

@@ -24,6 +24,7 @@ import signal
 import threading
 import time
 from multiprocessing.connection import Connection
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from .engine_core import Batch
 from .errors import Cancelled, EngineCrashed, ServiceError
 from .methods import Progress
 from .metrics import device_memory
-from .shared_arrays import ArrayReader, ArrayWriter, Shared, remove_files_of
+from .shared_arrays import ArrayReader, ArrayWriter, remove_files_of
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,9 @@ class EngineProcess:
         self._context = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
-        # Set by the server side, read by the child between passes: one byte of shared memory (an Event would be
-        # semaphores, which the resource tracker reports as leaked when the server exits without collecting us).
+        # Set by the server side, read by the child between passes: one byte of shared memory (an Event would
+        # be semaphores, which the resource tracker reports as leaked when the server exits without collecting
+        # us).
         self._cancel = self._context.RawValue(ctypes.c_bool, False)
         self._lock = threading.Lock()  # start/stop against run's restart
         self._stopped = False
@@ -89,13 +91,15 @@ class EngineProcess:
         self.starts += 1
         if not ours.poll(_START_TIMEOUT_S):
             self._close_locked()
-            raise RuntimeError(f"{self.name}: the engine process did not load its models in {_START_TIMEOUT_S:.0f} s")
+            raise RuntimeError(f"{self.name}: the engine process did not load its models in "
+                               f"{_START_TIMEOUT_S:.0f} s")
         try:
             message = ours.recv()
         except (EOFError, OSError):
             code = self._exit_code()
             self._close_locked()
-            raise RuntimeError(f"{self.name}: the engine process exited with code {code} while loading") from None
+            raise RuntimeError(f"{self.name}: the engine process exited with code {code} "
+                               "while loading") from None
         if message[0] != "ready":
             self._close_locked()
             raise RuntimeError(f"{self.name}: the engine process could not load its models: {message[1]}")
@@ -114,7 +118,10 @@ class EngineProcess:
                 self._spawn_locked()
             conn = self._conn
             self._cancel.value = False
-        conn.send(dataclasses.replace(batch, pixels=pack(self._inputs, [np.asarray(batch.pixels)])))
+        assert conn is not None, "a spawned engine process has a pipe"
+        # the pixels travel apart, through shared memory when it has room
+        conn.send((dataclasses.replace(batch, pixels=_NO_PIXELS),
+                   pack(self._inputs, [np.asarray(batch.pixels)])))
         stop_reason: BaseException | None = None
         try:
             while True:
@@ -179,12 +186,15 @@ class EngineProcess:
             if self._process.is_alive():
                 self._process.kill()
                 self._process.join(5)
-            remove_files_of(self._process.pid)  # its result file, when it could not delete it itself
+            if self._process.pid is not None:
+                remove_files_of(self._process.pid)  # its result file, when it could not delete it itself
         self._outputs.close()
         self._conn = None
 
 
 _TENSOR_FIELDS = ("heatmap", "attribution", "sized_heatmap")
+_NO_PIXELS = np.empty((0, 3, 0, 0), np.float32)
+Packed = tuple[str, Any]  # ("shared", Shared) or ("inline", list of arrays)
 
 
 def to_wire(results: list[ImageExplanation]) -> tuple[list[ImageExplanation], list[np.ndarray]]:
@@ -192,7 +202,7 @@ def to_wire(results: list[ImageExplanation]) -> tuple[list[ImageExplanation], li
     arrays: list[np.ndarray] = []
     stripped = []
     for result in results:
-        indexes = {}
+        indexes: dict[str, Any] = {}  # tensor field -> its index in `arrays`
         for name in _TENSOR_FIELDS:
             tensor = getattr(result, name)
             if tensor is not None:
@@ -203,25 +213,30 @@ def to_wire(results: list[ImageExplanation]) -> tuple[list[ImageExplanation], li
 
 
 def from_wire(results: list[ImageExplanation], arrays: list[np.ndarray]) -> list[ImageExplanation]:
-    return [dataclasses.replace(result, **{name: torch.from_numpy(arrays[getattr(result, name)])
-                                           for name in _TENSOR_FIELDS if getattr(result, name) is not None})
-            for result in results]
+    out = []
+    for result in results:
+        tensors: dict[str, Any] = {name: torch.from_numpy(arrays[getattr(result, name)])
+                                   for name in _TENSOR_FIELDS if getattr(result, name) is not None}
+        out.append(dataclasses.replace(result, **tensors))
+    return out
 
 
-def pack(writer: ArrayWriter, arrays: list[np.ndarray]) -> tuple[str, Shared | list[np.ndarray]]:
+def pack(writer: ArrayWriter, arrays: list[np.ndarray]) -> Packed:
     shared = writer.write(arrays)
     return ("shared", shared) if shared is not None else ("inline", arrays)
 
 
-def unpack(reader: ArrayReader, packed: tuple[str, Shared | list[np.ndarray]]) -> list[np.ndarray]:
+def unpack(reader: ArrayReader, packed: Packed) -> list[np.ndarray]:
     how, content = packed
     return reader.read(content) if how == "shared" else content
 
 
 # ---------------------------------------------------------------------------------------------- the child
 def serve(conn: Connection, cancel, settings_json: str) -> None:
-    """The child's main: boot the engine core on the device, then run batches until told to stop or orphaned."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the server stops us
+    """The child's main: boot the engine core on the device, then run batches until told to stop or
+    orphaned."""
+    # Ctrl-C reaches the whole process group: the server stops us
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from .engine_core import EngineCore
     from .settings import Settings
 
@@ -240,12 +255,13 @@ def serve(conn: Connection, cancel, settings_json: str) -> None:
     try:
         while True:
             try:
-                batch = conn.recv()
+                message = conn.recv()
             except (EOFError, OSError):
                 return  # the server process is gone
-            if batch is None:
+            if message is None:
                 return
-            batch.pixels = unpack(inputs, batch.pixels)[0]
+            batch, packed = message
+            batch.pixels = unpack(inputs, packed)[0]
             try:
                 conn.send(_run(core, batch, device, conn, cancel, outputs))
             except (BrokenPipeError, OSError):
@@ -256,8 +272,9 @@ def serve(conn: Connection, cancel, settings_json: str) -> None:
 
 
 def _exit_with_parent(interval: float = 1.0) -> None:
-    """Exit when the server process is gone, even in the middle of a long batch (when idle, the pipe's EOF says
-    so first). prctl's parent-death signal would fire when the *thread* that spawned us ends: not usable here."""
+    """Exit when the server process is gone, even in the middle of a long batch (when idle, the pipe's EOF
+    says so first). prctl's parent-death signal would fire when the *thread* that spawned us ends: not usable
+    here."""
     parent = os.getppid()
 
     def watch() -> None:

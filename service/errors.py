@@ -13,12 +13,14 @@ log = logging.getLogger(__name__)
 
 
 class ServiceError(Exception):
-    """Base of every error the service answers with. `retry_after`: seconds after which a retry may succeed."""
+    """Base of every error the service answers with. `retry_after`: seconds after which a retry may
+    succeed."""
 
     code: str = "internal"
     default_message: ClassVar[str] = "the service failed"
 
-    def __init__(self, message: str | None = None, *, code: str | None = None, retry_after: float | None = None):
+    def __init__(self, message: str | None = None, *, code: str | None = None,
+                 retry_after: float | None = None):
         self.message = message or self.default_message
         super().__init__(self.message)
         if code is not None:

@@ -1,5 +1,5 @@
-"""Host tuning for the passes on a CPU, in one place: applied by `tune_host` only where the passes run on a CPU
-(the embedded backend's process, an engine process, a Ray explainer replica), never on a GPU server.
+"""Host tuning for the passes on a CPU, in one place: applied by `tune_host` only where the passes run on a
+CPU (the embedded backend's process, an engine process, a Ray explainer replica), never on a GPU server.
 
 1. Keep freed host memory for the next pass instead of handing it back to the kernel.
 
@@ -48,8 +48,8 @@ TRIM_THRESHOLD = 2**30
 
 
 def retain_freed_memory() -> bool:
-    """Raise glibc's mmap and trim thresholds and keep one arena for this process; False where the C library is
-    not glibc. Call it before starting threads: a thread that has allocated keeps the arena it got."""
+    """Raise glibc's mmap and trim thresholds and keep one arena for this process; False where the C library
+    is not glibc. Call it before starting threads: a thread that has allocated keeps the arena it got."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to tune
@@ -77,8 +77,8 @@ def passes_in_passing_threads(lane: str, device) -> bool:
 
 
 def run_in_passing_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """`fn(*args, **kwargs)` in a new thread that ends when it returns; its result, or its exception re-raised.
-    (A thread pool would keep the thread, and with it the team.)"""
+    """`fn(*args, **kwargs)` in a new thread that ends when it returns; its result, or its exception
+    re-raised. (A thread pool would keep the thread, and with it the team.)"""
     outcome: dict[str, Any] = {}
 
     def target() -> None:

@@ -125,8 +125,9 @@ class JobStore:
               max_jobs=self.max_jobs if room else None, max_result_bytes=self.max_result_bytes)
 
 
-def evict(entries: dict[str, T], finished_at: Callable[[T], float | None], result_bytes: Callable[[T], int], *,
-          ttl: float, max_jobs: int | None, max_result_bytes: int | None) -> None:
+def evict(entries: dict[str, T], finished_at: Callable[[T], float | None],
+          result_bytes: Callable[[T], int], *, ttl: float, max_jobs: int | None,
+          max_result_bytes: int | None) -> None:
     """Forget entries (jobs by id) finished more than `ttl` ago; with `max_jobs` (making room for one more),
     also the oldest finished ones while full; and the oldest finished ones while their results together pass
     `max_result_bytes` (the newest stays). Used by this process's JobStore and by Ray's shared state."""

@@ -90,11 +90,12 @@ def resolve(registry: ModelRegistry, settings: Settings, model_name: str | None,
     try:
         params = method.Params.model_validate(raw_params)
     except ValidationError as exc:
-        raise InvalidInput(f"{method.name}: {describe_validation(exc.errors())}", code="invalid_params") from None
+        raise InvalidInput(f"{method.name}: {describe_validation(exc.errors())}",
+                           code="invalid_params") from None
     if (params.precision not in (None, "fp32") and model.device.type == "cpu"
             and not settings.cpu_reduced_precision):
-        raise InvalidInput(f"{method.name}: precision {params.precision} is for GPUs; {model.name} runs on the "
-                           f"CPU, where reduced precision is many times slower than fp32 (the server's "
+        raise InvalidInput(f"{method.name}: precision {params.precision} is for GPUs; {model.name} runs on "
+                           f"the CPU, where reduced precision is many times slower than fp32 (the server's "
                            f"cpu_reduced_precision setting allows it)", code="invalid_params")
     if params.precision is None:  # fill in the server's default: batch keys, cache keys and echoes say it
         params = params.model_copy(update={"precision": settings.precision})
@@ -104,7 +105,8 @@ def resolve(registry: ModelRegistry, settings: Settings, model_name: str | None,
 
 def check_counts(settings: Settings, n_images: int, targets: list[int | None] | None) -> list[int | None]:
     if n_images == 0:
-        raise InvalidInput("no images in the request (multipart field 'image' or JSON 'images')", code="no_images")
+        raise InvalidInput("no images in the request (multipart field 'image' or JSON 'images')",
+                           code="no_images")
     if n_images > settings.max_images:
         raise TooLarge(f"{n_images} images; the limit is {settings.max_images} per request",
                        code="too_many_images")
@@ -179,7 +181,7 @@ def encode_result(call: Call, index: int, result: ImageExplanation, queue_ms: fl
         "map": out_map, "diagnostics": result.diagnostics,
         "timing_ms": {"queue": round(queue_ms, 3), "compute": round(compute_ms, 3)},
     }
-    if "raw" in call.outputs:
+    if "raw" in call.outputs and result.attribution is not None:  # kept by the engine when raw was asked for
         entry["raw"] = _b64(imaging.encode_npy(result.attribution.numpy().astype(np.float32)))
     return entry
 

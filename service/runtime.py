@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 
 class Runtime:
-    """What the app holds while it runs: the models that validate requests, the call lifecycle, and its backend."""
+    """What the app holds while it runs: the models that validate requests, the call lifecycle, and its
+    backend."""
 
     def __init__(self, settings: Settings, backend: Backend):
         self.settings, self.backend = settings, backend
@@ -191,15 +192,17 @@ class Runtime:
         return pixels
 
     async def complete(self, call: Call, job: Job, items: list[Item]) -> dict[str, Any]:
-        """Await every image's encoded result (encoded off the event loop); the job records the outcome. Raises
-        the call's error as a service error."""
+        """Await every image's encoded result (encoded off the event loop); the job records the outcome.
+        Raises the call's error as a service error."""
         started = time.monotonic()
         job.status = "queued"
         loop = asyncio.get_running_loop()
         # A queue looks at its items only between batches; a timer enforces the start deadline meanwhile.
-        timers = [loop.call_later(max(0.0, item.deadline - time.monotonic()), _expire, item) for item in items]
+        timers = [loop.call_later(max(0.0, item.deadline - time.monotonic()), _expire, item)
+                  for item in items]
         try:
-            encoded = await asyncio.gather(*(asyncio.wrap_future(self._encoded(call, item)) for item in items))
+            encoded = await asyncio.gather(*(asyncio.wrap_future(self._encoded(call, item))
+                                             for item in items))
             body = response_body(call, encoded)
             job.status, job.result = "succeeded", body
             return body
@@ -253,7 +256,8 @@ class Runtime:
         try:
             if not torch.isfinite(result.heatmap).all():  # this call's parameters overflowed; not cached
                 raise InvalidInput(f"image {part.index}: the {call.method.name} map is not finite: the "
-                                   f"computation overflowed with these parameters ({call.params.model_dump()})")
+                                   f"computation overflowed with these parameters "
+                                   f"({call.params.model_dump()})")
             self.cache.put(self.cache_key(call, part.index), result)
             started = item.started_at or item.enqueued_at
             entry = encode_result(call, part.index, result, (started - item.enqueued_at) * 1000,

@@ -8,7 +8,8 @@ passes runs one pass at each padded size (service/engine.py `pass_sizes`) that a
 
 On a CPU whose server keeps freed memory (service/host.py) the interactive lane's thread runs two passes at
 its largest size: until the heap has grown to a pass's peak, every new peak is page-faulted and zeroed, which
-a cold server's first clients pay for (docs/benchmarks.md, "Page faults"). The bulk lane's thread does not warm on a CPU (service/host.py).
+a cold server's first clients pay for (docs/benchmarks.md, "Page faults"). The bulk lane's thread does not
+warm on a CPU (service/host.py).
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import time
 import torch
 
 from .engine import explain, pass_sizes
-from .methods.gradient import Gradient
 from .methods.base import padded_size
+from .methods.gradient import Gradient
 from .settings import Settings
 from .zoo import LoadedModel
 

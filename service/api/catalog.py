@@ -14,8 +14,9 @@ router = APIRouter(prefix="/v1", tags=["catalog"])
 async def list_models(runtime: RuntimeDep) -> list[ModelOut]:
     registry = runtime.require_ready()
     out = [ModelOut(name=m.name, architecture=m.card.architecture, description=m.card.description,
-                    available=True, device=runtime.backend.serving_device(), input_size=list(m.preprocess.size),
-                    num_classes=m.num_classes, default_layer=m.card.cam.target_layer, layers=list(m.cam_layers),
+                    available=True, device=runtime.backend.serving_device(),
+                    input_size=list(m.preprocess.size), num_classes=m.num_classes,
+                    default_layer=m.card.cam.target_layer, layers=list(m.cam_layers),
                     default=m.name == runtime.settings.default_model, folded_batchnorms=m.folded_norms)
            for m in registry.models.values()]
     out += [ModelOut(name=u.card_name, architecture=u.architecture, available=False, reason=u.reason)

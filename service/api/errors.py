@@ -39,7 +39,7 @@ STATUS: dict[type[domain.ServiceError], int] = {
 def status_of(error: domain.ServiceError) -> int:
     for kind in type(error).__mro__:
         if kind in STATUS:
-            return STATUS[kind]  # type: ignore[index]
+            return STATUS[kind]
     return 500
 
 
@@ -48,11 +48,13 @@ def as_api_error(exc: BaseException) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     error = domain.as_service_error(exc)
-    headers = {"Retry-After": str(max(1, round(error.retry_after)))} if error.retry_after is not None else None
+    headers = ({"Retry-After": str(max(1, round(error.retry_after)))}
+               if error.retry_after is not None else None)
     return ApiError(status_of(error), error.code, error.message, headers)
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(status: int, code: str, message: str,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 

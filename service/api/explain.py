@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pybase64
 from fastapi import APIRouter, Request
@@ -20,7 +21,8 @@ router = APIRouter(prefix="/v1", tags=["explain"])
 
 _REQUEST_BODY = {
     "requestBody": {"required": True, "content": {
-        "application/json": {"schema": ExplainRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
+        "application/json": {"schema": ExplainRequest.model_json_schema(
+            ref_template="#/components/schemas/{model}")},
         "multipart/form-data": {"schema": {
             "type": "object", "required": ["image"],
             "properties": {"image": {"type": "array", "items": {"type": "string", "format": "binary"}},
@@ -29,15 +31,24 @@ _REQUEST_BODY = {
                            "size": {"type": "string", "enum": ["original", "input"]}},
             "additionalProperties": {"type": "string", "description": "the method's parameters"}}}}}}
 _GRACE_S = 1.0  # how long a call past its sync wait, not yet started, may take to start or fail
-_ERRORS = {code: {"model": ErrorOut} for code in (400, 404, 406, 413, 415, 422, 429, 503, 504)}
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut}
+                                            for code in (400, 404, 406, 413, 415, 422, 429, 503, 504)}
 
 
 async def start_call(request: Request, runtime: Runtime, method_name: str, *, png: bool = False,
                      deadline_s: float | None = None, hold: bool = False) -> Job:
-    """Parse the body and hand the call to the runtime (service/runtime.py), which queues it and returns its job."""
+    """Parse the body and hand the call to the runtime (service/runtime.py), which queues it and returns its
+    job."""
     runtime.require_ready()
     body = await parse_body(request, runtime.settings)
     return await runtime.start_call(method_name, body, overlay_only=png, deadline_s=deadline_s, hold=hold)
+
+
+def _task(job: Job) -> asyncio.Task:
+    """The task that completes a started call (Runtime.start_call always sets it)."""
+    if job.task is None:
+        raise RuntimeError(f"job {job.id} has no task")
+    return job.task
 
 
 class _ClientGone(Exception):
@@ -61,7 +72,7 @@ async def _result_unless_gone(request: Request, task: asyncio.Task, timeout: flo
 async def _answer(request: Request, runtime: Runtime, job: Job, timeout: float):
     """The call's body, or a 499 Response when the caller hung up; TimeoutError after `timeout`."""
     try:
-        return await _result_unless_gone(request, job.task, timeout)
+        return await _result_unless_gone(request, _task(job), timeout)
     except _ClientGone:
         runtime.cancel(job)  # nobody will read the answer: free the worker for those still waiting
         return Response(status_code=499)
@@ -88,7 +99,8 @@ def _wants_png(request: Request) -> bool:
     return quality.get("image/png", 0.0) > quality.get("application/json", 0.0)
 
 
-@router.post("/explain/{method}", operation_id="explain", response_model=ExplainResponse, openapi_extra=_REQUEST_BODY,
+@router.post("/explain/{method}", operation_id="explain", response_model=ExplainResponse,
+             openapi_extra=_REQUEST_BODY,
              responses={202: {"model": JobOut, "description": "still running after the sync wait: a job"},
                         200: {"content": {"image/png": {}}}, **_ERRORS})
 async def explain(method: str, request: Request, runtime: RuntimeDep):
@@ -109,8 +121,8 @@ async def _past_sync_wait(request: Request, runtime: Runtime, job: Job):
     if not job.started:
         # Still queued: with the defaults its start deadline (queue_deadline_s) falls due with the sync wait,
         # and a 202 for a job about to fail would hide the 504 the call is owed.
-        await asyncio.wait({job.task}, timeout=_GRACE_S)
-    if job.task.done():
+        await asyncio.wait({_task(job)}, timeout=_GRACE_S)
+    if _task(job).done():
         return await _answer(request, runtime, job, 0)
     try:
         await runtime.job_book.hold(job)
@@ -133,7 +145,8 @@ async def submit_job(method: str, request: Request, runtime: RuntimeDep):
     return FastJSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
-@router.get("/jobs/{job_id}", operation_id="get_job", response_model=JobOut, responses={404: {"model": ErrorOut}})
+@router.get("/jobs/{job_id}", operation_id="get_job", response_model=JobOut,
+            responses={404: {"model": ErrorOut}})
 async def get_job(job_id: str, runtime: RuntimeDep):
     """Status, progress (done/total steps) and, when done, the result."""
     return FastJSONResponse(await runtime.job_book.view(job_id))

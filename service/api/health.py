@@ -14,7 +14,8 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.api_route("/readyz", methods=["GET", "HEAD"], operation_id="ready", responses={503: {"description": "models loading or worker down"}})
+@router.api_route("/readyz", methods=["GET", "HEAD"], operation_id="ready",
+                  responses={503: {"description": "models loading or worker down"}})
 async def readyz(runtime: RuntimeDep):
     """Models loaded and the worker running; 503 until then."""
     body = runtime.readiness()

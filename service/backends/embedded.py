@@ -1,5 +1,5 @@
-"""The embedded backend: two lanes on this machine's device, each a worker pool (service/worker/) whose batches
-run in this process (a thread, through the engine core) or in an engine process of the lane's own
+"""The embedded backend: two lanes on this machine's device, each a worker pool (service/worker/) whose
+batches run in this process (a thread, through the engine core) or in an engine process of the lane's own
 (`worker=process`, service/engine_process.py)."""
 from __future__ import annotations
 
@@ -46,8 +46,10 @@ class EmbeddedBackend:
     def __init__(self, settings: Settings, registry: ModelRegistry | None = None):
         self.settings = settings
         self.device = resolve_device(settings.device)
-        # Where the passes run: a thread of this process, or a child process per lane (service/engine_process.py).
-        self.isolated = settings.worker == "process" or (settings.worker == "auto" and self.device.type == "cuda")
+        # Where the passes run: a thread of this process, or a child process per lane
+        # (service/engine_process.py).
+        self.isolated = settings.worker == "process" or (settings.worker == "auto"
+                                                         and self.device.type == "cuda")
         if self.isolated and registry is not None:
             raise ValueError("worker=process: the engine processes load the models from models_dir; "
                              "pass no registry")
@@ -67,8 +69,9 @@ class EmbeddedBackend:
     def _pool(self, lane: str) -> WorkerPool:
         s = self.settings
         return WorkerPool(lambda items: self._run_batch(items, lane), max_queue=s.max_queue,
-                          max_cost=s.max_batch_cost, max_items=s.max_batch_items, max_wait=s.max_wait_ms / 1000,
-                          name=f"{lane}-{self.device}", on_batch=self._on_batch, watchdog_interval=s.watchdog_s,
+                          max_cost=s.max_batch_cost, max_items=s.max_batch_items,
+                          max_wait=s.max_wait_ms / 1000, name=f"{lane}-{self.device}",
+                          on_batch=self._on_batch, watchdog_interval=s.watchdog_s,
                           on_thread_start=lambda: self._warm_thread(lane))
 
     # ------------------------------------------------------------------ lifecycle
@@ -80,7 +83,8 @@ class EmbeddedBackend:
 
     def boot(self) -> ModelRegistry:
         try:
-            if self.isolated:  # the models here only serve validation and preprocessing: keep them off the device
+            if self.isolated:
+                # the models here only serve validation and preprocessing: keep them off the device
                 only = set(self.settings.models) if self.settings.models else None
                 registry = ModelRegistry.from_dir(self.settings.models_dir, torch.device("cpu"), only,
                                                   self.settings.fold_batchnorm)
@@ -94,8 +98,8 @@ class EmbeddedBackend:
             self._loaded.set()
 
     def _warm_thread(self, lane: str) -> None:
-        """In a lane's worker thread, before it serves: once the models are loaded, warm this thread's GPU pass
-        shapes (service/warmup.py). Engine processes warm their own main thread instead."""
+        """In a lane's worker thread, before it serves: once the models are loaded, warm this thread's GPU
+        pass shapes (service/warmup.py). Engine processes warm their own main thread instead."""
         try:
             while not self._loaded.wait(0.5):
                 if self._stopping:
@@ -136,8 +140,8 @@ class EmbeddedBackend:
         """Nothing runs out of the lifecycle's reach here: it cancels the items' futures itself."""
 
     def _run_batch(self, items: list[Item], lane: str) -> list[ImageExplanation]:
-        """Runs on the lane's worker thread, except the bulk lane's torch work on a CPU, which runs in a thread
-        that ends with the batch (service/host.py)."""
+        """Runs on the lane's worker thread, except the bulk lane's torch work on a CPU, which runs in a
+        thread that ends with the batch (service/host.py)."""
         if not self.isolated and passes_in_passing_threads(lane, self.device):
             return run_in_passing_thread(self._run_batch_here, items, lane)
         return self._run_batch_here(items, lane)
@@ -157,15 +161,15 @@ class EmbeddedBackend:
             part.job.started = True
         if self.fault_hook is not None:
             self.fault_hook(items)
+        engine = self.lanes[lane].engine
+        pixels = torch.stack([part.call.pixels[part.index] for part in parts])
         batch = Batch(call.model.name, call.method.name, call.params,
-                      torch.stack([part.call.pixels[part.index] for part in parts]),
+                      pixels.numpy() if engine is not None else pixels,
                       [part.call.targets[part.index] for part in parts],
                       ["raw" in part.call.outputs for part in parts],
                       [part.call.original_size(part.index) for part in parts])
         started = time.monotonic()
-        engine = self.lanes[lane].engine
         if engine is not None:
-            batch.pixels = batch.pixels.numpy()
             results = engine.run(batch, progress)
         else:
             assert self.core is not None, "a batch ran before the models were loaded"

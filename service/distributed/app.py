@@ -33,7 +33,8 @@ EXPLAINER = serve.deployment(Explainer, num_replicas=1, max_ongoing_requests=256
                              ray_actor_options={"num_cpus": 1})
 
 
-@serve.deployment(name="ingress", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+@serve.deployment(name="ingress", num_replicas=1, max_ongoing_requests=1000,
+                  ray_actor_options={"num_cpus": 0})
 @serve.ingress()
 class Ingress:
     """Runs the service's own FastAPI app (every route, schema, error and middleware) with a RayBackend."""
@@ -74,12 +75,14 @@ def build(settings: Settings, explainer_options: dict[str, dict[str, Any]] | Non
     explainer replica (0: torch's default)."""
     options = explainer_options or {}
     plain = settings.model_dump(mode="json")
-    state = STATE.bind(settings.max_jobs, settings.job_ttl_s, settings.max_job_result_bytes)
+    # serve.deployment's stubs type the deployments as decorators: bind/options are theirs at run time
+    state = STATE.bind(settings.max_jobs, settings.job_ttl_s, settings.max_job_result_bytes)  # type: ignore[attr-defined]
     explainers = {}
     for model in servable_models(settings):
         opts = {"max_queued_requests": settings.max_queue, **options.get("*", {}), **options.get(model, {})}
-        explainers[model] = EXPLAINER.options(name=explainer_name(model), **opts).bind(plain, model, state, threads)
-    return Ingress.bind(plain, explainers, state)
+        deployment = EXPLAINER.options(name=explainer_name(model), **opts)  # type: ignore[attr-defined]
+        explainers[model] = deployment.bind(plain, model, state, threads)
+    return Ingress.bind(plain, explainers, state)  # type: ignore[attr-defined]
 
 
 def app_builder(args: dict[str, Any]) -> Application:
@@ -100,12 +103,14 @@ def explainer_gpus(settings: Settings, resources: dict[str, float]) -> dict[str,
 
 
 def serve_forever(settings: Settings) -> None:
-    """`python -m service --engine ray`: start (or join, with RAY_ADDRESS) Ray, run the app, wait for a signal."""
+    """`python -m service --engine ray`: start (or join, with RAY_ADDRESS) Ray, run the app, wait for a
+    signal."""
     import ray
 
     ray.init()
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build(settings, explainer_gpus(settings, ray.cluster_resources())), name=APP_NAME, route_prefix="/")
+    serve.run(build(settings, explainer_gpus(settings, ray.cluster_resources())), name=APP_NAME,
+              route_prefix="/")
     log.info("serving on http://%s:%s (Ray Serve)", settings.host, settings.port)
 
     stopping = threading.Event()

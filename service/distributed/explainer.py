@@ -3,8 +3,8 @@
 Serve forms a batch from the replica's queue (full at `max_batch_cost` passes, or after `max_wait_ms`);
 `collate`, the embedded queue's own pure function, then splits it into engine batches of compatible items
 (same model, method and params) within `max_batch_cost` and `max_batch_items`, dropping items past their
-start deadline. Each batch runs through the engine core (service/engine_core.py), as everywhere. Two lanes, as in the embedded engine: long work runs on `bulk` so it never holds up
-interactive batches.
+start deadline. Each batch runs through the engine core (service/engine_core.py), as everywhere. Two lanes, as
+in the embedded engine: long work runs on `bulk` so it never holds up interactive batches.
 """
 from __future__ import annotations
 
@@ -39,10 +39,10 @@ class Explainer:
             torch.set_num_threads(threads)
         self.device = resolve_device(self.settings.device)
         boot_host(self.settings, self.device)  # before the lanes' threads start
-        # One thread per lane runs its passes, warmed before the replica answers: PyTorch builds cuDNN plans per
-        # thread and shape (service/warmup.py), so passes spread over a pool of threads would each build them.
-        # On a CPU only the interactive lane's thread keeps an OpenMP team (service/host.py): the model loads
-        # in it, and the bulk lane's passes run in passing threads.
+        # One thread per lane runs its passes, warmed before the replica answers: PyTorch builds cuDNN plans
+        # per thread and shape (service/warmup.py), so passes spread over a pool of threads would each build
+        # them. On a CPU only the interactive lane's thread keeps an OpenMP team (service/host.py): the model
+        # loads in it, and the bulk lane's passes run in passing threads.
         self.lanes = {lane: ThreadPoolExecutor(1, thread_name_prefix=f"passes-{lane}") for lane in LANES}
         # A model that cannot load fails the replica's start, and Serve reports why.
         self.core = self.lanes["interactive"].submit(EngineCore.boot, self.settings, only={model}).result()
@@ -54,9 +54,9 @@ class Explainer:
         self.state = state
         context = serve.get_replica_context()
         self.deployment, self.replica = context.deployment, context.replica_id.unique_id
-        for lane in (self.interactive, self.bulk):
-            lane.set_max_batch_size(self.settings.max_batch_cost)
-            lane.set_batch_wait_timeout_s(self.settings.max_wait_ms / 1000)
+        for lane in (self.interactive, self.bulk):  # serve.batch's wrappers, typed as the plain methods
+            lane.set_max_batch_size(self.settings.max_batch_cost)  # type: ignore[attr-defined]
+            lane.set_batch_wait_timeout_s(self.settings.max_wait_ms / 1000)  # type: ignore[attr-defined]
         self.pending = 0
 
     async def ping(self) -> str:
@@ -94,7 +94,8 @@ class Explainer:
                            if passes_in_passing_threads(lane, self.device) else self._compute)
                 results = await asyncio.get_running_loop().run_in_executor(
                     self.lanes[lane], compute, [item.payload for item in step.batch])
-                outcomes.update((id(item), outcome) for item, outcome in zip(step.batch, results, strict=True))
+                outcomes.update((id(item), outcome)
+                                for item, outcome in zip(step.batch, results, strict=True))
             pending = step.remaining
         return [outcomes[id(item)] for item in order]
 
@@ -109,8 +110,9 @@ class Explainer:
             # batch whose jobs were all cancelled while it queued stops before its passes.
             reporter(0, get_method(first.method).steps(first.params))
             results = self.core.run_batch(Batch(self.model.name, first.method, first.params,
-                                                torch.stack([r.pixels for r in remote]), [r.target for r in remote],
-                                                [r.raw for r in remote], [r.size for r in remote]), reporter)
+                                                torch.stack([r.pixels for r in remote]),
+                                                [r.target for r in remote], [r.raw for r in remote],
+                                                [r.size for r in remote]), reporter)
         except Cancelled as error:
             return [Outcome(error=error, replica=self.replica)] * len(remote)
         except ServiceError as error:  # classified (and logged) by the engine core
@@ -123,10 +125,10 @@ class Explainer:
 
     def _observe(self, method: str, size: int, duration: float) -> None:
         """Batch metrics to the state, before the results leave (a scrape after a response sees its batch)."""
-        memory = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else _rss_bytes()
         try:
-            self.state.observe_batch.remote(self.deployment, self.replica, method, size, duration, self.pending,
-                                            memory, str(self.device)).result(timeout_s=5)
+            self.state.observe_batch.remote(self.deployment, self.replica, method, size, duration,
+                                            self.pending, device_memory(self.device),
+                                            str(self.device)).result(timeout_s=5)
         except Exception as exc:  # noqa: BLE001 - metrics never fail a request
             log.warning("could not report batch metrics: %s", exc)
 

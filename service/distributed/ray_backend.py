@@ -40,8 +40,8 @@ _REPLICA_GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableEr
 class RayBackend:
     submits_from_threads = False  # the handles schedule their calls on the event loop
 
-    def __init__(self, settings: Settings, registry: ModelRegistry | None = None, *, explainers: dict[str, Any],
-                 state: Any, retries: int = 3):
+    def __init__(self, settings: Settings, registry: ModelRegistry | None = None, *,
+                 explainers: dict[str, Any], state: Any, retries: int = 3):
         self.settings, self.explainers, self.state, self.retries = settings, explainers, state, retries
         self.preloaded = registry is not None
         self._given = registry
@@ -89,7 +89,8 @@ class RayBackend:
         return True  # no local pass threads: the explainer replicas warm their own
 
     def serving_device(self) -> str:
-        return f"ray:{self.settings.device}"  # each explainer replica resolves the device setting where it runs
+        # each explainer replica resolves the device setting where it runs
+        return f"ray:{self.settings.device}"
 
     # ------------------------------------------------------------------ work
     def submit(self, item: Item, lane: str) -> None:
@@ -144,8 +145,8 @@ class RayBackend:
                 log.warning("explainer replica lost (%s); attempt %d of %d", type(exc).__name__, attempt + 1,
                             self.retries + 1)
                 if attempt == self.retries:
-                    raise Unavailable("the explainer replica running this request was lost and no other could "
-                                      "take it; nothing was computed, retry", code="replica_lost",
+                    raise Unavailable("the explainer replica running this request was lost and no other "
+                                      "could take it; nothing was computed, retry", code="replica_lost",
                                       retry_after=2) from None
                 await asyncio.sleep(0.2 * (attempt + 1))
         raise AssertionError("unreachable")
@@ -158,7 +159,8 @@ class RayBackend:
         """The families of the passes come from the state (fed by every explainer replica)."""
         registry.register(_RemoteFamilies(self))
         self.replica_lost = Counter("saliency_replica_lost", "calls whose explainer replica died under them "
-                                    "(each was sent again, or failed with 503 replica_lost)", registry=registry)
+                                    "(each was sent again, or failed with 503 replica_lost)",
+                                    registry=registry)
 
     async def refresh_metrics(self) -> None:
         try:

@@ -6,7 +6,6 @@ learn from the answer whether the job was cancelled. Plain Python: no Ray import
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -30,14 +29,16 @@ class SharedState:
 
     # ------------------------------------------------------------------ jobs
     async def add(self, view: dict[str, Any], total: list[int]) -> str | None:
-        """Hold a job (its `Job.view()` and steps per image); returns an error message when max_jobs are held."""
+        """Hold a job (its `Job.view()` and steps per image); returns an error message when max_jobs are
+        held."""
         self._evict(room=True)
         if view["id"] in self._jobs:
             return None
         if len(self._jobs) >= self.max_jobs:
             return f"{self.max_jobs} jobs are held; wait for some to finish"
         self._jobs[view["id"]] = {"view": dict(view), "done": [0] * len(total), "total": list(total),
-                                  "cancelled": False, "finished_at": None, "started": view["status"] == "running"}
+                                  "cancelled": False, "finished_at": None,
+                                  "started": view["status"] == "running"}
         return None
 
     async def discard(self, job_id: str) -> None:
@@ -92,7 +93,8 @@ class SharedState:
     def _evict(self, room: bool = False) -> None:
         """As service.jobs.JobStore: with `room`, also the oldest finished ones when full."""
         evict(self._jobs, lambda r: r["finished_at"], lambda r: payload_bytes(r["view"].get("result")),
-              ttl=self.ttl_s, max_jobs=self.max_jobs if room else None, max_result_bytes=self.max_result_bytes)
+              ttl=self.ttl_s, max_jobs=self.max_jobs if room else None,
+              max_result_bytes=self.max_result_bytes)
 
     # ------------------------------------------------------------------ metrics
     async def observe_batch(self, deployment: str, replica: str, method: str, size: int, seconds: float,

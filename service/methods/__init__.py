@@ -12,7 +12,8 @@ from .moreaugrad import MoreauGrad
 from .smoothgrad import SmoothGrad
 
 # In the order GET /v1/methods lists them (the viewer checks the first by default).
-_BUILTIN: tuple[type[Method], ...] = (GradCAM, IntegratedGradients, SmoothGrad, FullGrad, MoreauGrad, Gradient)
+_BUILTIN: tuple[type[Method], ...] = (GradCAM, IntegratedGradients, SmoothGrad, FullGrad, MoreauGrad,
+                                      Gradient)
 
 METHODS: dict[str, Method] = {}
 
@@ -39,5 +40,5 @@ def get_method(name: str) -> Method:
 for _method in _BUILTIN:
     register_method(_method())
 
-__all__ = ["METHODS", "Attribution", "Explainee", "Method", "MethodParams", "Progress", "ServedModel", "get_method",
-           "register_method", "unregister_method"]
+__all__ = ["METHODS", "Attribution", "Explainee", "Method", "MethodParams", "Progress", "ServedModel",
+           "get_method", "register_method", "unregister_method"]

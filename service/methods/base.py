@@ -6,14 +6,14 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .gradients import even_chunk
+from .passes import even_chunk
 
 Progress = Callable[[int, int], None]  # (done, total) steps; may raise to cancel the work
 
@@ -27,10 +27,10 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     precision: Precision | None = Field(
-        None, description="fp32, bf16 or fp16 (default: the server's setting). Grad-CAM and FullGrad run both passes "
-                          "under autocast; input-gradient methods run the forward in fp32 and the backward's "
-                          "conv/linear input-gradients in the reduced dtype (a reduced forward flips ReLU6 units "
-                          "and decorrelates their maps); maps stay float32")
+        None, description="fp32, bf16 or fp16 (default: the server's setting). Grad-CAM and FullGrad run "
+                          "both passes under autocast; input-gradient methods run the forward in fp32 and "
+                          "the backward's conv/linear input-gradients in the reduced dtype (a reduced "
+                          "forward flips ReLU6 units and decorrelates their maps); maps stay float32")
 
 
 class HeatmapParams(MethodParams):
@@ -39,12 +39,14 @@ class HeatmapParams(MethodParams):
     aggregation: Literal["abs_sum", "sum", "max_abs"] = Field(
         "abs_sum", description="channel aggregation: sum of |a| (default), signed sum, or max of |a|")
     normalization: Literal["percentile", "minmax"] = Field(
-        "percentile", description="clip at the 99th percentile then scale (SmoothGrad/MoreauGrad code), or min-max")
+        "percentile",
+        description="clip at the 99th percentile then scale (SmoothGrad/MoreauGrad code), or min-max")
 
 
 class SeededParams(MethodParams):
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the method's noise; each image gets its own "
-                                                          "generator so results do not depend on batching")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the method's noise; each image gets its "
+                                                          "own generator so results do not depend on "
+                                                          "batching")
 
 
 ReshapeTransform = Callable[[torch.Tensor], torch.Tensor]
@@ -85,19 +87,19 @@ class Explainee:
 class Attribution:
     """A batch of explanations; row b belongs to image b."""
 
-    attribution: torch.Tensor  # signed, (B, C, H, W) at input resolution (Grad-CAM: (B, 1, h, w) at the layer's)
+    # signed, (B, C, H, W) at input resolution (Grad-CAM: (B, 1, h, w) at the layer's)
+    attribution: torch.Tensor
     heatmap: torch.Tensor  # (B, H, W) in [0, 1] at model-input resolution
-    diagnostics: list[dict[str, Any]] = field(default_factory=list)
-    logits: torch.Tensor | None = None  # (B, classes) of the clean images: the prediction comes free with it
-    targets: torch.Tensor | None = None  # (B,) the classes explained (top-1 resolved)
+    diagnostics: list[dict[str, Any]]  # per image
+    logits: torch.Tensor  # (B, classes) of the clean images: the prediction comes free with it
+    targets: torch.Tensor  # (B,) the classes explained (top-1 resolved)
 
     def head(self, n: int) -> Attribution:
         """The first n rows: a padded pass's real images."""
         if n == self.heatmap.shape[0]:
             return self
-        return Attribution(self.attribution[:n], self.heatmap[:n], self.diagnostics[:n],
-                           None if self.logits is None else self.logits[:n],
-                           None if self.targets is None else self.targets[:n])
+        return Attribution(self.attribution[:n], self.heatmap[:n], self.diagnostics[:n], self.logits[:n],
+                           self.targets[:n])
 
     @staticmethod
     def concat(parts: list[Attribution]) -> Attribution:
@@ -127,10 +129,10 @@ class Method(ABC):
     iterative: ClassVar[bool] = False
     diagnostics: ClassVar[dict[str, str]] = {}
     # Whether a reduced-precision request runs the forward in float32 and only the backward's conv/linear
-    # input-gradients in the reduced dtype (service/engine.py ReducedBackward), else both passes under autocast.
-    # Input-gradient maps of a piecewise-linear net are set by its activation pattern, which a reduced forward
-    # flips in places and decorrelates; Grad-CAM and FullGrad maps survive plain autocast (docs/benchmarks.md,
-    # "Reduced precision").
+    # input-gradients in the reduced dtype (service/engine.py ReducedBackward), else both passes under
+    # autocast. Input-gradient maps of a piecewise-linear net are set by its activation pattern, which a
+    # reduced forward flips in places and decorrelates; Grad-CAM and FullGrad maps survive plain autocast
+    # (docs/benchmarks.md, "Reduced precision").
     fp32_forward: ClassVar[bool] = False
 
     def cost(self, params: MethodParams) -> int:
@@ -154,8 +156,9 @@ class Method(ABC):
         """Under a reduced `precision`, whether the forward stays float32 (see `fp32_forward`)."""
         return self.fp32_forward
 
-    def check_model(self, model: ServedModel, params: MethodParams) -> None:
-        """Raise InvalidInput when `params` cannot be used with `model` (checked before any work is queued)."""
+    def check_model(self, model: ServedModel, params: MethodParams) -> None:  # noqa: B027 - most check nothing
+        """Raise InvalidInput when `params` cannot be used with `model` (checked before any work is
+        queued)."""
 
     @abstractmethod
     def attribute(self, model: Explainee, x: torch.Tensor, targets: torch.Tensor, params: MethodParams,
@@ -172,7 +175,7 @@ class SinglePassMethod(Method):
     def attribute(self, model, x, targets, params, progress=None):
         step = even_chunk(x.shape[0], model.max_batch)
         parts = []
-        for xc, tc in zip(x.split(step), targets.split(step)):
+        for xc, tc in zip(x.split(step), targets.split(step), strict=True):
             n = xc.shape[0]
             size = padded_size(n, model.pass_sizes)
             if size > n:  # images in a batch are independent (eval mode): the padding changes no real row

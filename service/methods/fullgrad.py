@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from .base import Attribution, MethodParams, SinglePassMethod
-from .gradients import class_scores, resolve_targets
 from .hooks import ClampCapture, GradientCapture
+from .passes import class_scores, resolve_targets
 from .postprocess import minmax, minmax_channel_sum, per_image_sum, upsample
 
 COMPLETE_TOLERANCE = 1e-3  # relative gap under which the decomposition counts as complete (float32 noise)
@@ -41,7 +41,7 @@ def bias_layers(module: nn.Module) -> tuple[dict[str, nn.Module], set[str], dict
     hooked, pre_input, biases = {}, set(), {}
     for name, m in module.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            if not m.track_running_stats or m.running_mean is None:
+            if not m.track_running_stats or m.running_mean is None or m.running_var is None:
                 continue
             gamma = m.weight if m.affine else torch.ones_like(m.running_mean)
             beta = m.bias if m.affine else torch.zeros_like(m.running_mean)
@@ -86,8 +86,8 @@ def _bias_term(grad: torch.Tensor, bias: torch.Tensor, kind: str) -> torch.Tenso
 
 @dataclass
 class Decomposition:
-    """f(x) = sum(input_term) + sum of every term's sum, per image (exact for piecewise-linear nets; FullGrad's
-    attribute_chunk sums them as it builds the map).
+    """f(x) = sum(input_term) + sum of every term's sum, per image (exact for piecewise-linear nets;
+    FullGrad's attribute_chunk sums them as it builds the map).
 
     The bias terms are made one at a time from the captured gradients (`terms()`), never all held at once."""
 
@@ -168,6 +168,6 @@ class FullGrad(SinglePassMethod):
         gaps = ((score - total).abs() / score.abs().clamp_min(1e-12)).tolist()
         diagnostics = [{"completeness_gap": g, "complete": g <= COMPLETE_TOLERANCE, "score": s,
                         "bias_layers": len(parts.bias_records), "clamp_layers": len(parts.clamp_records)}
-                       for g, s in zip(gaps, score.tolist())]
+                       for g, s in zip(gaps, score.tolist(), strict=True)]
         return Attribution(saliency.detach(), minmax(saliency.squeeze(1)).detach(), diagnostics,
                            parts.logits.detach(), parts.targets)

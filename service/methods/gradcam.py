@@ -6,14 +6,15 @@ from pydantic import Field
 
 from ..errors import InvalidInput
 from .base import Attribution, MethodParams, ServedModel, SinglePassMethod
-from .gradients import class_scores, resolve_targets, widen
 from .hooks import OutputCapture, get_layer
+from .passes import class_scores, resolve_targets, widen
 from .postprocess import minmax, upsample
 
 
 class GradCAMParams(MethodParams):
-    layer: str | None = Field(None, max_length=200, pattern=r"^[A-Za-z0-9_.]+$",
-                              description="dotted module path of the target layer (default: the model card's)")
+    layer: str | None = Field(
+        None, max_length=200, pattern=r"^[A-Za-z0-9_.]+$",
+        description="dotted module path of the target layer (default: the model card's)")
 
 
 class GradCAM(SinglePassMethod):

@@ -10,25 +10,28 @@ from pydantic import Field, model_validator
 from torchvision.transforms.functional import gaussian_blur
 
 from .base import Attribution, HeatmapParams, Method
-from .gradients import class_scores, clean_logits, resolve_targets
 from .noise import generators
+from .passes import class_scores, clean_logits, resolve_targets
 from .postprocess import heatmap
 
 
 class IntegratedGradientsParams(HeatmapParams):
     n_steps: int = Field(50, ge=1, le=1024, description="points on the path from the baseline to the image")
-    method: Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"] = Field(
+    method: Literal["gausslegendre", "riemann_left", "riemann_right", "riemann_middle",
+                    "riemann_trapezoid"] = Field(
         "gausslegendre", description="quadrature rule (Captum's names)")
     baseline: Literal["black", "zeros", "blur", "uniform"] = Field(
         "black", description="black image in pixel space (the paper's), zeros in model-input space, "
                              "a blurred copy of the image, or uniform noise in pixel space")
-    blur_sigma: float = Field(10.0, ge=0.1, le=100, description="Gaussian blur std in pixels, for baseline=blur")
+    blur_sigma: float = Field(10.0, ge=0.1, le=100,
+                              description="Gaussian blur std in pixels, for baseline=blur")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the uniform-noise baseline")
 
     @model_validator(mode="after")
     def _riemann_needs_two_points(self):
         if self.method.startswith("riemann") and self.n_steps < 2:
-            raise ValueError(f"n_steps must be at least 2 for {self.method} (1 is allowed for gausslegendre only)")
+            raise ValueError(f"n_steps must be at least 2 for {self.method} (1 is allowed for "
+                             "gausslegendre only)")
         return self
 
 
@@ -68,12 +71,14 @@ class IntegratedGradients(Method):
         ig = CaptumIG(model.module, multiply_by_inputs=True)
         with torch.enable_grad():
             attribution = ig.attribute(x, baselines=baseline, target=targets, n_steps=params.n_steps,
-                                       method=params.method, internal_batch_size=max(model.max_batch, x.shape[0]))
+                                       method=params.method,
+                                       internal_batch_size=max(model.max_batch, x.shape[0]))
         if progress:
             progress(1, 1)
         gap = (class_scores(logits, targets) - class_scores(baseline_logits, targets)).to(x.dtype)
         delta = attribution.detach().flatten(1).sum(1) - gap  # completeness: sum(IG) = F(x) - F(baseline)
         diagnostics = [{"convergence_delta": float(d), "relative_delta": float(abs(d) / max(abs(g), 1e-12)),
-                        "score_difference": float(g)} for d, g in zip(delta.tolist(), gap.tolist())]
+                        "score_difference": float(g)}
+                       for d, g in zip(delta.tolist(), gap.tolist(), strict=True)]
         return Attribution(attribution.detach(), heatmap(attribution.detach(), params.aggregation,
                                                          params.normalization), diagnostics, logits, targets)

@@ -17,8 +17,8 @@ from pydantic import Field, model_validator
 
 from ..errors import InvalidInput
 from .base import Attribution, HeatmapParams, Method, SeededParams, ServedModel
-from .gradients import clean_logits, input_gradients, resolve_targets
 from .noise import generators, normal_like, value_range
+from .passes import clean_logits, input_gradients, resolve_targets
 from .postprocess import heatmap
 
 AVERAGED_ITERATES = 101  # the official code's window: MAX_ITR - (n_itr + 1) in 0..100
@@ -31,25 +31,40 @@ WHOLE_PASS_FP16_MIN_DRAWS = 64
 
 
 class MoreauGradParams(HeatmapParams, SeededParams):
-    rho: float = Field(1.0, gt=0, le=1e3, description="Moreau envelope parameter (penalty ||delta||^2 / 2rho)")
-    noise_level: float = Field(0.1, ge=0, le=1, description="noise std as a fraction of the image's (max - min)")
+    rho: float = Field(1.0, gt=0, le=1e3,
+                       description="Moreau envelope parameter (penalty ||delta||^2 / 2rho)")
+    noise_level: float = Field(0.1, ge=0, le=1,
+                               description="noise std as a fraction of the image's (max - min)")
     lr: float = Field(0.1, gt=0, le=10, description="gradient step size")
     iterations: int = Field(200, ge=1, le=2000, description="gradient steps")
     n_samples: int = Field(32, ge=1, le=256, description="noise draws per step")
-    sparsity: Literal["none", "l1", "group"] = Field("none", description="sparse (soft threshold) or "
-                                                                         "group-sparse (block shrinkage) variant")
-    eta: float | None = Field(None, ge=0, le=10, description="sparsity weight (default 5e-3 l1, 5e-2 group)")
-    group_size: int = Field(14, ge=1, le=64, description="block side g of the 3 x g x g groups (sparsity=group)")
+    sparsity: Literal["none", "l1", "group"] = Field(
+        "none", description="sparse (soft threshold) or group-sparse (block shrinkage) variant")
+    eta: float | None = Field(None, ge=0, le=10,
+                              description="sparsity weight (default 5e-3 l1, 5e-2 group)")
+    group_size: int = Field(14, ge=1, le=64,
+                            description="block side g of the 3 x g x g groups (sparsity=group)")
 
     @model_validator(mode="after")
     def _fill_eta(self):
         if self.lr >= 2 * self.rho:
-            # each step scales delta by (1 - lr / rho) before the score's gradient: past 2 it grows without bound
-            raise ValueError(f"lr must be below 2 * rho (lr {self.lr:g}, rho {self.rho:g}): each step multiplies "
-                             f"delta by 1 - lr/rho = {1 - self.lr / self.rho:g}, and the iteration diverges")
+            # each step scales delta by (1 - lr / rho) before the score's gradient: past 2 it grows without
+            # bound
+            raise ValueError(f"lr must be below 2 * rho (lr {self.lr:g}, rho {self.rho:g}): each step "
+                             f"multiplies delta by 1 - lr/rho = {1 - self.lr / self.rho:g}, and the "
+                             "iteration diverges")
         if self.eta is None:
             object.__setattr__(self, "eta", DEFAULT_ETA[self.sparsity])
         return self
+
+
+def check_groups(params: MoreauGradParams, size: tuple[int, ...], what: str) -> None:
+    """Group sparsity needs blocks that tile the input: refused before any work is queued (from the model's
+    card) and by `attribute` itself (from the images)."""
+    group = params.group_size
+    if params.sparsity == "group" and any(side % group for side in size):
+        raise InvalidInput(f"moreaugrad: group_size {group} does not divide {what} {list(size)}",
+                           code="invalid_params")
 
 
 def soft_threshold(v: torch.Tensor, t: float) -> torch.Tensor:
@@ -80,21 +95,11 @@ class MoreauGrad(Method):
         return True
 
     def check_model(self, model: ServedModel, params: MoreauGradParams) -> None:  # type: ignore[override]
-        group = params.group_size
-        if params.sparsity == "group" and any(side % group for side in model.input_size):
-            raise InvalidInput(f"{self.name}: group_size {group} does not divide {model.name}'s input size "
-                               f"{list(model.input_size)}", code="invalid_params")
-
-    def steps(self, params):
-        return params.iterations
-
-    def batch_cost(self, params):
-        return params.n_samples
+        check_groups(params, model.input_size, f"{model.name}'s input size")
 
     def attribute(self, model, x, targets, params, progress=None):
+        check_groups(params, tuple(x.shape[-2:]), "the model input size")
         g = params.group_size
-        if params.sparsity == "group" and (x.shape[-2] % g or x.shape[-1] % g):
-            raise ValueError(f"group_size {g} does not divide the model input size {tuple(x.shape[-2:])}")
         x = x.detach()
         logits = clean_logits(model.module, x, model.max_batch)
         targets = resolve_targets(logits, targets)
@@ -121,8 +126,8 @@ class MoreauGrad(Method):
             if progress:
                 progress(step + 1, params.iterations)
         attribution = -(total / averaged) / params.rho
-        diagnostics = [{"noise_std": float(s), "averaged_iterates": averaged,
-                        "delta_l1": float(d)} for s, d in zip(sigma.flatten().tolist(),
-                                                             (total / averaged).abs().flatten(1).sum(1).tolist())]
-        return Attribution(attribution, heatmap(attribution, params.aggregation, params.normalization), diagnostics,
-                           logits, targets)
+        diagnostics = [{"noise_std": float(s), "averaged_iterates": averaged, "delta_l1": float(d)}
+                       for s, d in zip(sigma.flatten().tolist(),
+                                       (total / averaged).abs().flatten(1).sum(1).tolist(), strict=True)]
+        return Attribution(attribution, heatmap(attribution, params.aggregation, params.normalization),
+                           diagnostics, logits, targets)

@@ -7,18 +7,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from .base import Attribution, HeatmapParams, Method, SeededParams
-from .gradients import clean_logits, input_gradients, resolve_targets
 from .noise import generators, normal_like, value_range
+from .passes import clean_logits, input_gradients, resolve_targets
 from .postprocess import heatmap
 
 
 class SmoothGradParams(HeatmapParams, SeededParams):
     n_samples: int = Field(25, ge=1, le=1024, description="noisy copies per image")
-    noise_level: float = Field(0.15, ge=0, le=1, description="noise std as a fraction of the image's (max - min)")
+    noise_level: float = Field(0.15, ge=0, le=1,
+                               description="noise std as a fraction of the image's (max - min)")
     variant: Literal["smoothgrad", "smoothgrad_sq", "vargrad"] = Field(
         "smoothgrad", description="mean of gradients, mean of squared gradients, or their variance")
 
@@ -50,5 +50,5 @@ class SmoothGrad(Method):
             if params.variant == "vargrad":
                 attribution = attribution - mean ** 2
         diagnostics = [{"noise_std": float(s)} for s in sigma.flatten().tolist()]
-        return Attribution(attribution, heatmap(attribution, params.aggregation, params.normalization), diagnostics,
-                           logits, targets)
+        return Attribution(attribution, heatmap(attribution, params.aggregation, params.normalization),
+                           diagnostics, logits, targets)

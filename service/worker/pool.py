@@ -117,14 +117,16 @@ class WorkerPool:
             self._cond.notify_all()
         self._watchdog_stop.set()
         for item in leftover:
-            self._fail(item, WorkerStopped(f"the service is shutting down ({self.name} stopped before the item ran)"))
+            self._fail(item, WorkerStopped(f"the service is shutting down ({self.name} stopped before the "
+                                           "item ran)"))
         if thread is not None and thread is not threading.current_thread():
             thread.join(grace)
         # Work still running after the grace period is abandoned (its thread is a daemon); callers are told.
         with self._cond:
             stuck = list(self._in_flight) if thread is not None and thread.is_alive() else []
         for item in stuck:
-            self._fail(item, WorkerStopped(f"the service is shutting down ({self.name} stopped before the item finished)"))
+            self._fail(item, WorkerStopped(f"the service is shutting down ({self.name} stopped before the "
+                                           "item finished)"))
 
     def ensure_alive(self) -> None:
         """Restart the worker thread if it died; pending items stay queued for the new one."""
@@ -292,7 +294,7 @@ class WorkerPool:
             for item in items:
                 self._fail(item, error)
             return
-        for item, result in zip(items, results):
+        for item, result in zip(items, results, strict=True):
             if isinstance(result, BaseException):
                 self._fail(item, result)
             else:
