@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch/torchvision pinned to the releases this project's machines install from local disk (pip is capped there).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: serve test bench venv clean
+.PHONY: serve test lint bench venv clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,7 +39,12 @@ $(VENV)/.ray: $(VENV)/.installed
 serve: venv
 	$(PY) -m service
 
-test: venv $(VENV)/.tools $(VENV)/.ray
+# Lint and type-check first (pyproject: [tool.ruff], [tool.mypy]); .pre-commit-config.yaml runs the same.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test: lint $(VENV)/.tools $(VENV)/.ray
 	$(PY) -m pytest -q
 
 bench: venv

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from service.calibrate import calibrate_lane  # noqa: E402
 from service.engine import AUTOCAST, explain  # noqa: E402
 from service.methods import METHODS  # noqa: E402
-from service.methods.gradients import input_gradients  # noqa: E402
+from service.methods.passes import input_gradients  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from service.zoo import ModelRegistry, resolve_device, set_cudnn_autotuning  # noqa: E402
 from service.zoo.fold import fold_batchnorms  # noqa: E402

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from service.methods import register_method, unregister_method
 from service.methods.base import Attribution, HeatmapParams, SinglePassMethod
-from service.methods.gradients import class_scores, resolve_targets
+from service.methods.passes import class_scores, resolve_targets
 from service.methods.postprocess import heatmap
 from service.settings import Settings
 from service.zoo import ModelRegistry

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .base import Attribution, HeatmapParams, SinglePassMethod
-from .gradients import class_scores, resolve_targets
+from .passes import class_scores, resolve_targets
 from .postprocess import heatmap
 
 

@@ -84,9 +84,10 @@ class Core:
             targets = [targets] * len(blobs)  # one class for every image
         # Built unvalidated: the server validates (one source of truth), and a bad value comes back as the
         # APIStatusError of its status with the server's code, like every other refusal.
-        req = ExplainRequest.model_construct(model=model, images=blobs, targets=targets, params=params,
-                                             outputs=[outputs] if isinstance(outputs, str) else list(outputs),
-                                             size=size)
+        fields: dict[str, Any] = {"model": model, "images": blobs, "targets": targets, "params": params,
+                                  "outputs": [outputs] if isinstance(outputs, str) else list(outputs),
+                                  "size": size}
+        req = ExplainRequest.model_construct(**fields)
         return req.model_dump(exclude_none=True)
 
     # ------------------------------------------------------------------ flows

@@ -1,4 +1,5 @@
-"""The one gradient helper every gradient method uses: d logit[b, target_b] / d input, chunked."""
+"""How the gradient methods run their passes: class scores, top-1 targets, input gradients in chunks that fit
+the pass budget. The one gradient helper every gradient method uses: d logit[b, target_b] / d input."""
 from __future__ import annotations
 
 import torch
@@ -39,7 +40,7 @@ def input_gradients(module: nn.Module, x: torch.Tensor, targets: torch.Tensor,
     """(gradients like x, target scores (B,)). Only the input's gradient is computed (no parameter grads)."""
     grads, scores = [], []
     step = even_chunk(x.shape[0], max_batch)
-    for xc, tc in zip(x.split(step), targets.split(step)):
+    for xc, tc in zip(x.split(step), targets.split(step), strict=True):
         with torch.enable_grad():
             xc = xc.detach().requires_grad_(True)
             score = class_scores(module(xc), tc)
