@@ -6,9 +6,8 @@ model's pass batch (capped by the `max_pass_batch` setting).
 
 On the CPU the `cpu_pass_batch` setting is the cap, lowered when the server retains freed memory
 (service/host.py) so that one pass's largest activation stays below glibc's mmap threshold. glibc maps
-any larger block afresh, so a pass whose activations cross it page-faults and zeroes them again every time:
-EfficientNet-Lite0's largest activation is 4.8 MB per image, and on a server at 16 clients its passes of 7
-or 8 images took 17,000-28,000 faults each, its passes of 6 next to none (docs/benchmarks.md, "Page faults").
+any larger block afresh, so a pass whose activations cross it page-faults and zeroes them again every time,
+while the passes below it take next to no faults (docs/benchmarks.md, "Page faults").
 
 Two lanes (interactive and bulk) may each run a pass at the same moment on one device, so each gets half of
 the `gpu_memory_fraction` setting. An engine process (worker=process) is also held to its half by PyTorch's

@@ -32,9 +32,7 @@ class ServiceError(Exception):
 
 
 def _rebuild(kind: type[ServiceError], message: str, code: str, retry_after: float | None) -> ServiceError:
-    error = kind.__new__(kind)
-    ServiceError.__init__(error, message, code=code, retry_after=retry_after)
-    return error
+    return kind(message, code=code, retry_after=retry_after)
 
 
 class InvalidInput(ServiceError, ValueError):
@@ -128,17 +126,39 @@ class Internal(ServiceError):
     code = "internal"
 
 
-def describe_validation(errors: Any) -> str:
-    """pydantic's errors as one sentence a caller can act on: each field, what is wrong, what was given."""
+QUOTE_LIMIT = 80
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """A caller's value for an error message: its repr, of at most `limit` characters of it, then an ellipsis
+    and its length. Every message that echoes input goes through here, so an answer stays small however large
+    the input (a 1 MB parameter name, model name or job id)."""
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return repr(value)
+        return f"{value[:limit]!r}\u2026 ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}\u2026"
+
+
+def describe_validation(errors: Any, limit: int = 20) -> str:
+    """pydantic's errors as one sentence a caller can act on: each field, what is wrong, what was given.
+    The field's path (which may be a caller's parameter name) and the value are quoted bounded; at most
+    `limit` errors are described."""
     parts = []
-    for e in errors:
+    errors = list(errors)
+    for e in errors[:limit]:
         loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body",))
+        if len(loc) > QUOTE_LIMIT:
+            loc = quote(loc)
         msg = str(e.get("msg")).removeprefix("Value error, ")  # a validator's own sentence needs no label
         text = f"{loc}: {msg}" if loc else msg
         given = e.get("input")
         if isinstance(given, (str, int, float, bool)) and e.get("type") != "missing":
-            text += f" (got {given!r:.60})"
+            text += f" (got {quote(given)})"
         parts.append(text)
+    if len(errors) > limit:
+        parts.append(f"and {len(errors) - limit} more")
     return "; ".join(parts)
 
 

@@ -47,7 +47,7 @@ def warm_up(models: dict[str, LoadedModel], pass_batch: dict[str, int], settings
             continue
         started, before = time.perf_counter(), runs
         height, width = model.preprocess.size
-        # On a CPU twice: a fresh thread's second pass still took 0-7,200 faults, its first 61,000-103,000.
+        # On a CPU twice: a fresh thread's second pass still faults some of its peak in, the first all of it.
         sizes = warm_sizes(model, pass_batch[name], settings) if on_gpu else [pass_batch[name]] * 2
         for size in sizes:
             x = torch.zeros(size, 3, height, width)

@@ -132,7 +132,7 @@ class Method(ABC):
     # input-gradients in the reduced dtype (service/engine.py ReducedBackward), else both passes under
     # autocast. Input-gradient maps of a piecewise-linear net are set by its activation pattern, which a
     # reduced forward flips in places and decorrelates; Grad-CAM and FullGrad maps survive plain autocast
-    # (docs/benchmarks.md, "Reduced precision").
+    # (docs/benchmarks.md, "Autocast precision").
     fp32_forward: ClassVar[bool] = False
 
     def cost(self, params: MethodParams) -> int:
