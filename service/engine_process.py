@@ -2,8 +2,9 @@
 
 Why: every torch op releases the GIL while it runs and has to take it back when it returns. In one process
 the worker's passes queue for the GIL behind the HTTP side (event loop, decoding, encoding), and a pass beside
-a thread running Python all the time is many times slower (bench/gil.py; docs/benchmarks.md, "Service under load"). A
-GPU pass is hundreds of microsecond launches, each one such round trip. A child process has a GIL of its own.
+a thread running Python all the time is many times slower (bench/gil.py; docs/benchmarks.md, "Service under
+load"). A GPU pass is hundreds of microsecond launches, each one such round trip. A child process has a GIL of
+its own.
 
 The split: the server process keeps the queue, batching, deadlines and the failure policy (the same
 `WorkerPool`), and its models on the CPU for validation and preprocessing. The child boots the engine core

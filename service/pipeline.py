@@ -154,7 +154,7 @@ def prepare(settings: Settings, model: LoadedModel, method: Method, params: Meth
 
 
 def _b64(data: bytes) -> str:
-    # pybase64 (SIMD): every JSON answer carries its maps in base64, many times faster than the standard library.
+    # pybase64 (SIMD): every JSON answer carries its maps in base64; many times the standard library's speed.
     return pybase64.b64encode_as_string(data)
 
 
