@@ -13,9 +13,19 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from .passes import even_chunk
+from .passes import Checkpoint, even_chunk, no_checkpoint
 
-Progress = Callable[[int, int], None]  # (done, total) steps; may raise to cancel the work
+# (done, total) steps; may raise to cancel the work. Methods call it before every forward pass too (with the
+# steps done so far: `checkpoint`), so a cancelled call stops within one pass whatever the method.
+Progress = Callable[[int, int], None]
+
+
+def checkpoint(progress: Progress | None, done: int = 0, total: int = 1) -> Checkpoint:
+    """What a method calls before each forward pass: reports `done` of `total` again (no visible change) and
+    lets the caller stop the work there by raising."""
+    if progress is None:
+        return no_checkpoint
+    return lambda: progress(done, total)
 
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -175,7 +185,9 @@ class SinglePassMethod(Method):
     def attribute(self, model, x, targets, params, progress=None):
         step = even_chunk(x.shape[0], model.max_batch)
         parts = []
+        before_pass = checkpoint(progress)
         for xc, tc in zip(x.split(step), targets.split(step), strict=True):
+            before_pass()
             n = xc.shape[0]
             size = padded_size(n, model.pass_sizes)
             if size > n:  # images in a batch are independent (eval mode): the padding changes no real row

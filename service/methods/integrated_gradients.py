@@ -9,7 +9,7 @@ from captum.attr import IntegratedGradients as CaptumIG
 from pydantic import Field, model_validator
 from torchvision.transforms.functional import gaussian_blur
 
-from .base import Attribution, HeatmapParams, Method
+from .base import Attribution, HeatmapParams, Method, checkpoint
 from .noise import generators
 from .passes import class_scores, clean_logits, resolve_targets
 from .postprocess import heatmap
@@ -65,10 +65,16 @@ class IntegratedGradients(Method):
         baseline = make_baseline(model, x, params)
         # One forward of [images; baselines] gives the prediction, the top-1 targets and both ends of the
         # convergence delta (Captum would run its own two forwards for the delta).
-        ends = clean_logits(model.module, torch.cat([x, baseline]), model.max_batch)
+        before_pass = checkpoint(progress)
+        ends = clean_logits(model.module, torch.cat([x, baseline]), model.max_batch, before_pass)
         logits, baseline_logits = ends[: x.shape[0]], ends[x.shape[0]:]
         targets = resolve_targets(logits, targets)
-        ig = CaptumIG(model.module, multiply_by_inputs=True)
+
+        def forward(inputs: torch.Tensor) -> torch.Tensor:  # Captum's passes, each after a checkpoint
+            before_pass()
+            return model.module(inputs)
+
+        ig = CaptumIG(forward, multiply_by_inputs=True)
         with torch.enable_grad():
             attribution = ig.attribute(x, baselines=baseline, target=targets, n_steps=params.n_steps,
                                        method=params.method,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from ..errors import InvalidInput
-from .base import Attribution, HeatmapParams, Method, SeededParams, ServedModel
+from .base import Attribution, HeatmapParams, Method, SeededParams, ServedModel, checkpoint
 from .noise import generators, normal_like, value_range
 from .passes import clean_logits, input_gradients, resolve_targets
 from .postprocess import heatmap
@@ -108,7 +108,7 @@ class MoreauGrad(Method):
         check_groups(params, tuple(x.shape[-2:]), "the model input size")
         g = params.group_size
         x = x.detach()
-        logits = clean_logits(model.module, x, model.max_batch)
+        logits = clean_logits(model.module, x, model.max_batch, checkpoint(progress, 0, params.iterations))
         targets = resolve_targets(logits, targets)
         n, batch = params.n_samples, x.shape[0]
         sigma = (params.noise_level * value_range(x)).unsqueeze(1)  # (B,1,1,1,1)
@@ -120,7 +120,8 @@ class MoreauGrad(Method):
         threshold = params.lr * params.eta
         for step in range(params.iterations):
             noisy = (x + delta).unsqueeze(1) + sigma * normal_like(x, n, gens)
-            grads, _ = input_gradients(model.module, noisy.flatten(0, 1), sample_targets, model.max_batch)
+            grads, _ = input_gradients(model.module, noisy.flatten(0, 1), sample_targets, model.max_batch,
+                                       checkpoint(progress, step, params.iterations))
             # d/d delta of mean_z f(x+z+delta) + ||delta||^2/(2 rho), per image
             grad = grads.view(batch, n, *x.shape[1:]).mean(1) + delta / params.rho
             delta = delta - params.lr * grad

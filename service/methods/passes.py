@@ -2,8 +2,16 @@
 the pass budget. The one gradient helper every gradient method uses: d logit[b, target_b] / d input."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+Checkpoint = Callable[[], None]  # called before each forward pass; raises to stop the work (a cancelled call)
+
+
+def no_checkpoint() -> None:
+    """Nothing to check: the work is not cancellable (a direct library call)."""
 
 
 def class_scores(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -30,17 +38,24 @@ def even_chunk(total: int, max_batch: int | None) -> int:
     return -(-total // passes)
 
 
-def clean_logits(module: nn.Module, x: torch.Tensor, max_batch: int) -> torch.Tensor:
+def clean_logits(module: nn.Module, x: torch.Tensor, max_batch: int,
+                 checkpoint: Checkpoint = no_checkpoint) -> torch.Tensor:
+    outputs = []
     with torch.no_grad():
-        return torch.cat([module(c) for c in x.split(even_chunk(x.shape[0], max_batch))])
+        for chunk in x.split(even_chunk(x.shape[0], max_batch)):
+            checkpoint()
+            outputs.append(module(chunk))
+    return torch.cat(outputs)
 
 
 def input_gradients(module: nn.Module, x: torch.Tensor, targets: torch.Tensor,
-                    max_batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    max_batch: int | None = None, checkpoint: Checkpoint = no_checkpoint
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(gradients like x, target scores (B,)). Only the input's gradient is computed (no parameter grads)."""
     grads, scores = [], []
     step = even_chunk(x.shape[0], max_batch)
     for xc, tc in zip(x.split(step), targets.split(step), strict=True):
+        checkpoint()
         with torch.enable_grad():
             xc = xc.detach().requires_grad_(True)
             score = class_scores(module(xc), tc)

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import Attribution, HeatmapParams, Method, SeededParams
+from .base import Attribution, HeatmapParams, Method, SeededParams, checkpoint
 from .noise import generators, normal_like, value_range
 from .passes import clean_logits, input_gradients, resolve_targets
 from .postprocess import heatmap
@@ -33,12 +33,14 @@ class SmoothGrad(Method):
 
     def attribute(self, model, x, targets, params, progress=None):
         n = params.n_samples
-        logits = clean_logits(model.module, x, model.max_batch)
+        before_pass = checkpoint(progress)
+        logits = clean_logits(model.module, x, model.max_batch, before_pass)
         targets = resolve_targets(logits, targets)
         sigma = params.noise_level * value_range(x)  # (B,1,1,1)
         noise = normal_like(x, n, generators(params.seed, x.shape[0], x.device))  # (B,n,C,H,W)
         noisy = (x.unsqueeze(1) + sigma.unsqueeze(1) * noise).flatten(0, 1)
-        grads, _ = input_gradients(model.module, noisy, targets.repeat_interleave(n), model.max_batch)
+        grads, _ = input_gradients(model.module, noisy, targets.repeat_interleave(n), model.max_batch,
+                                   before_pass)
         grads = grads.view(x.shape[0], n, *x.shape[1:])
         if progress:
             progress(1, 1)
