@@ -6,7 +6,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from .api import catalog, errors, explain, health, metrics
+from .api import catalog, docs, errors, explain, health, metrics
 from .api.security import BodyLimit, require_api_key
 from .api.viewer import router as viewer_router
 from .backends import Backend, EmbeddedBackend
@@ -34,7 +34,8 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
         finally:
             runtime.stop(grace=settings.shutdown_grace_s)
 
-    app = FastAPI(title="Saliency service", version="0.1.0", lifespan=lifespan,
+    # docs_url/redoc_url None: FastAPI's pages load their scripts from a CDN; api/docs.py serves them here
+    app = FastAPI(title="Saliency service", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Explains what vision models look at: Grad-CAM, Integrated Gradients, "
                               "SmoothGrad, FullGrad, MoreauGrad and the plain gradient, batched on one "
                               "device.")
@@ -42,6 +43,8 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     errors.install(app)
     app.include_router(health.router)  # open: probes carry no key
     app.include_router(viewer_router)  # the web viewer at / (public page; its /v1 calls send the key)
+    app.include_router(docs.router)  # /docs and /redoc (public pages), their scripts from this server
+    app.mount(docs.ASSETS_URL, docs.assets(), name="docs-assets")
     # every /v1 route, and /metrics (load, queue, memory: operational data), need the API key when one is set
     for module in (catalog, explain, metrics):
         app.include_router(module.router, dependencies=[Depends(require_api_key)])
