@@ -6,7 +6,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from .api import catalog, docs, errors, explain, health, metrics
+from .api import catalog, docs, errors, explain, health, metrics, openapi
 from .api.security import BodyLimit, require_api_key
 from .api.viewer import router as viewer_router
 from .backends import Backend, EmbeddedBackend
@@ -41,6 +41,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
                               "device.")
     app.state.runtime = runtime
     errors.install(app)
+    openapi.install(app, settings)
     app.include_router(health.router)  # open: probes carry no key
     app.include_router(viewer_router)  # the web viewer at / (public page; its /v1 calls send the key)
     app.include_router(docs.router)  # /docs and /redoc (public pages), their scripts from this server

@@ -5,6 +5,8 @@ the API layer's own refusals (malformed bodies, Accept) are `ApiError`s.
 """
 from __future__ import annotations
 
+import re
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -78,6 +80,18 @@ def install(app: FastAPI) -> None:
         return error_response(422, "invalid", domain.describe_validation(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, _CODES.get(exc.status_code, "error"), str(exc.detail),
-                              getattr(exc, "headers", None))
+    async def _http(request: Request, exc: StarletteHTTPException):
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # every route of this path, not only the first one the router tried
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+        return error_response(exc.status_code, _CODES.get(exc.status_code, "error"), str(exc.detail), headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods of every documented route whose path template matches the request's path (POST
+    /v1/jobs/{method} and GET, DELETE /v1/jobs/{job_id} share theirs)."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if re.fullmatch(re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template)), request.url.path):
+            methods |= {name.upper() for name in operations}
+    return sorted(methods)
