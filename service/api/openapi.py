@@ -1,5 +1,6 @@
-"""The OpenAPI document, true to what the server enforces: the methods a `{method}` path takes (the registry's,
-when the document is made), the per-request image limit, and the statuses every /v1 route can answer."""
+"""The OpenAPI document, true to what the server enforces: the methods a `{method}` path takes (the
+registry's, when the document is made), the per-request image limit, and the statuses every /v1 route can
+answer."""
 from __future__ import annotations
 
 from typing import Any
