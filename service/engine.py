@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.nn.grad import conv2d_input
 from torch.overrides import TorchFunctionMode
 
-from .errors import InvalidInput
+from .errors import InvalidInput, quote
 from .methods import Method, MethodParams, Progress
 from .zoo import LoadedModel
 
@@ -38,7 +38,7 @@ class ImageExplanation:
 def check_targets(model: LoadedModel, targets: list[int | None]) -> None:
     for i, t in enumerate(targets):
         if t is not None and not 0 <= t < model.num_classes:
-            raise InvalidInput(f"target {t} for image {i} is out of range: {model.name} has classes "
+            raise InvalidInput(f"target {quote(t)} for image {i} is out of range: {model.name} has classes "
                                f"0..{model.num_classes - 1}", code="invalid_target")
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .errors import Busy, NotFound
+from .errors import Busy, NotFound, quote
 
 T = TypeVar("T")
 
@@ -149,7 +149,7 @@ def evict(entries: dict[str, T], finished_at: Callable[[T], float | None],
 
 
 def unknown_job(job_id: str) -> NotFound:
-    return NotFound(f"no job {job_id!r} (unknown or expired)", code="unknown_job")
+    return NotFound(f"no job {quote(job_id)} (unknown or expired)", code="unknown_job")
 
 
 class LocalJobs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 
@@ -274,3 +275,78 @@ def test_the_server_is_still_up_and_serving(base):
     assert httpx.get(f"{base}/healthz").status_code == 200
     assert httpx.get(f"{base}/readyz").status_code == 200
     assert map_of(post(base, "multipart", [save(photo(), "PNG")])).shape == (60, 80)
+
+
+def raw_request(base: str, verb: str, path: str, body: dict | None = None) -> httpx.Response:
+    """A request whose URL may be longer than httpx allows (64 KiB)."""
+    host, port = base.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        connection.request(verb, path, body=None if body is None else json.dumps(body),
+                           headers={} if body is None else {"content-type": "application/json"})
+        answer = connection.getresponse()
+        return httpx.Response(answer.status, content=answer.read())
+    finally:
+        connection.close()
+
+
+def test_error_messages_quote_at_most_80_characters_of_the_input(base, small_png):
+    """A name of 1 MB (parameter, model, method, job id) answers a small 4xx; one that reaches the service is
+    named by its first 80 characters."""
+    big = "n" * 2**20
+    long = "n" * 200_000  # a field's value: under the part size limit (max_image_bytes)
+    in_url = "n" * 60_000  # the longest URL uvicorn's parser passes on is under 100 KB
+    image = ("image", ("a.png", small_png, "image/png"))
+    images = [base64.b64encode(small_png).decode()]
+    url = f"{base}/v1/explain/gradcam"
+    named = {
+        "parameter name (multipart)": httpx.post(url, files=[image, ("n" * 1000, (None, "1"))], timeout=60),
+        "parameter name (JSON)": httpx.post(url, json={"images": images, "params": {big: 1}}, timeout=60),
+        "field name (JSON)": httpx.post(url, json={"images": images, big: 1}, timeout=60),
+        "parameter value": httpx.post(url, json={"images": images, "params": {"layer": big}}, timeout=60),
+        "model name (multipart)": httpx.post(url, files=[image, ("model", (None, long))], timeout=60),
+        "model name (JSON)": httpx.post(url, json={"images": images, "model": big}, timeout=60),
+        "method name": raw_request(base, "POST", f"/v1/explain/{in_url}", {"images": images}),
+        "job id": raw_request(base, "GET", f"/v1/jobs/{in_url}"),
+        "job id (DELETE)": raw_request(base, "DELETE", f"/v1/jobs/{in_url}"),
+        "outputs": httpx.post(url, files=[image, ("outputs", (None, long))], timeout=60),
+        "size": httpx.post(url, files=[image, ("size", (None, long))], timeout=60),
+        "target": httpx.post(url, files=[image, ("target", (None, long))], timeout=60),
+    }
+    for name, r in named.items():
+        assert 400 <= r.status_code < 500 and len(r.content) < 2048, (name, r.status_code, r.text[:300])
+        message = r.json()["error"]["message"]
+        assert "n" * 80 in message and "n" * 81 not in message, (name, message)
+    # refused before the service sees them (uvicorn's HTTP parser, the multipart parser): small all the same
+    early = {"1 MB method name": raw_request(base, "POST", f"/v1/explain/{big}", {"images": images}),
+             "1 MB job id": raw_request(base, "GET", f"/v1/jobs/{big}"),
+             "1 MB multipart field name": httpx.post(url, files=[image, (big, (None, "1"))], timeout=60)}
+    for name, r in early.items():
+        assert 400 <= r.status_code < 500 and len(r.content) < 2048, (name, r.status_code, r.text[:300])
+    # many short names: the first 20 refusals are described, then a count
+    many = httpx.post(url, json={"images": images, "params": {f"p{i}": 1 for i in range(50_000)}}, timeout=60)
+    assert many.status_code == 422 and len(many.content) < 2048, many.text[:300]
+    assert many.json()["error"]["message"].endswith("and 49980 more")
+
+
+# int() reads each of these as 7 (or 285): Arabic-Indic and full-width digits, "_" separators, a "+"
+LOOSE_TARGETS = ["0_7", "\u0667", "\uff17", "+7", "2_85", "\u0662\u0668\u0665"]
+
+
+@pytest.mark.parametrize("form", ["multipart", "json"])
+@pytest.mark.parametrize("target", LOOSE_TARGETS)
+def test_targets_are_ascii_decimal_digits(base, small_png, form, target):
+    r = post(base, form, [small_png], target=target)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["code"] == "invalid_targets" and repr(target) in error["message"], error
+
+
+@pytest.mark.parametrize("form", ["multipart", "json"])
+def test_targets_in_digits_and_top1_are_read(base, small_png, form):
+    top1 = "top1" if form == "multipart" else None
+    for target, expected in ((7, 7), ("0007" if form == "multipart" else 7, 7), (top1, None)):
+        r = post(base, form, [small_png], target=target)
+        assert r.status_code == 200, r.text
+        result = r.json()["results"][0]
+        assert result["target"] == (expected if expected is not None else result["top_k"][0]["index"])

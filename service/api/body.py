@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import binascii
 import json
+import re
 
 import pybase64
 from fastapi import Request
@@ -10,7 +11,7 @@ from pydantic import ValidationError
 from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 
-from ..errors import describe_validation
+from ..errors import describe_validation, quote
 from ..pipeline import CallRequest
 from ..settings import Settings
 from .errors import ApiError
@@ -18,6 +19,9 @@ from .schemas import ExplainRequest
 
 RESERVED_FIELDS = {"image", "model", "target", "targets", "outputs", "size"}
 OUTPUTS = {"npy", "png", "overlay", "raw"}
+TOP1 = ("null", "none", "top1", "top-1")  # the top-1 class
+# ASCII digits only: int() would also take "2_85", "+285" and other scripts' digits ("٢٨٥")
+CLASS_INDEX = re.compile(r"-?[0-9]+")
 
 
 def _split(values: list[str]) -> list[str]:
@@ -30,22 +34,26 @@ def _targets(values: list[str]) -> list[int | None] | None:
         return None
     out: list[int | None] = []
     for v in items:
-        if v.lower() in ("null", "none", "top1", "top-1"):
+        if v.lower() in TOP1:
             out.append(None)
             continue
         try:
-            out.append(int(v))
-        except ValueError:
-            raise ApiError(422, "invalid_targets", f"target {v!r} is not an integer class index") from None
+            if not CLASS_INDEX.fullmatch(v):
+                raise ValueError(v)
+            out.append(int(v))  # a negative index is refused by the range check
+        except ValueError:  # not digits, or more digits than int() converts
+            raise ApiError(422, "invalid_targets", f"target {quote(v)} is not an integer class index "
+                                                   f"(ASCII digits 0-9) or top1/null") from None
     return out
 
 
 def _check_outputs(outputs: list[str], size: str) -> None:
     unknown = [o for o in outputs if o not in OUTPUTS]
     if unknown:
-        raise ApiError(422, "invalid_outputs", f"unknown outputs {unknown}; choose from {sorted(OUTPUTS)}")
+        named = ", ".join(quote(o) for o in unknown[:4]) + (", ..." if len(unknown) > 4 else "")
+        raise ApiError(422, "invalid_outputs", f"unknown outputs {named}; choose from {sorted(OUTPUTS)}")
     if size not in ("original", "input"):
-        raise ApiError(422, "invalid_size", f"size {size!r} must be 'original' or 'input'")
+        raise ApiError(422, "invalid_size", f"size {quote(size)} must be 'original' or 'input'")
 
 
 def _check_closed(raw: bytes, content_type: str) -> None:
@@ -101,10 +109,10 @@ async def parse_multipart(request: Request, settings: Settings, content_type: st
                 continue
             if isinstance(value, UploadFile):
                 raise ApiError(422, "invalid_params",
-                               f"parameter {key!r} is a file; only 'image' fields may be")
+                               f"parameter {quote(key)} is a file; only 'image' fields may be")
             if key in params:
                 raise ApiError(422, "invalid_params",
-                               f"parameter {key!r} is given more than once; give it once")
+                               f"parameter {quote(key)} is given more than once; give it once")
             params[key] = value
         outputs = _split(_texts(form, "outputs")) or ["npy"]
         size = _text(form, "size") or "original"
@@ -126,7 +134,10 @@ def parse_json(raw: bytes) -> CallRequest:
     try:
         req = ExplainRequest.model_validate(data)
     except ValidationError as exc:
-        raise ApiError(422, "invalid", describe_validation(exc.errors())) from None
+        errors = exc.errors()
+        # a refused class index is `invalid_targets`, as in the multipart form
+        code = "invalid_targets" if all(e["loc"][:1] == ("targets",) for e in errors) else "invalid"
+        raise ApiError(422, code, describe_validation(errors)) from None
     blobs = []
     for i, text in enumerate(req.images):
         try:
@@ -156,5 +167,5 @@ async def parse_body(request: Request, settings: Settings) -> CallRequest:
         return await parse_multipart(request, settings, content_type)
     if media_type == "application/json":
         return parse_json(await request.body())  # BodyLimit has bounded its size as it arrived
-    raise ApiError(415, "unsupported_media_type",
-                   f"content type {content_type or '(none)'!r}: send multipart/form-data or application/json")
+    raise ApiError(415, "unsupported_media_type", f"content type {quote(content_type or '(none)')}: "
+                                                  "send multipart/form-data or application/json")

@@ -6,6 +6,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
+from ..errors import quote
 from .errors import ApiError
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
@@ -25,7 +26,7 @@ router = APIRouter(tags=["viewer"], include_in_schema=False)
 def _serve(name: str) -> FileResponse:
     path = FILES.get(name)
     if path is None:
-        raise ApiError(404, "not_found", f"no viewer file {name!r}")
+        raise ApiError(404, "not_found", f"no viewer file {quote(name)}")
     return FileResponse(path, media_type=MEDIA_TYPES[path.suffix], headers=HEADERS)
 
 

@@ -3,6 +3,7 @@
 Adding a method: its module, one line in `_BUILTIN` below, and its tests (docs/adding-a-method.md). A plugin
 or a test registers one at run time with `register_method`.
 """
+from ..errors import quote
 from .base import Attribution, Explainee, Method, MethodParams, Progress, ServedModel
 from .fullgrad import FullGrad
 from .gradcam import GradCAM
@@ -34,7 +35,7 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        raise LookupError(f"unknown method {name!r}; available: {sorted(METHODS)}") from None
+        raise LookupError(f"unknown method {quote(name)}; available: {sorted(METHODS)}") from None
 
 
 for _method in _BUILTIN:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, quote
 from .base import Attribution, MethodParams, ServedModel, SinglePassMethod
 from .hooks import OutputCapture, get_layer
 from .passes import class_scores, resolve_targets, widen
@@ -26,8 +26,8 @@ class GradCAM(SinglePassMethod):
 
     def check_model(self, model: ServedModel, params: GradCAMParams) -> None:  # type: ignore[override]
         if params.layer is not None and params.layer not in model.cam_layers:
-            raise InvalidInput(f"layer {params.layer!r} is not a layer of {model.name} usable by Grad-CAM "
-                               f"(see GET /v1/models)", code="unknown_layer")
+            raise InvalidInput(f"layer {quote(params.layer)} is not a layer of {model.name} usable by "
+                               f"Grad-CAM (see GET /v1/models)", code="unknown_layer")
 
     def attribute_chunk(self, model, x, targets, params):
         path = params.layer or model.cam_layer

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import quote
 from .cards import CardError, ModelCard, discover_cards, read_card
 from .fold import fold_batchnorms
 from .labels import load_labels
@@ -172,5 +173,5 @@ class ModelRegistry:
         if name in self.models:
             return self.models[name]
         if name in self.unavailable:
-            raise LookupError(f"model {name!r} is unavailable: {self.unavailable[name].reason}")
-        raise LookupError(f"unknown model {name!r}; available: {sorted(self.models)}")
+            raise LookupError(f"model {quote(name)} is unavailable: {self.unavailable[name].reason}")
+        raise LookupError(f"unknown model {quote(name)}; available: {sorted(self.models)}")
