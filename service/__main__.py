@@ -5,26 +5,35 @@ import argparse
 import logging
 import math
 
-import uvicorn
-
-from .app import create_app
+# Only light modules above: the arguments are parsed before torch (by way of the app) is imported, so
+# `--help` and a mistyped flag answer at once (tests/test_main_cli.py).
 from .settings import Settings
 
+# The common settings that are also flags: name -> type. Each flag's help is its setting's description.
+FLAGS: dict[str, type] = {"host": str, "port": int, "models_dir": str, "device": str, "max_batch_cost": int,
+                          "max_wait_ms": float, "max_queue": int}
+_OWN_HELP = {"port": "TCP port to listen on"}  # settings whose field has no description
 
-def main(argv: list[str] | None = None) -> None:
+
+def _help(name: str) -> str:
+    field = Settings.model_fields[name]
+    text = field.description or _OWN_HELP[name]
+    return f"{text} (default: {field.default}; env SALIENCY_{name.upper()})".replace("%", "%%")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
-    parser.add_argument("--host", help="bind address (default 127.0.0.1)")
-    parser.add_argument("--port", type=int)
-    parser.add_argument("--models-dir", help="directory of model cards")
-    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--max-batch-cost", type=int)
-    parser.add_argument("--max-wait-ms", type=float)
-    parser.add_argument("--max-queue", type=int)
+    for name, kind in FLAGS.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=_help(name))
     parser.add_argument("--engine", choices=["embedded", "ray"], default="embedded",
                         help="embedded: the in-process worker queue (default); ray: the same API on "
                              "Ray Serve, on a local Ray or the cluster named by RAY_ADDRESS "
                              "(needs `pip install .[ray]`)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     engine = args.engine
     overrides = {k: v for k, v in vars(args).items() if v is not None and k != "engine"}
     settings = Settings(**overrides)
@@ -36,6 +45,10 @@ def main(argv: list[str] | None = None) -> None:
 
         serve_forever(settings)
         return
+    import uvicorn
+
+    from .app import create_app  # imports torch: seconds
+
     # On SIGTERM uvicorn stops accepting, lets in-flight requests finish (up to the grace), then the
     # lifespan stops the worker and cancels jobs.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
