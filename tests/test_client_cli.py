@@ -68,3 +68,14 @@ def test_models_methods_and_errors_through_the_installed_script(server, tmp_path
     bad = subprocess.run([script, "--url", server, "explain", str(wrong), "-m", "nosuch"],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and "unknown method 'nosuch'" in bad.stderr
+
+
+def test_methods_show_the_defaults_the_server_applies(server, capsys):
+    """A null default is the server's choice, said as the parameter's description says it, never `None`."""
+    assert main(["--url", server, "methods"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "None" not in "".join(lines.values())
+    assert "precision=<the server's setting>" in lines["gradient"]
+    assert "layer=<the model card's>" in lines["gradcam"]
+    assert "eta=<5e-3 l1, 5e-2 group>" in lines["moreaugrad"]
+    assert "n_steps=50" in lines["integrated-gradients"]

@@ -85,7 +85,7 @@ def test_predictions_round_trip_through_label_studio(saliency, label_studio, bac
         [stored] = ls.get("/api/predictions", params={"task": task["id"]}).json()
     print(f"Label Studio project -> stored prediction in {time.monotonic() - started:.1f}s")
 
-    assert stored["model_version"] == "saliency-gradcam-default"
+    assert stored["model_version"] == "saliency-gradcam-efficientnet_lite0"  # the service's default model
     regions = {r["type"]: r for r in stored["result"]}
     assert set(regions) == {"brushlabels", "rectanglelabels"}
     brush, box = regions["brushlabels"], regions["rectanglelabels"]

@@ -134,7 +134,7 @@ def test_protocol_routes(app):
     assert app.get("/health", auth=("ls", "wrong")).status_code == 401
     setup = app.post("/setup", json={"project": "7.1700000000", "schema": BOTH,
                                      "extra_params": {"method": "gradient", "threshold": "0.3"}})
-    assert setup.json() == {"model_version": "saliency-gradient-default"}
+    assert setup.json() == {"model_version": "saliency-gradient-efficientnet_lite0"}  # the service's default
     assert app.post("/webhook", json={"action": "ANNOTATION_CREATED"}).status_code == 201
     assert app.post("/webhook", json={"action": "PROJECT_UPDATED"}).json() == {"status": "Unknown event"}
     assert app.post("/predict", json={"tasks": [], "label_config": NEITHER}).status_code == 400
@@ -157,13 +157,29 @@ def test_predict_gives_one_prediction_per_task(app):
     body = app.post("/predict", json={"tasks": tasks, "project": "7.1", "label_config": BOTH}).json()
     assert len(body["results"]) == 3
     for prediction in body["results"]:
-        assert prediction["model_version"] == "saliency-gradient-default" and 0 < prediction["score"] <= 1
+        assert prediction["model_version"] == "saliency-gradient-efficientnet_lite0"
+        assert 0 < prediction["score"] <= 1
         brush_result, box = prediction["result"]
         assert brush_result["type"] == "brushlabels" and brush_result["original_width"] == 80
         assert box["type"] == "rectanglelabels" and 0 < box["value"]["width"] <= 100
     bad = app.post("/predict", json={"tasks": [{"id": 1, "data": {"photo": "data:image/png;base64,!!"}}],
                                      "project": "7.1", "label_config": BOTH})
     assert bad.status_code == 502 and "base64" in bad.json()["error"]
+
+
+def test_the_model_version_names_method_and_model(app):
+    """`saliency-<method>-<model>` (README): the model configured, else the service's default model."""
+    setup = app.post("/setup", json={"project": "9.1", "schema": BOTH,
+                                     "extra_params": {"method": "gradient", "model": "tiny_cnn"}})
+    assert setup.json() == {"model_version": "saliency-gradient-tiny_cnn"}
+    tasks = [{"id": 1, "data": {"photo": png_data_url(0)}}]
+    [prediction] = app.post("/predict", json={"tasks": tasks, "project": "9.1",
+                                              "label_config": BOTH}).json()["results"]
+    assert prediction["model_version"] == "saliency-gradient-tiny_cnn"
+    [prediction] = app.post("/predict", json={"tasks": tasks, "label_config": BOTH}).json()["results"]
+    assert prediction["model_version"] == "saliency-gradcam-efficientnet_lite0"  # the backend's own settings
+    assert app.get("/versions").json()["versions"] == ["saliency-gradcam-efficientnet_lite0",
+                                                       "saliency-gradient-tiny_cnn"]
 
 
 def test_predict_answers_within_the_backend_timeout():

@@ -45,6 +45,18 @@ def create_app(settings: BackendSettings | None = None) -> Starlette:
         expected = ":".join(settings.basic_auth)
         return scheme.lower() == "basic" and secrets.compare_digest(given, expected)
 
+    def default_model() -> str:
+        """The service's default model (GET /v1/models): the version's model when the backend names none."""
+        for model in state["client"].models():
+            if model.default:
+                return model.name
+        raise SaliencyError("the saliency service lists no default model")
+
+    async def versions(*configs: BackendSettings) -> list[str]:
+        """Each config's `saliency-<method>-<model>`; the service is asked only when one names no model."""
+        default = await run_in_threadpool(default_model) if any(c.model is None for c in configs) else ""
+        return [c.model_version(c.model or default) for c in configs]
+
     def guarded(handler):
         async def endpoint(request: Request):
             if not authorized(request):
@@ -67,8 +79,12 @@ def create_app(settings: BackendSettings | None = None) -> Starlette:
             # Label Studio tells us its address and a token to fetch task files with
             current = replace(current, label_studio_url=body["hostname"],
                               label_studio_api_key=settings.label_studio_api_key or body.get("access_token"))
+        try:
+            [version] = await versions(current)
+        except SaliencyError as exc:
+            return JSONResponse({"error": f"no default model from the service: {exc}"}, status_code=502)
         projects[project.split(".")[0]] = current
-        return JSONResponse({"model_version": current.model_version})
+        return JSONResponse({"model_version": version})
 
     async def predict_route(request: Request):
         body = await request.json()
@@ -99,12 +115,16 @@ def create_app(settings: BackendSettings | None = None) -> Starlette:
     async def metrics(request: Request):
         return JSONResponse({})
 
-    async def versions(request: Request):
-        return JSONResponse({"versions": sorted({s.model_version for s in (settings, *projects.values())})})
+    async def versions_route(request: Request):
+        try:
+            known = await versions(settings, *projects.values())
+        except SaliencyError as exc:
+            return JSONResponse({"error": f"no default model from the service: {exc}"}, status_code=502)
+        return JSONResponse({"versions": sorted(set(known))})
 
     routes = [Route("/", guarded(health)), Route("/health", guarded(health)),
               Route("/setup", guarded(setup), methods=["POST"]), Route("/predict", guarded(predict_route),
                                                                        methods=["POST"]),
               Route("/webhook", guarded(webhook), methods=["POST"]), Route("/metrics", guarded(metrics)),
-              Route("/versions", guarded(versions))]
+              Route("/versions", guarded(versions_route))]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -76,14 +76,16 @@ def box_region(ctl: Control, heat: np.ndarray, threshold: float, score: float) -
                                       "rectanglelabels": [ctl.label]}}
 
 
-def prediction(targets: Targets, result: ImageExplanation, settings: BackendSettings) -> dict[str, Any]:
+def prediction(targets: Targets, result: ImageExplanation, settings: BackendSettings,
+               model: str) -> dict[str, Any]:
+    """`model`: the model that made `result` (the explain answer names it)."""
     assert result.map is not None  # predict() asks for the "npy" output
     regions = []
     if targets.brush:
         regions.append(brush_region(targets.brush, result.map, result.probability))
     if targets.box:
         regions.append(box_region(targets.box, result.map, settings.threshold, result.probability))
-    return {"model_version": settings.model_version, "score": result.probability, "result": regions}
+    return {"model_version": settings.model_version(model), "score": result.probability, "result": regions}
 
 
 def predict(tasks: list[dict[str, Any]], label_config: str, settings: BackendSettings, client: Client,
@@ -98,5 +100,5 @@ def predict(tasks: list[dict[str, Any]], label_config: str, settings: BackendSet
         explanation = client.explain(blobs[start:start + batch], settings.method, model=settings.model,
                                      outputs=["npy"], size="original", params=settings.params,
                                      timeout=max(deadline - time.monotonic(), 1e-3))
-        out += [prediction(targets, r, settings) for r in explanation]
+        out += [prediction(targets, r, settings, explanation.model) for r in explanation]
     return out

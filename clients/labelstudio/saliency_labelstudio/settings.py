@@ -63,6 +63,7 @@ class BackendSettings:
                                 f"not {update['params']!r}")
         return replace(self, **update)
 
-    @property
-    def model_version(self) -> str:
-        return f"saliency-{self.method}-{self.model or 'default'}"
+    def model_version(self, served_model: str) -> str:
+        """`saliency-<method>-<model>`, where `served_model` is the model the service explains with: this
+        backend's `model`, else the service's default (an explain answer's `model`, or GET /v1/models)."""
+        return f"saliency-{self.method}-{served_model}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -82,13 +83,27 @@ def cmd_models(client: Client, args) -> int:
     return 0
 
 
+_DEFAULT_SAID = re.compile(r"\(default:?\s*([^)]*)\)")
+
+
+def shown_default(schema: dict) -> str:
+    """A parameter's default as the server applies it. A null default means the server chooses (the
+    `precision` of its own setting, a model card's Grad-CAM layer): the parameter's description says which,
+    in its "(default: ...)", shown here as <...>."""
+    default = schema.get("default")
+    if default is not None:
+        return repr(default)
+    said = _DEFAULT_SAID.search(schema.get("description", ""))
+    return f"<{said.group(1).strip()}>" if said else "<the server's choice>"
+
+
 def cmd_methods(client: Client, args) -> int:
     methods = client.methods()
     if args.json:
         print(json.dumps([m.model_dump() for m in methods], indent=2))
         return 0
     for m in methods:
-        params = ", ".join(f"{k}={v.get('default')!r}" for k, v in m.parameters.get("properties", {}).items())
+        params = ", ".join(f"{k}={shown_default(v)}" for k, v in m.parameters.get("properties", {}).items())
         print(f"{m.name:<22} {m.cost:<30} {params}")
     return 0
 
