@@ -65,7 +65,7 @@ class EngineCore:
         if registry is None:
             if only is None and settings.models:
                 only = settings.models
-            registry = ModelRegistry.from_dir(settings.models_dir, device, set(only) if only else None,
+            registry = ModelRegistry.from_dir(settings.card_dirs, device, set(only) if only else None,
                                               settings.fold_batchnorm)
         if own_process:
             hold_process_to_lane_share(device, settings)  # before the probes, so they run under the cap

@@ -58,6 +58,7 @@ class Runtime:
         self._encoder = ThreadPoolExecutor(thread_name_prefix="encode")  # maps -> .npy/PNG/base64, per image
         self.registry: ModelRegistry | None = None
         self.load_error: str | None = None
+        self.default_error: str | None = None  # why the default model is not served (not ready while set)
         self._loaded = threading.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -75,6 +76,9 @@ class Runtime:
             self.registry = self.backend.boot()
             log.info("models ready: %s; unavailable: %s", sorted(self.registry.models),
                      sorted(self.registry.unavailable))
+            self.default_error = default_model_problem(self.settings, self.registry)
+            if self.default_error:
+                log.error("not ready: %s", self.default_error)
         except Exception as exc:  # noqa: BLE001 - reported by /readyz
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("model loading failed")
@@ -90,14 +94,17 @@ class Runtime:
     @property
     def ready(self) -> bool:
         return (self._loaded.is_set() and self.registry is not None and bool(self.registry.models)
-                and self.backend.workers_alive and self.backend.warmed)
+                and self.default_error is None and self.backend.workers_alive and self.backend.warmed)
 
     def readiness(self) -> dict[str, Any]:
         return {"ready": self.ready, "models_loaded": self._loaded.is_set(),
                 "worker_alive": self.backend.workers_alive,
-                "models": sorted(self.registry.models) if self.registry else [], "error": self.load_error}
+                "models": sorted(self.registry.models) if self.registry else [],
+                "default_model": self.settings.default_model, "error": self.load_error or self.default_error}
 
     def require_ready(self) -> ModelRegistry:
+        if self.default_error:  # a setting to fix, not a wait: no Retry-After
+            raise Unavailable(f"not ready: {self.default_error}")
         if not self.ready or self.registry is None:
             raise Unavailable("the service is starting (models loading) or its worker is down", retry_after=5)
         return self.registry
@@ -281,6 +288,25 @@ class Runtime:
         self.metrics.cache_hits.set(self.cache.hits)
         self.metrics.cache_misses.set(self.cache.misses)
         self.metrics.cache_bytes.set(self.cache.bytes)
+
+
+def default_model_problem(settings: Settings, registry: ModelRegistry) -> str | None:
+    """Why the default model (the model of every call that names none) is not served, or None when it is."""
+    name = settings.default_model
+    if name in registry.models:
+        return None
+    if name in registry.unavailable:
+        return f"default model {name!r} is unavailable: {registry.unavailable[name].reason}"
+    if settings.models and name not in settings.models:
+        return (f"default model {name!r} is not among the models to load ({', '.join(settings.models)}); "
+                "add it to SALIENCY_MODELS or set SALIENCY_DEFAULT_MODEL to one of them")
+    found = sorted({*registry.models, *registry.unavailable})
+    dirs = ", ".join(str(d) for d in settings.card_dirs)
+    hint = ""
+    if settings.models_mode == "replace":
+        hint = " (or SALIENCY_MODELS_MODE=add to keep the shipped cards)"
+    return (f"default model {name!r} has no card in {dirs}; cards found: {', '.join(found) or 'none'}. "
+            f"Set SALIENCY_DEFAULT_MODEL to one of them{hint}")
 
 
 def _expire(item: Item) -> None:

@@ -8,6 +8,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_MODELS = ROOT / "models"  # the cards this source tree ships (the default model's among them)
 
 
 class Settings(BaseSettings):
@@ -15,9 +16,14 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address to bind (loopback by default)")
     port: int = Field(8000, ge=0, le=65535)
-    models_dir: Path = Field(ROOT / "models", description="directory of model cards (*.toml)")
+    models_dir: Path = Field(SHIPPED_MODELS, description="directory of model cards (*.toml)")
+    models_mode: Literal["add", "replace"] = Field(
+        "add", description="add: models_dir's cards are added to the shipped ones (a card of the same name "
+                           "replaces the shipped one), so the default model stays; replace: only "
+                           "models_dir's cards (then default_model must be one of them, or /readyz says 503)")
     models: list[str] | None = Field(None, description="load only these cards (default: all)")
-    default_model: str = "efficientnet_lite0"
+    default_model: str = Field("efficientnet_lite0", description="the model of a request that names none; "
+                                                                 "/readyz says 503 while it is not loaded")
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:1 ...")
 
     # Batching
@@ -123,6 +129,14 @@ class Settings(BaseSettings):
 
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM: time for in-flight work to finish")
     log_level: str = "info"
+
+    @property
+    def card_dirs(self) -> tuple[Path, ...]:
+        """Where the model cards are read, in order: a later directory's card replaces an earlier one's of
+        the same name (service/zoo/cards.py `find_cards`). Every loader of models reads these."""
+        if self.models_mode == "replace" or self.models_dir.resolve() == SHIPPED_MODELS.resolve():
+            return (self.models_dir,)
+        return (SHIPPED_MODELS, self.models_dir)
 
     @property
     def loopback(self) -> bool:

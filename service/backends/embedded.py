@@ -86,7 +86,7 @@ class EmbeddedBackend:
             if self.isolated:
                 # the models here only serve validation and preprocessing: keep them off the device
                 only = set(self.settings.models) if self.settings.models else None
-                registry = ModelRegistry.from_dir(self.settings.models_dir, torch.device("cpu"), only,
+                registry = ModelRegistry.from_dir(self.settings.card_dirs, torch.device("cpu"), only,
                                                   self.settings.fold_batchnorm)
                 engines = [lane.engine for lane in self.lanes.values() if lane.engine is not None]
                 with ThreadPoolExecutor(len(engines)) as starting:

@@ -16,7 +16,7 @@ from ray.serve import Application
 
 from ..app import create_app
 from ..settings import Settings
-from ..zoo.cards import CardError, discover_cards, read_card
+from ..zoo.cards import CardError, find_cards
 from ..zoo.weights import resolve_weights
 from .explainer import Explainer
 from .ray_backend import RayBackend
@@ -52,12 +52,12 @@ class Ingress:
 def servable_models(settings: Settings) -> list[str]:
     """Cards whose weights are present (the others are listed as unavailable by the ingress, as embedded)."""
     names = []
-    for path in discover_cards(settings.models_dir):
+    for found in find_cards(settings.card_dirs):
+        card = found.card
+        if card is None or (settings.models and card.name not in settings.models):
+            continue
         try:
-            card = read_card(path)
-            if settings.models and card.name not in settings.models:
-                continue
-            resolve_weights(card.weights, settings.models_dir, card.name)
+            resolve_weights(card.weights, found.base, card.name)
         except CardError:
             continue
         names.append(card.name)

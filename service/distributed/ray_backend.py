@@ -59,7 +59,7 @@ class RayBackend:
         if self._given is not None:
             return self._given
         only = set(self.settings.models) if self.settings.models else None
-        return ModelRegistry.from_dir(self.settings.models_dir, torch.device("cpu"), only,
+        return ModelRegistry.from_dir(self.settings.card_dirs, torch.device("cpu"), only,
                                       self.settings.fold_batchnorm)
 
     async def _await_explainers(self) -> None:

@@ -5,11 +5,16 @@ layer Grad-CAM uses by default. Cards are data: nothing in them is executed.
 """
 from __future__ import annotations
 
+import logging
 import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -106,3 +111,32 @@ def read_card(path: Path) -> ModelCard:
 def discover_cards(models_dir: Path) -> list[Path]:
     """Card files directly in the models directory, in a stable order."""
     return sorted(p for p in models_dir.glob("*.toml") if p.is_file())
+
+
+@dataclass(frozen=True)
+class FoundCard:
+    """A card of one of the models directories, or why it cannot be read. Its weights and labels are looked
+    up in the directory it was found in (`base`)."""
+
+    name: str
+    base: Path
+    card: ModelCard | None = None
+    error: CardError | None = None
+
+
+def find_cards(dirs: Sequence[Path]) -> list[FoundCard]:
+    """The cards of `dirs` by name, a later directory's card replacing an earlier one's of the same name (a
+    card that cannot be read goes by the name it gives, else its file's). Settings.card_dirs lists the
+    directories: the shipped cards, then the models directory's."""
+    found: dict[str, FoundCard] = {}
+    for base in dirs:
+        if not base.is_dir():
+            log.warning("models directory %s does not exist: no cards read from it", base)
+        for path in discover_cards(base):
+            try:
+                card = read_card(path)
+            except CardError as exc:
+                found[exc.card] = FoundCard(exc.card, base, error=exc)
+            else:
+                found[card.name] = FoundCard(card.name, base, card=card)
+    return list(found.values())

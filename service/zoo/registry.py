@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import quote
-from .cards import CardError, ModelCard, discover_cards, read_card
+from .cards import CardError, ModelCard, find_cards
 from .fold import fold_batchnorms
 from .labels import load_labels
 from .preprocess import Preprocessor
@@ -148,25 +149,29 @@ class ModelRegistry:
     unavailable: dict[str, UnavailableModel] = field(default_factory=dict)
 
     @classmethod
-    def from_dir(cls, models_dir: Path, device: torch.device, only: set[str] | None = None,
+    def from_dir(cls, models_dir: Path | Sequence[Path], device: torch.device, only: set[str] | None = None,
                  fold_norms: bool = True) -> ModelRegistry:
-        """Load every card; a card that fails is listed as unavailable with its reason, never served
-        random."""
+        """Load every card of a models directory, or of several (Settings.card_dirs: a later directory's card
+        replaces an earlier one's of the same name); a card that fails is listed as unavailable with its
+        reason, never served random."""
         registry = cls()
-        for path in discover_cards(models_dir):
-            card: ModelCard | None = None
-            try:
-                card = read_card(path)
+        for found in find_cards([models_dir] if isinstance(models_dir, Path) else models_dir):
+            card, error = found.card, found.error
+            if card is not None:
                 if only is not None and card.name not in only:
                     continue
-                registry.models[card.name] = load_model(card, models_dir, device, fold_norms)
-                log.info("loaded model %s on %s (%d BatchNorms folded)", card.name, device,
-                         registry.models[card.name].folded_norms)
-            except CardError as exc:
-                if not isinstance(exc, WeightsMissing):
-                    log.error("%s", exc)
-                arch = card.architecture if card else "?"
-                registry.unavailable[exc.card] = UnavailableModel(exc.card, arch, str(exc))
+                try:
+                    registry.models[card.name] = load_model(card, found.base, device, fold_norms)
+                    log.info("loaded model %s on %s (%d BatchNorms folded)", card.name, device,
+                             registry.models[card.name].folded_norms)
+                    continue
+                except CardError as exc:
+                    error = exc
+            assert error is not None  # a card that was not read has its error
+            if not isinstance(error, WeightsMissing):
+                log.error("%s", error)
+            arch = card.architecture if card else "?"
+            registry.unavailable[error.card] = UnavailableModel(error.card, arch, str(error))
         return registry
 
     def get(self, name: str) -> LoadedModel:
