@@ -164,6 +164,8 @@ class Runtime:
         deadline = time.monotonic() + deadline_s
         items = [Item(key=key, cost=cost, payload=CallItem(call, i, job), deadline=deadline,
                       progress=job.progress_for(i)) for i in range(len(call.uploads))]
+        for item in items:
+            item.payload.siblings = items
         lane = self.lane(call)
         pixels = self.hold_pixels(call, lane)
         submitted: list[Item] = []
@@ -310,7 +312,10 @@ def default_model_problem(settings: Settings, registry: ModelRegistry) -> str | 
 
 
 def _expire(item: Item) -> None:
-    """Fails a still-queued item at its deadline (cancel() is refused once the worker has started it)."""
+    """Fails a still-queued item at its deadline (cancel() is refused once the worker has started it), unless
+    its call has started meanwhile (CallItem.call_started lifts the deadline)."""
+    if item.deadline > time.monotonic():
+        return
     item.payload.expired = True  # before cancel(): its callbacks read it
     if not item.future.cancel():
         item.payload.expired = False

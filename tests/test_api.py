@@ -371,6 +371,21 @@ def test_deadline_passed_before_start_is_504(small_registry):
         assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
 
 
+def test_the_images_of_a_started_call_do_not_expire_behind_each_other(small_registry):
+    """The start deadline is the call's: once its first image runs, the others run too, even past it. Before,
+    each image had its own deadline, and the last of a call whose images ran one after another got a 504
+    (issue 24, finding 1)."""
+    settings = Settings(default_model="tiny_cnn", queue_deadline_s=1.0, max_batch_items=1, cache_bytes=0)
+    with running_server(settings, small_registry) as (base, app):
+        # one image per batch, 0.7 s each
+        app.state.runtime.backend.fault_hook = lambda items: time.sleep(0.7)
+        files = [("image", (f"{i}.png", png_bytes(random_image(20 + i)), "image/png")) for i in range(3)]
+        r = httpx.post(f"{base}/v1/explain/gradcam", files=files, timeout=30)  # the third starts at ~1.4 s
+        app.state.runtime.backend.fault_hook = None
+        assert r.status_code == 200, r.text
+        assert len(r.json()["results"]) == 3
+
+
 def test_sync_request_over_its_wait_becomes_a_job(small_registry):
     settings = Settings(default_model="tiny_cnn", sync_wait_s=0.3)
     with running_server(settings, small_registry) as (base, _):

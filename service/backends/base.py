@@ -6,7 +6,8 @@ everything else, once for every backend: admission, budgets, deadlines, the cach
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry
@@ -31,6 +32,13 @@ class CallItem:
     job: Job
     compute_s: float = 0.0  # duration of the batch this image ran in
     expired: bool = False  # failed at its start deadline (the lifecycle's timer)
+    siblings: list[Item] = field(default_factory=list)  # the items of the call, this one included
+
+    def call_started(self) -> None:
+        """A backend starts this item: the call has started, and its other images no longer expire (the
+        start deadline is the call's: a started call finishes, or is cancelled)."""
+        for sibling in self.siblings:
+            sibling.deadline = math.inf
 
 
 class JobBook(Protocol):

@@ -159,6 +159,7 @@ class EmbeddedBackend:
 
         for part in parts:  # "running" from now on, even for methods that report progress only at the end
             part.job.started = True
+            part.call_started()
         if self.fault_hook is not None:
             self.fault_hook(items)
         engine = self.lanes[lane].engine
