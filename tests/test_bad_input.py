@@ -131,6 +131,9 @@ def test_bad_requests(base, form):
     (b"{}", {"content-type": "application/jsonish"}, 415, "content type"),
     (b"x" * 3_000_000, {"content-type": "application/json"}, 413, "exceeds the limit"),
     (b"[" * 100_000 + b"]" * 100_000, {"content-type": "application/json"}, 400, "nested too deeply"),
+    # an integer past Python's 4,300-digit conversion limit: json raises a plain ValueError (was a 500)
+    (b'{"images": ["aGk="], "targets": [' + b"9" * 5000 + b"]}", {"content-type": "application/json"}, 400,
+     "malformed JSON"),
     (json.dumps({"images": ["aGk="], "targets": [True]}).encode(), {"content-type": "application/json"}, 422,
      "targets"),
     # the last part is cut off before the close delimiter: its field would be lost in silence

@@ -129,6 +129,8 @@ def parse_json(raw: bytes) -> CallRequest:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, "bad_json", f"malformed JSON body: {exc}") from None
+    except ValueError as exc:  # e.g. an integer past Python's 4,300-digit conversion limit
+        raise ApiError(400, "bad_json", f"malformed JSON body: {str(exc)[:120]}") from None
     except RecursionError:
         raise ApiError(400, "bad_json", "malformed JSON body: nested too deeply") from None
     try:
