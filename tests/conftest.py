@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,11 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
+# The browser tests (tests/test_viewer.py, tests/test_docs_offline.py) drive Debian's chromium with
+# Playwright.
+CHROMIUM = os.environ.get("SALIENCY_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(autouse=True)
@@ -56,3 +62,21 @@ def ray_server():
             yield server
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless chromium (skipped, saying why, without playwright or chromium)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.skip("the playwright package is not installed (make test installs it with the test extra)")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"no chromium at {CHROMIUM}: install Debian's (apt-get install chromium; make test does "
+                    "when CI=true) or point SALIENCY_TEST_CHROMIUM at one")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()

@@ -6,7 +6,6 @@ Screenshot: artifacts/docs.png.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -16,7 +15,6 @@ import torch
 from service.settings import Settings
 from tests.conftest import MODELS, ROOT
 from tests.server import running_server
-from tests.test_viewer import CHROMIUM, CHROMIUM_ARGS
 
 ARTIFACTS = ROOT / "artifacts"
 PAGES = ("/docs", "/redoc")
@@ -71,23 +69,6 @@ def test_docs_are_public_when_an_api_key_guards_v1(small_registry):
 
 
 # ------------------------------------------------------------------------------------------ in a browser
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("the playwright package is not installed (make test installs it with the test extra)")
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no chromium at {CHROMIUM}: install Debian's (apt-get install chromium; make test does "
-                    "when CI=true) or point SALIENCY_TEST_CHROMIUM at one")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 @pytest.fixture

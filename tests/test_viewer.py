@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -22,9 +21,6 @@ from tests.conftest import ROOT
 from tests.server import running_server
 
 ARTIFACTS = ROOT / "artifacts"
-CHROMIUM = os.environ.get("SALIENCY_TEST_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 120_000  # CPU inference on a shared machine
 STATUS = "document.querySelector('#server-status').textContent"
 
@@ -82,23 +78,6 @@ def test_viewer_is_public_when_an_api_key_guards_v1(registry):
 
 
 # ------------------------------------------------------------------------------------------ in a browser
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("the playwright package is not installed (make test installs it with the test extra)")
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no chromium at {CHROMIUM}: install Debian's (apt-get install chromium; make test does "
-                    "when CI=true) or point SALIENCY_TEST_CHROMIUM at one")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 @pytest.fixture
