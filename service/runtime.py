@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
@@ -314,7 +315,7 @@ def default_model_problem(settings: Settings, registry: ModelRegistry) -> str | 
 def _expire(item: Item) -> None:
     """Fails a still-queued item at its deadline (cancel() is refused once the worker has started it), unless
     its call has started meanwhile (CallItem.call_started lifts the deadline)."""
-    if item.deadline > time.monotonic():
+    if math.isinf(item.deadline):  # lifted: the call has started (a timer may fire a hair before its time)
         return
     item.payload.expired = True  # before cancel(): its callbacks read it
     if not item.future.cancel():
