@@ -23,6 +23,7 @@ class Job:
     created: float = field(default_factory=time.time)
     done: list[int] = field(default_factory=list)
     started: bool = False
+    deferred: bool = False  # a synchronous call held as a job at once: it would start past its deadline
     status: str = "queued"
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None

@@ -112,11 +112,13 @@ class Runtime:
 
     # ------------------------------------------------------------------ a call
     async def start_call(self, method_name: str, request: CallRequest, *, overlay_only: bool = False,
-                         deadline_s: float | None = None, hold: bool = False) -> Job:
-        """Resolve, decode, validate and queue a call; the job's task awaits and encodes its results.
+                         deadline_s: float | None = None, hold: bool = False, defer: bool = True) -> Job:
+        """Resolve, decode, validate, admit and queue a call; the job's task awaits and encodes its results.
 
         `overlay_only`: the answer is one image's overlay (NotAcceptable for several images). With `hold`, the
-        job is held (Busy when max_jobs are) before any work is queued, so a refused call never runs."""
+        job is held (Busy when max_jobs are) before any work is queued, so a refused call never runs. With
+        `defer` (a synchronous call, not held), a call expected to start only past its deadline is held as a
+        job at once (`job.deferred`), with the start deadline of jobs, instead of being queued to expire."""
         registry = self.require_ready()
         model, method, params = resolve(registry, self.settings, request.model, method_name, request.params)
         if overlay_only and len(request.blobs) != 1:
@@ -129,7 +131,7 @@ class Runtime:
         try:
             call, items = await self._enqueue(
                 lambda: prepare(self.settings, model, method, params, request, outputs), job,
-                deadline_s or self.settings.queue_deadline_s)
+                deadline_s or self.settings.queue_deadline_s, defer=defer and not hold)
         except BaseException:
             if hold:
                 await self.job_book.discard(job)
@@ -138,17 +140,43 @@ class Runtime:
         job.task.add_done_callback(lambda t: t.cancelled() or t.exception())  # outcome lives on the job
         return job
 
-    async def _enqueue(self, make_call, job: Job, deadline_s: float) -> tuple[Call, list[Item]]:
-        """Decode and validate (`make_call`) and queue the call; in one trip to a request thread when the
-        backend takes items from threads, so its worker can start while the event loop hears back."""
-        if self.backend.submits_from_threads:
-            def prepare_and_submit() -> tuple[Call, list[Item]]:
-                call = make_call()
-                return call, self.submit(call, job, deadline_s)
+    async def _enqueue(self, make_call, job: Job, deadline_s: float, *,
+                       defer: bool) -> tuple[Call, list[Item]]:
+        """Decode and validate (`make_call`), admit and queue the call; in one trip to a request thread when
+        the backend takes items from threads and the call is admitted as it is, so its worker can start
+        while the event loop hears back."""
+        def prepare_and_admit() -> tuple[Call, list[Item] | None, float]:
+            call = make_call()
+            expected = self.start_estimate(call)
+            if expected > deadline_s or not self.backend.submits_from_threads:
+                return call, None, expected
+            return call, self.submit(call, job, deadline_s), expected
 
-            return await run_in_threadpool(prepare_and_submit)
-        call = await run_in_threadpool(make_call)
+        call, items, expected = await run_in_threadpool(prepare_and_admit)
+        if items is not None:
+            return call, items
+        if expected > deadline_s:
+            deadline_s = await self._admit_late(call, job, expected, deadline_s, defer)
         return call, self.submit(call, job, deadline_s)
+
+    def start_estimate(self, call: Call) -> float:
+        """Seconds until the call would likely start on its lane (0 when the backend cannot tell yet)."""
+        return self.backend.start_estimate(self.lane(call)) or 0.0
+
+    async def _admit_late(self, call: Call, job: Job, expected: float, deadline_s: float,
+                          defer: bool) -> float:
+        """A call expected to start past its start deadline: a synchronous call (`defer`) is held as a job
+        at once, with the start deadline of jobs, when it would start within that; otherwise it is refused
+        (Busy) with a Retry-After of when it would start in time. Returns the deadline to queue it with."""
+        job_deadline_s = self.settings.job_deadline_s
+        if defer and expected <= job_deadline_s:
+            await self.job_book.hold(job)  # Busy when max_jobs are held
+            job.deferred = True
+            return job_deadline_s
+        limit = job_deadline_s if defer else deadline_s
+        raise Busy(f"this call would start in about {expected:.0f} s (the work queued ahead of it on the "
+                   f"{self.lane(call)} lane), past its start deadline of {limit:.0f} s: retry later",
+                   code="overloaded", retry_after=expected - limit)
 
     def lane(self, call: Call) -> str:
         return "bulk" if call.method.cost(call.params) > self.settings.bulk_cost else "interactive"
@@ -161,9 +189,9 @@ class Runtime:
         """One item per image, answered from the cache or handed to the backend; the call's pixels are held in
         the in-flight budget until every item is done."""
         key = (call.model.name, call.method.name, call.params.model_dump_json())
-        cost = call.method.batch_cost(call.params)
+        cost, passes = call.method.batch_cost(call.params), call.method.cost(call.params)
         deadline = time.monotonic() + deadline_s
-        items = [Item(key=key, cost=cost, payload=CallItem(call, i, job), deadline=deadline,
+        items = [Item(key=key, cost=cost, passes=passes, payload=CallItem(call, i, job), deadline=deadline,
                       progress=job.progress_for(i)) for i in range(len(call.uploads))]
         for item in items:
             item.payload.siblings = items

@@ -107,12 +107,14 @@ async def explain(method: str, request: Request, runtime: RuntimeDep):
     """Explain one or more images; `method` is one of GET /v1/methods. multipart or JSON body."""
     png = _wants_png(request)
     job = await start_call(request, runtime, method, png=png)
+    if job.deferred:  # it would start past its deadline: a job at once, rather than a wait that ends in 504
+        return _as_job(job)
     try:
         body = await _answer(request, runtime, job, runtime.settings.sync_wait_s)
     except TimeoutError:
         body = await _past_sync_wait(request, runtime, job)
         if body is None:  # the caller polls it as a job
-            return FastJSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+            return _as_job(job)
     return body if isinstance(body, Response) else _ok(body, png)
 
 
@@ -129,6 +131,10 @@ async def _past_sync_wait(request: Request, runtime: Runtime, job: Job):
     except Busy:  # max_jobs are held: answer on this connection when done rather than refuse running work
         return await _answer(request, runtime, job, float("inf"))
     return None
+
+
+def _as_job(job: Job) -> Response:
+    return FastJSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 def _ok(body: dict, png: bool) -> Response:

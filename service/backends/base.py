@@ -83,6 +83,10 @@ class Backend(Protocol):
     def retry_after(self, lane: str) -> float:
         """Seconds until `lane` has likely room again."""
 
+    def start_estimate(self, lane: str) -> float | None:
+        """Seconds until an item queued on `lane` now would likely start (admission compares it with the
+        call's start deadline); None when the backend cannot tell."""
+
     def withdraw(self, job: Job) -> None:
         """The job's call has ended or failed: stop whatever of it still runs out of the lifecycle's reach."""
 

@@ -136,6 +136,9 @@ class EmbeddedBackend:
     def retry_after(self, lane: str) -> float:
         return self.lanes[lane].pool.retry_after()
 
+    def start_estimate(self, lane: str) -> float | None:
+        return self.lanes[lane].pool.start_estimate(stopping=lambda item: item.payload.job.cancelled)
+
     def withdraw(self, job: Job) -> None:
         """Nothing runs out of the lifecycle's reach here: it cancels the items' futures itself."""
 

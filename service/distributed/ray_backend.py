@@ -113,6 +113,9 @@ class RayBackend:
     def retry_after(self, lane: str) -> float:
         return 1.0  # the replicas' queues are not visible from here
 
+    def start_estimate(self, lane: str) -> float | None:
+        return None  # neither: each replica enforces its items' start deadlines (docs/architecture.md)
+
     def withdraw(self, job: Job) -> None:
         for task in self._dispatches.pop(job.id, []):
             task.cancel()

@@ -20,14 +20,18 @@ class Item:
     """
 
     key: Hashable  # only items with equal keys share a batch (same model, method, params)
-    cost: int  # forward+backward passes this item needs (e.g. IG with n_steps=50 -> 50), >= 1
+    cost: int  # images it adds to each forward pass of its batch (e.g. IG with n_steps=50 -> 50), >= 1
     payload: Any  # what the runner needs (a preprocessed tensor, a target, ...)
     deadline: float  # time.monotonic() by which work must start, else DeadlineExceeded
     enqueued_at: float = field(default_factory=time.monotonic)
     future: Future = field(default_factory=Future)  # the runner's result for this item, or an exception
     progress: ProgressCallback | None = None  # forwarded to the runner, which reports (done, total)
     started_at: float | None = None
+    # forward+backward image-passes it runs in all, what its time grows with (0: `cost`). Differs from `cost`
+    # for iterative methods: MoreauGrad adds n_samples images to each pass, for `iterations` passes.
+    passes: int = 0
 
     def __post_init__(self) -> None:
         if self.cost < 1:
             raise ValueError(f"cost must be >= 1, got {self.cost}")
+        self.passes = self.passes or self.cost

@@ -8,7 +8,6 @@ poisoned item, an output-length guard, and restarting the thread if it dies.
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ logger = logging.getLogger(__name__)
 Runner = Callable[[list[Item]], list[Any]]  # one result per item, in order; an Exception fails that item
 BatchHook = Callable[[list[Item], float], None]
 
-_RECENT_BATCHES = 32  # how many recent batches inform the retry-after estimate
+_RECENT_BATCHES = 32  # how many recent batches inform the start-time and retry-after estimates
 _MAX_RETRY_AFTER = 300.0
 
 
@@ -95,7 +94,8 @@ class WorkerPool:
         self._watchdog: threading.Thread | None = None
         self._watchdog_stop = threading.Event()
         self._stats = WorkerStats()
-        self._recent: deque[tuple[int, float]] = deque(maxlen=_RECENT_BATCHES)  # (items, seconds)
+        self._recent: deque[tuple[int, float]] = deque(maxlen=_RECENT_BATCHES)  # (image-passes, seconds)
+        self._batch_started = 0.0  # when the batch in flight started
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -235,6 +235,7 @@ class WorkerPool:
                 self._stats.expired += len(collation.expired)
                 if collation.batch:
                     self._in_flight = collation.batch
+                    self._batch_started = time.monotonic()
                     return collation.batch, collation.expired
                 if collation.expired:
                     return [], collation.expired
@@ -260,7 +261,7 @@ class WorkerPool:
             duration = time.monotonic() - now
             with self._cond:
                 self._stats.batches += 1
-                self._recent.append((len(runnable), duration))
+                self._recent.append((sum(item.passes for item in runnable), duration))
             self._notify_batch(runnable, duration)
         with self._cond:
             self._in_flight = []
@@ -331,12 +332,24 @@ class WorkerPool:
         with self._cond:
             return self._retry_after_locked()
 
-    def _retry_after_locked(self) -> float:
-        """Seconds until the queue has likely drained, from recent batch sizes and durations; at least 1."""
+    def start_estimate(self, stopping: Callable[[Item], bool] | None = None) -> float | None:
+        """Seconds until an item queued now would likely start: what remains of the batch in flight and the
+        image-passes queued ahead, at the seconds per image-pass of recent batches. None until a batch has
+        been timed (nothing to estimate from). `stopping(item)`: a running item whose work is being stopped
+        (it ends within a pass), not counted."""
+        with self._cond:
+            return self._start_estimate_locked(stopping)
+
+    def _start_estimate_locked(self, stopping: Callable[[Item], bool] | None = None) -> float | None:
         if not self._recent:
-            return 1.0
-        items = sum(size for size, _ in self._recent)
-        seconds = sum(duration for _, duration in self._recent)
-        batches_to_drain = math.ceil(len(self._pending) / (items / len(self._recent)))
-        estimate = batches_to_drain * seconds / len(self._recent)
-        return min(max(estimate, 1.0), _MAX_RETRY_AFTER)
+            return None
+        rate = sum(seconds for _, seconds in self._recent) / max(1, sum(passes for passes, _ in self._recent))
+        ahead = sum(item.passes for item in self._pending if not item.future.cancelled())
+        running = sum(item.passes for item in self._in_flight if stopping is None or not stopping(item))
+        remaining = max(0.0, running * rate - (time.monotonic() - self._batch_started)) if running else 0.0
+        return remaining + ahead * rate
+
+    def _retry_after_locked(self) -> float:
+        """Seconds until the queue has likely drained (an item queued now would start); at least 1."""
+        estimate = self._start_estimate_locked()
+        return 1.0 if estimate is None else min(max(estimate, 1.0), _MAX_RETRY_AFTER)
