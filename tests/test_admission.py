@@ -36,7 +36,7 @@ def backlog(base: str, app, images: int) -> str:
     interactive lane; returns its id."""
     app.state.runtime.backend.fault_hook = lambda items: time.sleep(BATCH_S)
     assert httpx.post(f"{base}/v1/explain/gradcam", files=files(1, 90), timeout=30).status_code == 200
-    r = httpx.post(f"{base}/v1/jobs/gradcam", files=files(images, 100), timeout=30)
+    r = httpx.post(f"{base}/v1/jobs", files=files(images, 100), data={"method": "gradcam"}, timeout=30)
     assert r.status_code == 202, r.text
     return r.json()["id"]
 
@@ -81,7 +81,7 @@ def test_a_job_that_could_not_start_within_the_job_deadline_gets_429_with_the_es
     with running_server(settings, small_registry) as (base, app):
         # the backlog's own job is admitted: nothing queued ahead of it yet
         ahead = backlog(base, app, 10)  # ~4 s ahead
-        r = httpx.post(f"{base}/v1/jobs/gradcam", files=files(1, 200), timeout=30)
+        r = httpx.post(f"{base}/v1/jobs", files=files(1, 200), data={"method": "gradcam"}, timeout=30)
         assert r.status_code == 429, r.text
         error = r.json()["error"]
         assert error["code"] == "overloaded" and "start deadline" in error["message"], error

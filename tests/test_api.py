@@ -269,8 +269,8 @@ def test_errors_are_json_with_codes(server, chelsea_png):
 def test_job_progress_advances_and_completes(server):
     base, _ = server
     blob = png_bytes(random_image(1))
-    r = httpx.post(f"{base}/v1/jobs/moreaugrad",
-                   data={"model": "tiny_cnn", "iterations": "60", "n_samples": "4"},
+    r = httpx.post(f"{base}/v1/jobs",
+                   data={"method": "moreaugrad", "model": "tiny_cnn", "iterations": "60", "n_samples": "4"},
                    files=[("image", ("x.png", blob, "image/png"))])
     assert r.status_code == 202 and r.headers["location"] == f"/v1/jobs/{r.json()['id']}"
     job_id = r.json()["id"]
@@ -289,7 +289,7 @@ def test_job_progress_advances_and_completes(server):
 def test_a_job_shows_running_before_its_only_progress_report(server):
     # SmoothGrad reports progress once, when its image is done; in between the job must say "running".
     base, _ = server
-    r = httpx.post(f"{base}/v1/jobs/smoothgrad", data={"model": "tiny_cnn", "n_samples": "256"},
+    r = httpx.post(f"{base}/v1/jobs", data={"method": "smoothgrad", "model": "tiny_cnn", "n_samples": "256"},
                    files=[("image", ("x.png", png_bytes(random_image(8)), "image/png"))])
     assert r.status_code == 202
     seen = []
@@ -305,8 +305,8 @@ def test_a_job_shows_running_before_its_only_progress_report(server):
 def test_job_cancel(server):
     base, _ = server
     blob = png_bytes(random_image(2))
-    r = httpx.post(f"{base}/v1/jobs/moreaugrad",
-                   data={"model": "tiny_cnn", "iterations": "2000", "n_samples": "8"},
+    r = httpx.post(f"{base}/v1/jobs",
+                   data={"method": "moreaugrad", "model": "tiny_cnn", "iterations": "2000", "n_samples": "8"},
                    files=[("image", ("x.png", blob, "image/png"))])
     job_id = r.json()["id"]
     while httpx.get(f"{base}/v1/jobs/{job_id}").json()["progress"]["done"] < 5:
@@ -407,7 +407,7 @@ def test_a_job_is_running_as_soon_as_the_worker_takes_it(small_registry):
     entered, release = threading.Event(), threading.Event()
     with running_server(Settings(default_model="tiny_cnn"), small_registry) as (base, app):
         app.state.runtime.backend.fault_hook = lambda items: (entered.set(), release.wait(30))
-        r = httpx.post(f"{base}/v1/jobs/smoothgrad", data={"n_samples": "4"},
+        r = httpx.post(f"{base}/v1/jobs", data={"method": "smoothgrad", "n_samples": "4"},
                        files=[("image", ("x.png", png_bytes(random_image(9)), "image/png"))], timeout=30)
         assert r.status_code == 202 and entered.wait(30)
         job = httpx.get(f"{base}/v1/jobs/{r.json()['id']}").json()

@@ -58,7 +58,7 @@ def test_deleting_a_running_job_frees_the_lane_within_a_pass(server, method):
     base, app = server
     per_pass = one_pass_s(base, app, method)
     idle = gradcam_latency(base, 1)
-    r = httpx.post(f"{base}/v1/jobs/{method}", files=image(2), data=LONG[method], timeout=60)
+    r = httpx.post(f"{base}/v1/jobs", files=image(2), data={"method": method, **LONG[method]}, timeout=60)
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
     wait_running(base, job_id)

@@ -203,6 +203,19 @@ def test_caller_headers_join_the_client_own_and_numpy_targets_are_plain_ints():
     assert [json.loads(r.content)["targets"] for r in seen] == [[281, 281], [281, 3], [281, None]]
 
 
+def test_submit_names_the_method_in_the_body_of_post_v1_jobs():
+    """POST /v1/jobs/{method} is deprecated; IG's own `method` parameter stays in `params`."""
+    import json
+    job = {"id": "j1", "method": "integrated-gradients", "model": "tiny_cnn", "status": "queued",
+           "created": 0.0, "progress": {"done": 0, "total": 1}}
+    c, seen = _recording_client(httpx.Response(202, json=job))
+    assert c.submit(b"x", "integrated-gradients", params={"method": "riemann_left"}).id == "j1"
+    (request,) = seen
+    body = json.loads(request.content)
+    assert (request.method, request.url.path) == ("POST", "/v1/jobs")
+    assert body["method"] == "integrated-gradients" and body["params"] == {"method": "riemann_left"}
+
+
 def test_a_job_that_missed_its_start_deadline_raises_what_the_call_would():
     """explain() followed a 202 into a job that then failed with deadline_exceeded: 504's error, not a
     job's."""

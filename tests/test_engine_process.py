@@ -50,7 +50,7 @@ def post(base: str, method: str, blob: bytes, timeout: float = 60, **fields) -> 
 
 
 def start_job(base: str, seed: int, **fields) -> str:
-    r = httpx.post(f"{base}/v1/jobs/moreaugrad", data=fields,
+    r = httpx.post(f"{base}/v1/jobs", data={"method": "moreaugrad", **fields},
                    files=[("image", ("x.png", png(seed), "image/png"))])
     assert r.status_code == 202, r.text
     return r.json()["id"]

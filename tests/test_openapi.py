@@ -1,6 +1,7 @@
 """The OpenAPI document says what the server enforces (issue 24, finding 8): the methods a `{method}` path
-takes, at most max_images images (and targets) per request, 401 and 500 on every /v1 route; and a 405 names
-every method its path allows, though two routes share the path."""
+or POST /v1/jobs's `method` field takes, at most max_images images (and targets) per request, 401 and 500 on
+every /v1 route, no two paths that one request could match; and a 405 names every method its path allows,
+though two routes share the path."""
 from __future__ import annotations
 
 import httpx
@@ -23,9 +24,46 @@ def served():
 
 def test_the_method_path_parameter_lists_the_registered_methods(served):
     _, schema = served
-    for path in ("/v1/explain/{method}", "/v1/jobs/{method}"):
-        (parameter,) = [p for p in schema["paths"][path]["post"]["parameters"] if p["name"] == "method"]
-        assert parameter["schema"]["enum"] == sorted(METHODS)
+    operation = schema["paths"]["/v1/explain/{method}"]["post"]
+    (parameter,) = [p for p in operation["parameters"] if p["name"] == "method"]
+    assert parameter["schema"]["enum"] == sorted(METHODS)
+
+
+def test_submitting_a_job_names_its_method_in_the_body_in_either_form(served):
+    _, schema = served
+    operation = schema["paths"]["/v1/jobs"]["post"]
+    assert operation["operationId"] == "submit_job" and not operation.get("parameters")
+    for media, body in operation["requestBody"]["content"].items():
+        assert body["schema"]["properties"]["method"]["enum"] == sorted(METHODS), media
+        assert "method" in body["schema"]["required"], media
+
+
+def segments(template: str) -> list[str]:
+    return template.strip("/").split("/")
+
+
+def overlap(a: str, b: str) -> bool:
+    """Some path matches both templates: as many segments, each pair equal or either one a {parameter}."""
+    def free(segment: str) -> bool:
+        return segment.startswith("{") and segment.endswith("}")
+
+    return len(segments(a)) == len(segments(b)) and all(
+        x == y or free(x) or free(y) for x, y in zip(segments(a), segments(b), strict=True))
+
+
+def test_the_overlap_matcher():
+    assert overlap("/v1/jobs/{method}", "/v1/jobs/{job_id}") and overlap("/a/{x}/c", "/a/b/{y}")
+    assert overlap("/v1/models", "/v1/models")
+    assert not overlap("/v1/jobs", "/v1/jobs/{job_id}") and not overlap("/v1/explain/{m}", "/v1/jobs/{j}")
+
+
+def test_no_two_paths_overlap(served):
+    """A schema reader (a generated client, a gateway) must tell every path's operations apart."""
+    _, schema = served
+    paths = sorted(schema["paths"])
+    clashes = [(a, b) for i, a in enumerate(paths) for b in paths[i + 1:] if overlap(a, b)]
+    assert not clashes
+    assert "/v1/jobs/{method}" not in paths  # the deprecated submit route is not documented
 
 
 def test_image_and_target_limits_are_in_the_schema(served):
@@ -50,5 +88,8 @@ def test_a_405_allows_the_methods_of_every_route_of_its_path(served):
     base, _ = served
     r = httpx.request("OPTIONS", f"{base}/v1/jobs/abc")
     assert r.status_code == 405
-    assert set(r.headers["allow"].split(", ")) >= {"POST", "GET", "DELETE"}
+    # GET and DELETE are two routes; the deprecated POST /v1/jobs/{method} answers but is not offered
+    assert set(r.headers["allow"].split(", ")) == {"GET", "DELETE"}
     assert r.json()["error"]["code"] == "method_not_allowed"
+    r = httpx.request("OPTIONS", f"{base}/v1/jobs")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"

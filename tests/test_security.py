@@ -42,11 +42,13 @@ def test_api_key_protects_every_v1_route_and_the_metrics(secured):
     base = secured
     body = {"images": [base64.b64encode(png()).decode()]}
     calls = [("GET", "/v1/models", None), ("GET", "/v1/methods", None), ("POST", "/v1/explain/gradcam", body),
-             ("POST", "/v1/jobs/gradcam", body), ("GET", "/v1/jobs/x", None), ("DELETE", "/v1/jobs/x", None),
-             ("GET", "/metrics", None)]
+             ("POST", "/v1/jobs", {**body, "method": "gradcam"}), ("GET", "/v1/jobs/x", None),
+             ("DELETE", "/v1/jobs/x", None), ("GET", "/metrics", None),
+             ("POST", "/v1/jobs/gradcam", body)]  # deprecated, still guarded
     for verb, path, payload in calls:
         r = httpx.request(verb, base + path, json=payload)
         assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", (path, r.text)
+        assert ("deprecation" in r.headers) == (path == "/v1/jobs/gradcam")  # said even before the key
         assert httpx.request(verb, base + path, json=payload,
                              headers={"X-API-Key": "wrong"}).status_code == 401
     assert httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200

@@ -45,8 +45,8 @@ def test_sigterm_drains_accepted_requests():
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
-        job = httpx.post(f"{base}/v1/jobs/moreaugrad", files=[("image", ("x.png", png(99), "image/png"))],
-                         data={"iterations": "2000", "n_samples": "8"}).json()["id"]
+        job = httpx.post(f"{base}/v1/jobs", files=[("image", ("x.png", png(99), "image/png"))],
+                         data={"method": "moreaugrad", "iterations": "2000", "n_samples": "8"}).json()["id"]
 
         def one(i: int):
             try:

@@ -1,4 +1,10 @@
-"""The two request forms of POST /v1/explain/{method} and /v1/jobs/{method}, parsed into one shape."""
+"""The two request forms of POST /v1/explain/{method} and POST /v1/jobs, parsed into one shape.
+
+The same fields either way, but for `method`: /v1/explain/{method} (and the deprecated /v1/jobs/{method})
+name the method by the path, /v1/jobs by the body's `method` field. A form field `method` on a path that
+names the method stays what it always was there, a method's parameter (Integrated Gradients' quadrature rule);
+in a /v1/jobs form that parameter is given as `params.method`.
+"""
 from __future__ import annotations
 
 import binascii
@@ -12,12 +18,15 @@ from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 
 from ..errors import describe_validation, quote
+from ..methods import METHODS
 from ..pipeline import CallRequest
 from ..settings import Settings
 from .errors import ApiError
 from .schemas import ExplainRequest
 
 RESERVED_FIELDS = {"image", "model", "target", "targets", "outputs", "size"}
+METHOD_FIELD = "method"  # reserved too in a form that names its method (POST /v1/jobs)
+PARAM_PREFIX = "params."  # `params.NAME`: the method's parameter NAME, whatever the form reserves
 OUTPUTS = {"npy", "png", "overlay", "raw"}
 TOP1 = ("null", "none", "top1", "top-1")  # the top-1 class
 # ASCII digits only: int() would also take "2_85", "+285" and other scripts' digits ("٢٨٥")
@@ -83,7 +92,26 @@ def _text(form, name: str) -> str | None:
     return values[0] if values else None
 
 
-async def parse_multipart(request: Request, settings: Settings, content_type: str) -> CallRequest:
+def _params(form, reserved: set[str]) -> dict[str, str]:
+    """The method's parameters: every text field not reserved, `params.NAME` as NAME."""
+    params: dict[str, str] = {}
+    for key, value in form.multi_items():
+        if key in reserved:
+            continue
+        key = key.removeprefix(PARAM_PREFIX)
+        if isinstance(value, UploadFile):
+            raise ApiError(422, "invalid_params",
+                           f"parameter {quote(key)} is a file; only 'image' fields may be")
+        if key in params:
+            raise ApiError(422, "invalid_params",
+                           f"parameter {quote(key)} is given more than once; give it once")
+        params[key] = value
+    return params
+
+
+async def parse_multipart(request: Request, settings: Settings, content_type: str,
+                          method_in_body: bool = False) -> tuple[str | None, CallRequest]:
+    """The `method` field when `method_in_body` (None when absent), and the call."""
     # BodyLimit has bounded the body as it arrived; request.form() parses this same buffered body
     _check_closed(await request.body(), content_type)
     try:
@@ -103,28 +131,22 @@ async def parse_multipart(request: Request, settings: Settings, content_type: st
         if len(uploads) != len(files):
             raise ApiError(422, "bad_image", "the 'image' field must be a file upload")
         blobs = [await f.read() for f in uploads]
-        params = {}
-        for key, value in form.multi_items():
-            if key in RESERVED_FIELDS:
-                continue
-            if isinstance(value, UploadFile):
-                raise ApiError(422, "invalid_params",
-                               f"parameter {quote(key)} is a file; only 'image' fields may be")
-            if key in params:
-                raise ApiError(422, "invalid_params",
-                               f"parameter {quote(key)} is given more than once; give it once")
-            params[key] = value
+        params = _params(form, RESERVED_FIELDS | {METHOD_FIELD} if method_in_body else RESERVED_FIELDS)
         outputs = _split(_texts(form, "outputs")) or ["npy"]
         size = _text(form, "size") or "original"
         _check_outputs(outputs, size)
         model = _text(form, "model")
-        return CallRequest(model or None, blobs, _targets(_texts(form, "target") + _texts(form, "targets")),
-                          params, outputs, size)
+        method = _text(form, METHOD_FIELD) if method_in_body else None
+        return method, CallRequest(
+            model or None, blobs, _targets(_texts(form, "target") + _texts(form, "targets")), params, outputs,
+            size)
     finally:
         await form.close()
 
 
-def parse_json(raw: bytes) -> CallRequest:
+def parse_json(raw: bytes) -> tuple[object, CallRequest]:
+    """The top-level `method` field (None when absent; any JSON value) and the call (a method's own
+    parameters are in `params`, so no name is shared)."""
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -133,6 +155,8 @@ def parse_json(raw: bytes) -> CallRequest:
         raise ApiError(400, "bad_json", f"malformed JSON body: {str(exc)[:120]}") from None
     except RecursionError:
         raise ApiError(400, "bad_json", "malformed JSON body: nested too deeply") from None
+    # JobRequest is ExplainRequest and `method`: the rest validates the same for either route
+    method = data.pop(METHOD_FIELD, None) if isinstance(data, dict) else None
     try:
         req = ExplainRequest.model_validate(data)
     except ValidationError as exc:
@@ -147,7 +171,7 @@ def parse_json(raw: bytes) -> CallRequest:
         except (binascii.Error, ValueError):
             raise ApiError(400, "bad_base64", f"images[{i}] is not valid base64") from None
     _check_outputs(list(req.outputs), req.size)
-    return CallRequest(req.model, blobs, req.targets, req.params, list(req.outputs), req.size)
+    return method, CallRequest(req.model, blobs, req.targets, req.params, list(req.outputs), req.size)
 
 
 def _b64decode(text: str) -> bytes:
@@ -163,10 +187,32 @@ def _b64decode(text: str) -> bytes:
 
 
 async def parse_body(request: Request, settings: Settings) -> CallRequest:
+    """The body of a call whose path names its method. A JSON body's top-level `method` is refused, not
+    ignored: its caller may believe it chose the method."""
+    method, call = await _parse(request, settings, method_in_body=False)
+    if method is not None:
+        raise ApiError(422, "invalid_field", f"the path {quote(request.url.path)} names the method: drop the "
+                                             "top-level 'method' field (a method's own parameters go in "
+                                             "'params')")
+    return call
+
+
+async def parse_job_body(request: Request, settings: Settings) -> tuple[str, CallRequest]:
+    """The body of POST /v1/jobs: the method its `method` field names, and the call."""
+    method, call = await _parse(request, settings, method_in_body=True)
+    if method is None or method == "":
+        raise ApiError(422, "missing_method", "the job's method is missing: give the field 'method' (one of "
+                                              f"{', '.join(sorted(METHODS))})")
+    if not isinstance(method, str):
+        raise ApiError(422, "invalid", f"method: must be a method's name (a string), not {quote(method)}")
+    return method, call
+
+
+async def _parse(request: Request, settings: Settings, method_in_body: bool) -> tuple[object, CallRequest]:
     content_type = request.headers.get("content-type", "")
     media_type = content_type.split(";", 1)[0].strip().lower()  # media types are case-insensitive
     if media_type == "multipart/form-data":
-        return await parse_multipart(request, settings, content_type)
+        return await parse_multipart(request, settings, content_type, method_in_body)
     if media_type == "application/json":
         return parse_json(await request.body())  # BodyLimit has bounded its size as it arrived
     raise ApiError(415, "unsupported_media_type", f"content type {quote(content_type or '(none)')}: "

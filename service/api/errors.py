@@ -49,6 +49,8 @@ def as_api_error(exc: BaseException) -> ApiError:
     """Whatever a call ended with, as the API's answer (unclassified exceptions are classified and logged)."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, RequestValidationError):  # FastAPI's own check of a route's declared parameters
+        return ApiError(422, "invalid", domain.describe_validation(exc.errors()))
     error = domain.as_service_error(exc)
     headers = ({"Retry-After": str(max(1, round(error.retry_after)))}
                if error.retry_after is not None else None)
@@ -77,7 +79,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError):
-        return error_response(422, "invalid", domain.describe_validation(exc.errors()))
+        error = as_api_error(exc)
+        return error_response(error.status, error.code, error.message)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -88,8 +91,9 @@ def install(app: FastAPI) -> None:
 
 
 def allowed_methods(request: Request) -> list[str]:
-    """The methods of every documented route whose path template matches the request's path (POST
-    /v1/jobs/{method} and GET, DELETE /v1/jobs/{job_id} share theirs)."""
+    """The methods of every documented route whose path template matches the request's path (two routes of
+    one path, as GET and DELETE /v1/jobs/{job_id}, are two operations of it). Undocumented routes are not
+    offered: the deprecated POST /v1/jobs/{method} still answers, but a client is pointed to POST /v1/jobs."""
     methods: set[str] = set()
     for template, operations in request.app.openapi().get("paths", {}).items():
         if re.fullmatch(re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template)), request.url.path):

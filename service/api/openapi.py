@@ -1,6 +1,6 @@
-"""The OpenAPI document, true to what the server enforces: the methods a `{method}` path takes (the
-registry's, when the document is made), the per-request image limit, and the statuses every /v1 route can
-answer."""
+"""The OpenAPI document, true to what the server enforces: the methods a `{method}` path or a body's
+`method` field takes (the registry's, when the document is made), the per-request image limit, and the
+statuses every /v1 route can answer."""
 from __future__ import annotations
 
 from typing import Any
@@ -40,10 +40,22 @@ def complete(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
                 for status, response in COMMON.items():
                     responses.setdefault(status, response)
             _limit_images(operation.get("requestBody", {}), settings.max_images)
-    request = schema.get("components", {}).get("schemas", {}).get("ExplainRequest")
-    if request is not None:
-        _limit_images({"content": {"application/json": {"schema": request}}}, settings.max_images)
+            _name_methods(operation.get("requestBody", {}), methods)
+    for name in ("ExplainRequest", "JobRequest"):
+        request = schema.get("components", {}).get("schemas", {}).get(name)
+        if request is not None:
+            body = {"content": {"application/json": {"schema": request}}}
+            _limit_images(body, settings.max_images)
+            _name_methods(body, methods)
     return schema
+
+
+def _name_methods(body: dict[str, Any], methods: list[str]) -> None:
+    """A body's `method` field (POST /v1/jobs) takes the registered methods, in either request form."""
+    for media in body.get("content", {}).values():
+        field = media.get("schema", {}).get("properties", {}).get("method")
+        if field is not None:
+            field["enum"] = methods
 
 
 def _limit_images(body: dict[str, Any], max_images: int) -> None:

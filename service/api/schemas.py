@@ -28,6 +28,13 @@ class ExplainRequest(BaseModel):
     size: MapSize = Field("original", description="map at the original image size or the model input size")
 
 
+class JobRequest(ExplainRequest):
+    """The JSON form of POST /v1/jobs: a call whose method the body names (the path names it for
+    /v1/explain/{method})."""
+
+    method: str = Field(..., description="the method: one of GET /v1/methods")
+
+
 class ClassScore(BaseModel):
     index: int
     label: str
@@ -105,7 +112,7 @@ class MethodOut(BaseModel):
                                     "passes per image (none: 1 pass)")
     passes_at_defaults: int = Field(1, description="passes per image at the default parameters")
     iterative: bool = Field(False, description="its passes run one after another and report progress: long "
-                            "work, best sent as a job (POST /v1/jobs/{method})")
+                            "work, best sent as a job (POST /v1/jobs)")
     diagnostics: dict[str, str] = Field(default_factory=dict, description="what each result's `diagnostics` "
                                         "holds, name -> meaning")
     parameters: dict[str, Any] = Field(description="JSON schema of the parameters (types, defaults, bounds)")

@@ -392,7 +392,8 @@ async function explain(card, target) {
   form.append("outputs", "png,npy");
   form.append("size", request.size);
   if (target !== null && target !== undefined) form.append("target", String(target));
-  for (const [name, value] of Object.entries(request.params)) form.append(name, String(value));
+  // params.NAME: never taken for one of the request's own fields (Integrated Gradients' `method` for the job's)
+  for (const [name, value] of Object.entries(request.params)) form.append(`params.${name}`, String(value));
 
   showCardError("");
   setCardState(card, "running", target === null ? "Running…" : `Explaining class ${target}…`);
@@ -401,7 +402,8 @@ async function explain(card, target) {
   const started = performance.now();
   try {
     const asJob = runsAsJob(method, request.params);
-    const { status, data } = await api.post(`/v1/${asJob ? "jobs" : "explain"}/${method.name}`, form);
+    if (asJob) form.append("method", method.name);
+    const { status, data } = await api.post(asJob ? "/v1/jobs" : `/v1/explain/${method.name}`, form);
     if (token !== card.token) return;
     const body = status === 202 ? await followJob(card, token, data) : data;
     if (!body || token !== card.token) return;

@@ -113,7 +113,8 @@ class Core:
             raise
 
     def submit(self, method: str, body: dict[str, Any]) -> Flow:
-        response = yield from self.request(Call("POST", f"/v1/jobs/{method}", body))
+        # the method named in the body: POST /v1/jobs/{method} is deprecated (its path overlapped the job's)
+        response = yield from self.request(Call("POST", "/v1/jobs", {**body, "method": method}))
         return JobOut.model_validate(response.json())
 
     def job(self, job_id: str, deadline: float | None = None) -> Flow:
