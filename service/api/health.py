@@ -8,14 +8,18 @@ from .deps import RuntimeDep
 router = APIRouter(tags=["health"])
 
 
-@router.api_route("/healthz", methods=["GET", "HEAD"], operation_id="health")
+@router.head("/healthz", operation_id="health_head")
+@router.get("/healthz", operation_id="health")
 async def healthz() -> dict:
     """The process is up and answering."""
     return {"status": "ok"}
 
 
-@router.api_route("/readyz", methods=["GET", "HEAD"], operation_id="ready",
-                  responses={503: {"description": "models loading or worker down"}})
+_NOT_READY = {503: {"description": "models loading or worker down"}}
+
+
+@router.head("/readyz", operation_id="ready_head", responses=_NOT_READY)
+@router.get("/readyz", operation_id="ready", responses=_NOT_READY)
 async def readyz(runtime: RuntimeDep):
     """Models loaded and the worker running; 503 until then."""
     body = runtime.readiness()
