@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	@# The clients (clients/), and CVAT's SDK from the test extra, live in the service's env. Label Studio and
 	@# FiftyOne pin stacks of their own (Django, numpy 2.2, starlette<1.4), so they get .venv/tools.
 	$(PY) -m pip install --quiet -e clients/python -e clients/cvat
+	@# Quantus, the metrics' oracle in the tests, without its opencv-python (see pyproject's test extra)
+	$(PY) -m pip install --quiet --no-deps quantus==0.6.0
 	touch $@
 
 venv: $(VENV)/.installed
