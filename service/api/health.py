@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
@@ -15,7 +17,7 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-_NOT_READY = {503: {"description": "models loading or worker down"}}
+_NOT_READY: dict[int | str, dict[str, Any]] = {503: {"description": "models loading or worker down"}}
 
 
 @router.head("/readyz", operation_id="ready_head", responses=_NOT_READY)
