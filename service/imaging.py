@@ -100,15 +100,21 @@ def _decode(data: bytes, *, max_bytes: int, max_pixels: int, index: int, min_sid
         raise ImageError(f"{label}: corrupt image header") from error
 
 
-def declared_pixels(data: bytes) -> int:
-    """Width x height from the image's header, without decoding it; 0 when there is no readable header
-    (`decode_image` then says what is wrong)."""
+def declared_size(data: bytes) -> tuple[int, int]:
+    """(width, height) as stored, from the image's header, without decoding it (an EXIF orientation may swap
+    them); (0, 0) when there is no readable header (`decode_image` then says what is wrong)."""
     try:
         with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as opened:
             width, height = opened.size
-            return width * height
+            return width, height
     except (UnidentifiedImageError, *_BOMB_ERRORS, *_CORRUPT_DATA_ERRORS):
-        return 0
+        return 0, 0
+
+
+def declared_pixels(data: bytes) -> int:
+    """Width x height from the image's header, without decoding it; 0 when there is no readable header."""
+    width, height = declared_size(data)
+    return width * height
 
 
 def _bomb_error(label: str, max_pixels: int, error: Exception) -> ImageError:

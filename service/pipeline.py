@@ -5,6 +5,8 @@ encoder pool, never on a thread that runs passes.
 """
 from __future__ import annotations
 
+import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,7 +133,8 @@ def prepare(settings: Settings, model: LoadedModel, method: Method, params: Meth
                            f"{settings.max_request_cost} per request", code="too_costly")
     # The request's total, from the headers: refused before anything is decoded. An image over its own limits
     # is left to decode_image, whose message names that image.
-    sizes = [imaging.declared_pixels(blob) for blob in blobs]
+    dims = [imaging.declared_size(blob) for blob in blobs]
+    sizes = [width * height for width, height in dims]
     declared = sum(sizes)
     each_within = all(len(blob) <= settings.max_image_bytes and size <= settings.max_image_pixels
                       for blob, size in zip(blobs, sizes, strict=True))
@@ -139,6 +142,9 @@ def prepare(settings: Settings, model: LoadedModel, method: Method, params: Meth
         raise TooLarge(f"the {len(blobs)} images of this request hold {declared} pixels; the limit is "
                        f"{settings.max_request_pixels} per request: send fewer or smaller images per request",
                        code="too_many_pixels")
+    if each_within:  # and the answer's size, bounded from the same headers, before any work
+        AnswerBound(model, method.name, params, settings.top_k, dims).check(
+            set(outputs or ["npy"]), request.size, settings.max_response_bytes)
     uploads = []
     for i, blob in enumerate(blobs):
         try:
@@ -151,6 +157,118 @@ def prepare(settings: Settings, model: LoadedModel, method: Method, params: Meth
     pixels = model.preprocess.batch([u.image for u in uploads])
     return Call(model, method, params, uploads, list(blobs), pixels, [content_hash(b) for b in blobs],
                 targets, set(outputs or ["npy"]), request.size)
+
+
+# --- the answer's size, bounded before any work runs ------------------------------------------------------
+
+NPY_HEADER = 128  # np.save pads its header to a multiple of 64 bytes: 128 for a 2-D or 3-D float32 array
+_PNG_FIXED = 1024  # signature, IHDR, IEND, zlib's header and checksum
+_ENTRY = 2048  # an image's entry besides its maps and labels: target, probabilities, diagnostics, timings
+_CLASS = 64  # a top_k entry besides its label
+_BODY = 512  # the body besides its results and parameters: keys, model and method names
+
+
+def _amount(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{max(1, round(n / 1e3))} KB"
+
+
+def b64_len(n: int) -> int:
+    """Characters of `n` bytes in padded base64."""
+    return 4 * -(-n // 3)
+
+
+def png_bound(width: int, height: int, channels: int) -> int:
+    """Most bytes an 8-bit PNG of this size can take whatever its pixels: its raw rows with a filter byte
+    each (either way up: the map of an EXIF-turned image is turned too), and zlib's worst case, which stores a
+    block it cannot shrink (5 bytes per block of at most 64 KB), in IDAT chunks of 12 bytes' overhead each."""
+    raw = width * height * channels + max(width, height)
+    return raw + raw // 1000 + _PNG_FIXED
+
+
+@dataclass(frozen=True)
+class AnswerBound:
+    """An upper bound on the bytes of a call's answer as sent (its JSON: every map in base64), from what is
+    known before any work runs: the images' sizes from their headers, the outputs and the size asked for.
+
+    Per image: a map of height x width (the upload's, or the model input's with size=input) takes, before
+    base64's 4/3, 4 bytes per pixel as float32 .npy (+ its header), at most 1 byte per pixel (+ a filter byte
+    per row and zlib's worst case) as a gray PNG and 3 as an overlay PNG; `raw` is the signed attribution at
+    the model input, at most 3 channels of float32. The PNGs' bound holds for noise; a smooth map compresses
+    far below it. The .npy bound is exact but for the JSON around it."""
+
+    model: LoadedModel
+    method: str
+    params: MethodParams
+    top_k: int
+    images: list[tuple[int, int]]  # (width, height) of each upload, as its header declares
+
+    def map_size(self, index: int, size: str) -> tuple[int, int]:
+        """(width, height) of image `index`'s map at `size` (as stored: an EXIF turn swaps the two)."""
+        if size == "original":
+            return self.images[index]
+        height, width = self.model.input_size
+        return width, height
+
+    def image_bytes(self, index: int, outputs: Collection[str], size: str) -> int:
+        width, height = self.map_size(index, size)
+        total = 0
+        if "npy" in outputs:
+            total += b64_len(NPY_HEADER + 4 * width * height)
+        if "png" in outputs:
+            total += b64_len(png_bound(width, height, 1))
+        if "overlay" in outputs:
+            total += b64_len(png_bound(width, height, 3))
+        if "raw" in outputs:
+            in_height, in_width = self.model.input_size
+            total += b64_len(NPY_HEADER + 3 * 4 * in_width * in_height)
+        # JSON writes a label's control characters as 6-byte escapes; any other character takes at most 4
+        label = 6 * max((len(name) for name in self.model.labels), default=0)
+        return total + _ENTRY + (min(self.top_k, self.model.num_classes) + 1) * (label + _CLASS)
+
+    def total(self, outputs: Collection[str], size: str, images: Collection[int] | None = None) -> int:
+        """The bound for the images `images` (default all) with these outputs at this size."""
+        chosen = range(len(self.images)) if images is None else images
+        params = len(json.dumps(self.params.model_dump()))  # ASCII escapes: never shorter than the UTF-8 sent
+        return (_BODY + 6 * (len(self.model.name) + len(self.method)) + params
+                + sum(self.image_bytes(i, outputs, size) for i in chosen))
+
+    def check(self, outputs: set[str], size: str, limit: int) -> None:
+        """TooLarge (413 response_too_large) when the bound passes `limit`, naming the requests that fit."""
+        estimate = self.total(outputs, size)
+        if estimate <= limit:
+            return
+        n = len(self.images)
+        biggest = max(range(n), key=lambda i: self.images[i][0] * self.images[i][1])
+        width, height = self.map_size(biggest, size)
+        what = (f"{n} image{'s' if n > 1 else ''}, {'the largest ' if n > 1 else ''}{width}x{height} at size="
+                f"{size}, outputs={','.join(sorted(outputs))}")
+        raise TooLarge(f"the answer to this request would take up to {_amount(estimate)} ({what}; maps in "
+                       f"base64); the limit is {_amount(limit)} (the server's max_response_bytes "
+                       f"setting). {self._alternatives(outputs, size, limit)}", code="response_too_large")
+
+    def _alternatives(self, outputs: set[str], size: str, limit: int) -> str:
+        """The cheaper requests that would fit, each with its bound."""
+        fits = []
+        if size == "original" and (estimate := self.total(outputs, "input")) <= limit:
+            fits.append(f"size=input (maps at the model input, {self.model.input_size[1]}x"
+                        f"{self.model.input_size[0]}) would answer at most {_amount(estimate)}")
+        if "npy" in outputs:
+            cheaper = (outputs - {"npy"}) | {"png"}
+            if (estimate := self.total(cheaper, size)) <= limit:
+                fits.append(f"outputs={','.join(sorted(cheaper))} (an 8-bit PNG map instead of float32 npy) "
+                            f"would answer at most {_amount(estimate)}")
+        n = len(self.images)
+        if n > 1:
+            by_size = sorted(range(n), key=lambda i: self.image_bytes(i, outputs, size), reverse=True)
+            k = 0  # any k of these images fit when the k largest do
+            while k < n and self.total(outputs, size, by_size[:k + 1]) <= limit:
+                k += 1
+            if k:
+                most = self.total(outputs, size, by_size[:k])
+                fits.append(f"{k} of these images per request would answer at most {_amount(most)} each")
+        if not fits:
+            return "Send smaller images, or fewer outputs, at size=input."
+        return "Would fit: " + "; or ".join(fits) + "."
 
 
 def _b64(data: bytes) -> str:

@@ -113,6 +113,16 @@ class Settings(BaseSettings):
         200_000_000, ge=1, description="pixels of all a request's images together: maps at the original "
                                        "size, overlays and the JSON around them grow with it, and so does "
                                        "the server's peak memory (docs/benchmarks.md, \"Photo sizes\")")
+    max_response_bytes: int = Field(
+        128 * 2**20, ge=1, description="bytes of one answer as sent (its JSON, or the overlay PNG of Accept: "
+                                       "image/png), bounded from the images' headers before any work runs; "
+                                       "beyond it 413 response_too_large, whose message names the requests "
+                                       "that would fit (size=input, png for npy, fewer images). A map at the "
+                                       "original size as base64 float32 .npy takes 5.3 bytes per pixel: 128 "
+                                       "MiB passes one 24 MP photo's (122 MiB), two 12 MP ones, or one 12 MP "
+                                       "photo with every output, and refuses one of 40 MP (203 MiB), which "
+                                       "the server would hold several times over while encoding and sending "
+                                       "it (docs/architecture.md, \"Limits\")")
     max_pixels_in_flight: int = Field(
         400_000_000, ge=1, description="pixels of the images of all calls queued or running; a call beyond "
                                        "it gets 429 (the queue counts images, and one may hold up to "
