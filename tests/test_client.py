@@ -25,7 +25,6 @@ from saliency_client import (
     NotFoundError,
     RateLimitError,
     ValidationError,
-    salient_region,
 )
 from saliency_client import schemas as client_schemas
 from service.api import schemas as server_schemas
@@ -305,34 +304,3 @@ def test_wire_models_match_the_live_openapi(server):
         ours.pop("$defs", None)
         assert published == ours, model.__name__
     assert {"ExplainResponse", "JobOut", "ModelOut", "MethodOut", "ErrorOut"} <= set(components)
-
-
-def test_salient_region_is_the_blob_around_the_peak():
-    heat = np.zeros((40, 60), np.float32)
-    heat[5:15, 10:30] = 0.9
-    heat[8, 12] = 1.0
-    heat[25:35, 40:50] = 0.8  # a second blob, not connected to the peak's
-    region = salient_region(heat, 0.5)
-    assert region.box == (10, 5, 30, 15) and region.mask.sum() == 200 and region.peak == 1.0
-    assert region.box_percent == pytest.approx((100 * 10 / 60, 100 * 5 / 40, 100 * 20 / 60, 100 * 10 / 40))
-    assert salient_region(np.zeros((4, 4), np.float32)).mask.sum() == 1
-
-
-def _flood(allowed: np.ndarray, seed: tuple[int, int]) -> np.ndarray:
-    """The oracle: a plain breadth-first 4-connected fill."""
-    mask, todo = np.zeros_like(allowed), [seed]
-    while todo:
-        y, x = todo.pop()
-        if 0 <= y < allowed.shape[0] and 0 <= x < allowed.shape[1] and allowed[y, x] and not mask[y, x]:
-            mask[y, x] = True
-            todo += [(y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)]
-    return mask
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_salient_region_equals_a_flood_fill_from_the_peak(seed):
-    heat = np.random.default_rng(seed).random((30, 45)).astype(np.float32)
-    for threshold in (0.3, 0.6, 0.9):
-        region = salient_region(heat, threshold)
-        peak = np.unravel_index(np.argmax(heat), heat.shape)
-        np.testing.assert_array_equal(region.mask, _flood(heat >= threshold * heat.max(), peak))

@@ -1,4 +1,5 @@
-"""Tasks -> Label Studio predictions: a brushlabels region carrying the saliency, a box around its peak."""
+"""Tasks -> Label Studio predictions: a brushlabels region carrying the saliency, a box around its most
+salient region (saliency_client.salient_region)."""
 from __future__ import annotations
 
 import time
