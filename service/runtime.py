@@ -258,6 +258,8 @@ class Runtime:
         finally:
             for timer in timers:
                 timer.cancel()
+            for item in items:
+                item.payload.siblings = []
             self.backend.withdraw(job)
             job.finished_at = time.time()
             self.metrics.latency.labels(call.method.name).observe(time.monotonic() - started)
@@ -268,9 +270,11 @@ class Runtime:
         of the backend's future, as soon as the item is done: no round trip through the event loop between
         the two, and each image of a call encodes while others run."""
         out: Future = Future()
-        part: CallItem = item.payload
+        held = [item]  # a future keeps its callbacks for good: chain lets go of the item when it runs
 
         def chain(done: Future) -> None:
+            item = held.pop()
+            part: CallItem = item.payload
             if done.cancelled():
                 if part.expired:
                     _settle(out, error=DeadlineExceeded())

@@ -67,19 +67,17 @@ def flat_png(width: int, height: int, colour: tuple[int, int, int]) -> bytes:
 
 
 # Issue 24, finding 3: every finished call sat in a reference cycle, so its decoded images, its maps and its
-# encoded answer waited for a full collection of the cyclic GC: Runtime._encoded's `chain` callback closes
-# over its item, whose future keeps the callback for good, and CallItem.siblings holds the call's items, each
-# of which holds it (service/runtime.py, service/backends/base.py; docs/architecture.md, "A call's memory").
-CALL_CYCLE = "a finished call sits in a reference cycle until runtime.py breaks it (issue 24, finding 3)"
+# encoded answer waited for a full collection of the cyclic GC: Runtime._encoded's `chain` callback closed
+# over its item, whose future keeps the callback for good, and CallItem.siblings held the call's items, each
+# of which held it (service/runtime.py breaks both; docs/architecture.md, "A call's memory").
 
 
-@pytest.mark.xfail(reason=CALL_CYCLE, strict=False)  # a full collection may run within the ten calls
 def test_rss_is_flat_across_large_answers():
     """Ten calls, each answered with a 12 MP photo's map as float32 .npy at its original size (64 MB of JSON,
     within max_response_bytes): RSS after the last stays within 150 MiB of RSS after the first two, the result
     cache's growth counted (it holds each result's map at the photo's size). Before the fix a call's objects
     (its decoded photo, its maps, its answer) were freed only by a full collection of the cyclic GC
-    (CALL_CYCLE): RSS grew by 638 MiB over these ten calls, 501 beyond the cache's growth."""
+    (the cycle above): RSS grew by 638 MiB over these ten calls, 501 beyond the cache's growth."""
     registry = ModelRegistry.from_dir(MODELS, torch.device("cpu"), only={"tiny_cnn"})
     blobs = [flat_png(4000, 3000, (20 * i, 100, 200 - i)) for i in range(10)]  # distinct: no cache hits
     with running_server(Settings(default_model="tiny_cnn"), registry) as (base, app):
@@ -101,7 +99,6 @@ def test_rss_is_flat_across_large_answers():
                                  f"{last_cached / 2**20:.0f} MiB"
 
 
-@pytest.mark.xfail(reason=CALL_CYCLE, strict=True)  # with the cyclic GC off, the cycle fails it every time
 def test_a_finished_call_is_freed_by_reference_counting():
     """A call's objects go when its answer is sent, not at the cyclic GC's next full collection: with torch's
     ~500k objects in the process those come seldom, and large answers piled up meanwhile."""
