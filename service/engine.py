@@ -11,6 +11,9 @@ from torch.nn.grad import conv2d_input
 from torch.overrides import TorchFunctionMode
 
 from .errors import InvalidInput, quote
+from .evidence.curves import perturbation_curves
+from .evidence.ranks import spearman
+from .evidence.spec import MetricsParams
 from .methods import Method, MethodParams, Progress
 from .zoo import LoadedModel
 
@@ -33,6 +36,7 @@ class ImageExplanation:
     diagnostics: dict[str, Any] = field(default_factory=dict)
     # The heatmap at the size asked for in `map_sizes` (the uploaded image's), on the CPU; None if not asked.
     sized_heatmap: torch.Tensor | None = None
+    metrics: dict[str, Any] | None = None  # the per-map metrics, when asked for (`outputs=metrics`)
 
 
 def check_targets(model: LoadedModel, targets: list[int | None]) -> None:
@@ -143,25 +147,37 @@ def pass_sizes(device: torch.device, max_batch: int) -> tuple[int, ...]:
 def explain(model: LoadedModel, method: Method, x: torch.Tensor, targets: list[int | None],
             params: MethodParams, *, progress: Progress | None = None, top_k: int = 5, max_batch: int = 64,
             keep_attribution: list[bool] | None = None,
-            map_sizes: list[tuple[int, int] | None] | None = None) -> list[ImageExplanation]:
+            map_sizes: list[tuple[int, int] | None] | None = None,
+            metrics: MetricsParams | None = None) -> list[ImageExplanation]:
     """x: (B, 3, H, W) preprocessed images; a None target means the top-1 class of that image.
 
     The prediction comes from the forward pass the method makes anyway (no extra pass); maps are copied to
     the CPU once, and signed attributions only for the images in `keep_attribution` (default all).
     `map_sizes`: per image, a (height, width) to resize its heatmap to as well (`sized_heatmap`).
+    `metrics`: also each map's per-map metrics (service/evidence), forward passes after the method's, in the
+    same batch.
     """
     check_targets(model, targets)
     x = x.to(model.device, non_blocking=True)
     wanted = torch.tensor([-1 if t is None else t for t in targets], device=model.device)
     scope, ran = precision_scope(method, params, model.device)
+    explainee = model.explainee(max_batch, pass_sizes(model.device, max_batch))
+    reported = [0, 1]  # the method's last progress report: the metrics' passes report it again
+
+    def tracked(done: int, total: int) -> None:
+        reported[:] = [done, total]
+        if progress is not None:
+            progress(done, total)
+
     with scope:
-        result = method.attribute(model.explainee(max_batch, pass_sizes(model.device, max_batch)), x, wanted,
-                                  params, progress)
+        result = method.attribute(explainee, x, wanted, params, tracked if progress is not None else None)
     probabilities = result.logits.float().softmax(1)
     top_p, top_i = probabilities.topk(min(top_k, model.num_classes), dim=1)
     chosen = result.targets
     chosen_p = probabilities.gather(1, chosen.view(-1, 1)).squeeze(1).tolist()
     heat_on_device = result.heatmap.float()
+    evidence = [None] * x.shape[0] if metrics is None else per_map_metrics(
+        explainee, x, result, chosen_p, metrics, lambda: tracked(*reported))
     sized = resize_maps(heat_on_device, map_sizes or [None] * x.shape[0])
     heat = heat_on_device.cpu()
     keep = keep_attribution if keep_attribution is not None else [True] * x.shape[0]
@@ -172,7 +188,24 @@ def explain(model: LoadedModel, method: Method, x: torch.Tensor, targets: list[i
             target=target, label=model.labels[target], probability=chosen_p[b],
             top_k=[ClassScore(i, model.labels[i], p) for i, p in zip(top_ib, top_pb, strict=True)],
             heatmap=heat[b], attribution=result.attribution[b].float().cpu() if keep[b] else None,
-            diagnostics={**result.diagnostics[b], **ran}, sized_heatmap=sized[b]))
+            diagnostics={**result.diagnostics[b], **ran}, sized_heatmap=sized[b], metrics=evidence[b]))
+    return out
+
+
+def per_map_metrics(explainee, x: torch.Tensor, result, clean_p: list[float], metrics: MetricsParams,
+                    checkpoint) -> list[dict[str, Any] | None]:
+    """Each map's deletion and insertion curves against a random order (forward passes in float32, outside
+    the method's precision scope), and the stability of a stochastic method's map: the Spearman rank
+    correlation of the maps from the two halves of its random draws (None for a deterministic method)."""
+    curves = perturbation_curves(explainee, x, result.heatmap.float(), result.targets, steps=metrics.steps,
+                                 replacement=metrics.replacement, checkpoint=checkpoint,
+                                 clean_probabilities=clean_p)
+    out: list[dict[str, Any] | None] = []
+    for b, curve in enumerate(curves):
+        stability = None
+        if result.halves is not None:
+            stability = spearman(result.halves[0][b].float(), result.halves[1][b].float())
+        out.append({**curve.as_dict(), "stability": stability})
     return out
 
 

@@ -18,6 +18,7 @@ import torch
 from .calibrate import calibrate_lane, hold_process_to_lane_share
 from .engine import ImageExplanation, explain
 from .errors import EngineOutOfMemory, as_service_error
+from .evidence.spec import MetricsParams
 from .host import tune_host
 from .methods import MethodParams, Progress, get_method
 from .settings import Settings
@@ -38,6 +39,7 @@ class Batch:
     targets: list[int | None]
     raw: list[bool]  # per image: keep the signed attribution
     sizes: list[tuple[int, int] | None]  # per image: also resize its map to this (height, width)
+    metrics: MetricsParams | None = None  # the per-map metrics, for every image (part of the batch key)
 
 
 def boot_host(settings: Settings, device: torch.device) -> None:
@@ -84,6 +86,7 @@ class EngineCore:
                 x = x.pin_memory()  # page-locked, so the copy to the device does not block this thread
             return explain(model, get_method(batch.method), x, batch.targets, batch.params, progress=progress,
                            top_k=self.settings.top_k, keep_attribution=batch.raw, map_sizes=batch.sizes,
+                           metrics=batch.metrics,
                            max_batch=self.pass_batch.get(model.name, self.settings.max_pass_batch))
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()  # the pool splits the batch and retries

@@ -112,7 +112,7 @@ class Explainer:
             results = self.core.run_batch(Batch(self.model.name, first.method, first.params,
                                                 torch.stack([r.pixels for r in remote]),
                                                 [r.target for r in remote], [r.raw for r in remote],
-                                                [r.size for r in remote]), reporter)
+                                                [r.size for r in remote], first.metrics), reporter)
         except Cancelled as error:
             return [Outcome(error=error, replica=self.replica)] * len(remote)
         except ServiceError as error:  # classified (and logged) by the engine core

@@ -9,6 +9,7 @@ import torch
 
 from ..engine import ImageExplanation
 from ..errors import ServiceError
+from ..evidence.spec import MetricsParams
 from ..methods import MethodParams
 
 
@@ -28,6 +29,7 @@ class RemoteItem:
     bulk: bool = False  # long work: the replica's bulk lane
     raw: bool = False  # the caller asked for the signed attribution (else it is not sent back)
     size: tuple[int, int] | None = None  # (height, width) the map is wanted at: resized on the replica
+    metrics: MetricsParams | None = None  # the per-map metrics (part of the batch key)
 
 
 @dataclass

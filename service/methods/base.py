@@ -103,21 +103,29 @@ class Attribution:
     diagnostics: list[dict[str, Any]]  # per image
     logits: torch.Tensor  # (B, classes) of the clean images: the prediction comes free with it
     targets: torch.Tensor  # (B,) the classes explained (top-1 resolved)
+    # A stochastic method's maps (B, H, W) from two independent halves of its random draws, when it has them:
+    # how much the map depends on its draws (`stability` of the per-map metrics). None: not stochastic.
+    halves: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def head(self, n: int) -> Attribution:
         """The first n rows: a padded pass's real images."""
         if n == self.heatmap.shape[0]:
             return self
+        halves = None if self.halves is None else (self.halves[0][:n], self.halves[1][:n])
         return Attribution(self.attribution[:n], self.heatmap[:n], self.diagnostics[:n], self.logits[:n],
-                           self.targets[:n])
+                           self.targets[:n], halves)
 
     @staticmethod
     def concat(parts: list[Attribution]) -> Attribution:
         if len(parts) == 1:
             return parts[0]
+        halves = None
+        if all(p.halves is not None for p in parts):
+            halves = (torch.cat([p.halves[0] for p in parts if p.halves]),
+                      torch.cat([p.halves[1] for p in parts if p.halves]))
         return Attribution(torch.cat([p.attribution for p in parts]), torch.cat([p.heatmap for p in parts]),
                            [d for p in parts for d in p.diagnostics], torch.cat([p.logits for p in parts]),
-                           torch.cat([p.targets for p in parts]))
+                           torch.cat([p.targets for p in parts]), halves)
 
 
 class Method(ABC):

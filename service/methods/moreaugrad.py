@@ -116,6 +116,9 @@ class MoreauGrad(Method):
         sample_targets = targets.repeat_interleave(n)
         delta = torch.zeros_like(x)
         total = torch.zeros_like(x)
+        # the averaged iterates by parity: each draws its own noise, so the two halves' maps differ only as
+        # far as the noise moves them (`halves`, the stability of the per-map metrics)
+        odd = torch.zeros_like(x)
         averaged = min(AVERAGED_ITERATES, params.iterations)
         threshold = params.lr * params.eta
         for step in range(params.iterations):
@@ -131,11 +134,17 @@ class MoreauGrad(Method):
                 delta = group_shrink(delta, threshold, g)
             if step >= params.iterations - averaged:
                 total += delta
+                if (params.iterations - 1 - step) % 2:
+                    odd += delta
             if progress:
                 progress(step + 1, params.iterations)
         attribution = -(total / averaged) / params.rho
         diagnostics = [{"noise_std": float(s), "averaged_iterates": averaged, "delta_l1": float(d)}
                        for s, d in zip(sigma.flatten().tolist(),
                                        (total / averaged).abs().flatten(1).sum(1).tolist(), strict=True)]
+        halves = None
+        if averaged >= 2:
+            halves = (heatmap(-(total - odd), params.aggregation, "minmax"),
+                      heatmap(-odd, params.aggregation, "minmax"))
         return Attribution(attribution, heatmap(attribution, params.aggregation, params.normalization),
-                           diagnostics, logits, targets)
+                           diagnostics, logits, targets, halves)

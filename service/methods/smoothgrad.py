@@ -44,13 +44,20 @@ class SmoothGrad(Method):
         grads = grads.view(x.shape[0], n, *x.shape[1:])
         if progress:
             progress(1, 1)
-        mean = grads.mean(1)
-        if params.variant == "smoothgrad":
-            attribution = mean
-        else:
-            attribution = (grads ** 2).mean(1)
-            if params.variant == "vargrad":
-                attribution = attribution - mean ** 2
+        attribution = combine(grads, params.variant)
+        halves = None
+        if n >= 2:  # the same estimate from each half of the samples: how much the map owes to the noise
+            halves = (heatmap(combine(grads[:, : n // 2], params.variant), params.aggregation, "minmax"),
+                      heatmap(combine(grads[:, n // 2:], params.variant), params.aggregation, "minmax"))
         diagnostics = [{"noise_std": float(s)} for s in sigma.flatten().tolist()]
         return Attribution(attribution, heatmap(attribution, params.aggregation, params.normalization),
-                           diagnostics, logits, targets)
+                           diagnostics, logits, targets, halves)
+
+
+def combine(grads, variant: str):
+    """(B, n, C, H, W) noisy gradients -> (B, C, H, W): their mean, mean square or variance."""
+    mean = grads.mean(1)
+    if variant == "smoothgrad":
+        return mean
+    square = (grads ** 2).mean(1)
+    return square - mean ** 2 if variant == "vargrad" else square

@@ -206,7 +206,7 @@ class WorkerPool:
                 if batch:
                     self._run_batch(batch)
                 # let go of the batch before waiting for the next one: its results may hold large maps
-                batch = expired = None
+                del batch, expired
         except BaseException as exc:  # noqa: BLE001 - whatever killed the thread, its callers must hear of it
             # The thread ends here and the supervisor starts another; the batch it held cannot be trusted
             # (it may have caused the crash), so its callers get the error rather than a silent rerun.
