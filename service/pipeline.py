@@ -20,6 +20,7 @@ from . import imaging
 from .cache import content_hash
 from .engine import ImageExplanation, check_targets
 from .errors import BadInput, InvalidInput, NotFound, TooLarge, describe_validation
+from .evidence.spec import MetricsParams
 from .methods import Method, MethodParams, get_method
 from .settings import Settings
 from .zoo import LoadedModel, ModelRegistry
@@ -35,6 +36,7 @@ class CallRequest:
     params: dict[str, Any]
     outputs: list[str]
     size: str
+    metrics: dict[str, Any] | None = None  # the per-map metrics' parameters as given (steps, replacement)
 
 
 @dataclass
@@ -51,10 +53,17 @@ class Call:
     targets: list[int | None]
     outputs: set[str]
     size: str
+    metrics: MetricsParams | None = None  # asked for with outputs=metrics
     cost: int = field(init=False)
 
     def __post_init__(self):
-        self.cost = self.method.cost(self.params) * len(self.uploads)
+        self.cost = self.passes_per_image * len(self.uploads)
+
+    @property
+    def passes_per_image(self) -> int:
+        """The method's forward+backward passes, and the per-map metrics' forwards counted as passes (a
+        forward alone costs about a third of one: an upper bound, for admission and the cost limit)."""
+        return passes_per_image(self.method, self.params, self.metrics)
 
     @property
     def upload_pixels(self) -> int:
@@ -105,6 +114,23 @@ def resolve(registry: ModelRegistry, settings: Settings, model_name: str | None,
     return model, method, params
 
 
+def passes_per_image(method: Method, params: MethodParams, metrics: MetricsParams | None) -> int:
+    return method.cost(params) + (metrics.forwards if metrics is not None else 0)
+
+
+def resolve_metrics(outputs: list[str], given: dict[str, Any] | None) -> MetricsParams | None:
+    """The per-map metrics' parameters when `metrics` is among the outputs; given without it, refused."""
+    if "metrics" not in outputs:
+        if given:
+            raise InvalidInput(f"metrics parameters ({', '.join(sorted(given))}) given, but 'metrics' is not "
+                               f"among the outputs: add it (outputs=...,metrics)", code="invalid_metrics")
+        return None
+    try:
+        return MetricsParams.model_validate(given or {})
+    except ValidationError as exc:
+        raise InvalidInput(f"metrics: {describe_validation(exc.errors())}", code="invalid_metrics") from None
+
+
 def check_counts(settings: Settings, n_images: int, targets: list[int | None] | None) -> list[int | None]:
     if n_images == 0:
         raise InvalidInput("no images in the request (multipart field 'image' or JSON 'images')",
@@ -127,9 +153,11 @@ def prepare(settings: Settings, model: LoadedModel, method: Method, params: Meth
     blobs = request.blobs
     targets = check_counts(settings, len(blobs), request.targets)
     check_targets(model, targets)
-    cost = method.cost(params) * len(blobs)
+    metrics = resolve_metrics(outputs or ["npy"], request.metrics)
+    cost = passes_per_image(method, params, metrics) * len(blobs)
     if cost > settings.max_request_cost:
-        raise InvalidInput(f"this request costs {cost} forward+backward passes; the limit is "
+        extra = f" (the metrics' {metrics.forwards} forwards an image included)" if metrics else ""
+        raise InvalidInput(f"this request costs {cost} forward+backward passes{extra}; the limit is "
                            f"{settings.max_request_cost} per request", code="too_costly")
     # The request's total, from the headers: refused before anything is decoded. An image over its own limits
     # is left to decode_image, whose message names that image.
@@ -156,7 +184,7 @@ def prepare(settings: Settings, model: LoadedModel, method: Method, params: Meth
             raise kind(str(exc), code="bad_image") from None
     pixels = model.preprocess.batch([u.image for u in uploads])
     return Call(model, method, params, uploads, list(blobs), pixels, [content_hash(b) for b in blobs],
-                targets, set(outputs or ["npy"]), request.size)
+                targets, set(outputs or ["npy"]), request.size, metrics)
 
 
 # --- the answer's size, bounded before any work runs ------------------------------------------------------
@@ -218,6 +246,8 @@ class AnswerBound:
             total += b64_len(png_bound(width, height, 1))
         if "overlay" in outputs:
             total += b64_len(png_bound(width, height, 3))
+        if "metrics" in outputs:  # four curves of at most 101 points, 25 characters each, and their figures
+            total += 4 * 101 * 25 + 1024
         if "raw" in outputs:
             in_height, in_width = self.model.input_size
             total += b64_len(NPY_HEADER + 3 * 4 * in_width * in_height)
@@ -299,6 +329,8 @@ def encode_result(call: Call, index: int, result: ImageExplanation, queue_ms: fl
         "map": out_map, "diagnostics": result.diagnostics,
         "timing_ms": {"queue": round(queue_ms, 3), "compute": round(compute_ms, 3)},
     }
+    if "metrics" in call.outputs and result.metrics is not None:
+        entry["metrics"] = result.metrics
     if "raw" in call.outputs and result.attribution is not None:  # kept by the engine when raw was asked for
         entry["raw"] = _b64(imaging.encode_npy(result.attribution.numpy().astype(np.float32)))
     return entry

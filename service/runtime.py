@@ -124,7 +124,7 @@ class Runtime:
         if overlay_only and len(request.blobs) != 1:
             raise NotAcceptable(f"Accept: image/png answers with one image's overlay; this call has "
                                 f"{len(request.blobs)} images: accept application/json for several")
-        outputs = ["overlay"] if overlay_only else request.outputs
+        outputs = ["overlay"] if overlay_only else request.outputs or self.default_outputs
         job = Job(method=method.name, model=model.name, total=[method.steps(params)] * len(request.blobs))
         if hold:
             await self.job_book.hold(job)
@@ -178,18 +178,24 @@ class Runtime:
                    f"{self.lane(call)} lane), past its start deadline of {limit:.0f} s: retry later",
                    code="overloaded", retry_after=expected - limit)
 
+    @property
+    def default_outputs(self) -> list[str]:
+        """A call's outputs when it names none."""
+        return ["npy", "metrics"] if self.settings.metrics_by_default else ["npy"]
+
     def lane(self, call: Call) -> str:
-        return "bulk" if call.method.cost(call.params) > self.settings.bulk_cost else "interactive"
+        return "bulk" if call.passes_per_image > self.settings.bulk_cost else "interactive"
 
     def cache_key(self, call: Call, index: int) -> tuple:
         return (call.hashes[index], call.model.name, call.method.name, call.params.model_dump_json(),
-                call.targets[index])
+                call.targets[index], call.metrics.model_dump_json() if call.metrics else None)
 
     def submit(self, call: Call, job: Job, deadline_s: float) -> list[Item]:
         """One item per image, answered from the cache or handed to the backend; the call's pixels are held in
         the in-flight budget until every item is done."""
-        key = (call.model.name, call.method.name, call.params.model_dump_json())
-        cost, passes = call.method.batch_cost(call.params), call.method.cost(call.params)
+        key = (call.model.name, call.method.name, call.params.model_dump_json(),
+               call.metrics.model_dump_json() if call.metrics else None)
+        cost, passes = call.method.batch_cost(call.params), call.passes_per_image
         deadline = time.monotonic() + deadline_s
         items = [Item(key=key, cost=cost, passes=passes, payload=CallItem(call, i, job), deadline=deadline,
                       progress=job.progress_for(i)) for i in range(len(call.uploads))]

@@ -130,6 +130,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(100 * 2**20, ge=1, description="request body size")
     max_request_cost: int = Field(200_000, ge=1, description="forward+backward passes per request")
     top_k: int = Field(5, ge=1, le=100)
+    metrics_by_default: bool = Field(
+        False, description="a call that names no outputs gets the per-map metrics too (outputs npy,metrics): "
+                           "about 4 K forward passes more per image (K = steps, 20 by default)")
 
     # Security
     api_key: str | None = Field(

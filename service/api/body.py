@@ -24,10 +24,11 @@ from ..settings import Settings
 from .errors import ApiError
 from .schemas import ExplainRequest
 
-RESERVED_FIELDS = {"image", "model", "target", "targets", "outputs", "size"}
+METRICS_FIELDS = {"metrics_steps": "steps", "metrics_replacement": "replacement"}  # form field -> parameter
+RESERVED_FIELDS = {"image", "model", "target", "targets", "outputs", "size", *METRICS_FIELDS}
 METHOD_FIELD = "method"  # reserved too in a form that names its method (POST /v1/jobs)
 PARAM_PREFIX = "params."  # `params.NAME`: the method's parameter NAME, whatever the form reserves
-OUTPUTS = {"npy", "png", "overlay", "raw"}
+OUTPUTS = {"npy", "png", "overlay", "raw", "metrics"}
 TOP1 = ("null", "none", "top1", "top-1")  # the top-1 class
 # ASCII digits only: int() would also take "2_85", "+285" and other scripts' digits ("٢٨٥")
 CLASS_INDEX = re.compile(r"-?[0-9]+")
@@ -132,14 +133,16 @@ async def parse_multipart(request: Request, settings: Settings, content_type: st
             raise ApiError(422, "bad_image", "the 'image' field must be a file upload")
         blobs = [await f.read() for f in uploads]
         params = _params(form, RESERVED_FIELDS | {METHOD_FIELD} if method_in_body else RESERVED_FIELDS)
-        outputs = _split(_texts(form, "outputs")) or ["npy"]
+        outputs = _split(_texts(form, "outputs"))  # none: the server's default
         size = _text(form, "size") or "original"
+        metrics = {name: value for field, name in METRICS_FIELDS.items()
+                   if (value := _text(form, field)) is not None}
         _check_outputs(outputs, size)
         model = _text(form, "model")
         method = _text(form, METHOD_FIELD) if method_in_body else None
         return method, CallRequest(
             model or None, blobs, _targets(_texts(form, "target") + _texts(form, "targets")), params, outputs,
-            size)
+            size, metrics or None)
     finally:
         await form.close()
 
@@ -170,8 +173,9 @@ def parse_json(raw: bytes) -> tuple[object, CallRequest]:
             blobs.append(_b64decode(text))
         except (binascii.Error, ValueError):
             raise ApiError(400, "bad_base64", f"images[{i}] is not valid base64") from None
-    _check_outputs(list(req.outputs), req.size)
-    return method, CallRequest(req.model, blobs, req.targets, req.params, list(req.outputs), req.size)
+    outputs: list[str] = list(req.outputs) if "outputs" in req.model_fields_set else []  # none: default
+    _check_outputs(outputs, req.size)
+    return method, CallRequest(req.model, blobs, req.targets, req.params, outputs, req.size, req.metrics)
 
 
 def _b64decode(text: str) -> bytes:

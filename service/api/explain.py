@@ -27,7 +27,11 @@ def _request_body(json_model: type[BaseModel], method_field: bool) -> dict[str, 
     properties: dict[str, Any] = {
         "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
         "model": {"type": "string"}, "target": {"type": "string"},
-        "outputs": {"type": "string", "description": "comma list: npy,png,overlay,raw"},
+        "outputs": {"type": "string", "description": "comma list: npy,png,overlay,raw,metrics"},
+        "metrics_steps": {"type": "integer", "minimum": 2, "maximum": 100,
+                          "description": "with outputs metrics: K, the curves' steps (default 20)"},
+        "metrics_replacement": {"type": "string", "enum": ["blur", "black", "mean"],
+                                "description": "with outputs metrics: what a removed pixel becomes"},
         "size": {"type": "string", "enum": ["original", "input"]}}
     if method_field:
         properties["method"] = {"type": "string", "description": "the method: one of GET /v1/methods (a "

@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-Output = Literal["npy", "png", "overlay", "raw"]
+Output = Literal["npy", "png", "overlay", "raw", "metrics"]
 MapSize = Literal["original", "input"]
 
 
@@ -24,7 +24,13 @@ class ExplainRequest(BaseModel):
     targets: list[StrictInt | None] | None = Field(None,
                                                    description="class index per image; null = top-1 class")
     params: dict[str, Any] = Field(default_factory=dict, description="the method's parameters")
-    outputs: list[Output] = Field(default_factory=_default_outputs)
+    outputs: list[Output] = Field(
+        default_factory=_default_outputs,
+        description="npy (default), png, overlay, raw, metrics (the per-map metrics; the server's "
+                    "metrics_by_default adds it to the default)")
+    metrics: dict[str, Any] | None = Field(
+        None, description="the per-map metrics' parameters (with outputs metrics): steps (K, 2-100, default "
+                          "20), replacement (blur, black, mean; default blur)")
     size: MapSize = Field("original", description="map at the original image size or the model input size")
 
 
@@ -62,6 +68,10 @@ class ImageResult(BaseModel):
     map: MapOut
     raw: str | None = Field(None, description="base64 .npy of the signed attribution (when asked)")
     diagnostics: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] | None = Field(
+        None, description="with outputs metrics: deletion_auc, insertion_auc and the same for a random order "
+                          "of the pixels (_random), their curves, steps, replacement, stability (stochastic "
+                          "methods; else null)")
     timing_ms: Timing
 
 

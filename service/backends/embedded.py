@@ -171,7 +171,7 @@ class EmbeddedBackend:
                       pixels.numpy() if engine is not None else pixels,
                       [part.call.targets[part.index] for part in parts],
                       ["raw" in part.call.outputs for part in parts],
-                      [part.call.original_size(part.index) for part in parts])
+                      [part.call.original_size(part.index) for part in parts], call.metrics)
         started = time.monotonic()
         if engine is not None:
             results = engine.run(batch, progress)

@@ -106,7 +106,7 @@ class RayBackend:
                             cost=min(item.cost, self.settings.max_batch_cost),
                             deadline=time.time() + (item.deadline - time.monotonic()), job_id=part.job.id,
                             index=part.index, bulk=lane == "bulk", raw="raw" in call.outputs,
-                            size=call.original_size(part.index))
+                            size=call.original_size(part.index), metrics=call.metrics)
         task = asyncio.get_running_loop().create_task(self._dispatch(handle, remote, item))
         self._dispatches.setdefault(part.job.id, []).append(task)
 
