@@ -106,3 +106,12 @@ def test_a_setting_turns_the_metrics_on_by_default():
         only_png = httpx.post(f"{base}/v1/explain/gradcam", files=image(), data={"outputs": "png"},
                               timeout=60).json()["results"][0]
         assert only_png.get("metrics") is None  # outputs named: exactly those
+
+
+def test_the_python_client_carries_the_metrics(server):
+    from saliency_client import Client
+
+    base, _ = server
+    with Client(base) as client:
+        result = client.explain(png_bytes(random_image(3)), "gradcam", outputs=("npy", "metrics"))[0]
+    assert result.metrics is not None and set(result.metrics) >= PINNED and result.map is not None

@@ -27,13 +27,16 @@ class ImageExplanation:
     raw: np.ndarray | None = None
     diagnostics: dict[str, Any] = field(default_factory=dict)
     timing_ms: Timing | None = None
+    # with outputs "metrics": deletion_auc, insertion_auc, their random-order baselines (_random), the curves,
+    # steps, replacement and stability (stochastic methods): how far to trust this map
+    metrics: dict[str, Any] | None = None
 
     @classmethod
     def from_wire(cls, r: ImageResult) -> ImageExplanation:
         return cls(target=r.target, label=r.label, probability=r.probability, top_k=r.top_k,
                    height=r.map.height, width=r.map.width, map=decode_npy(r.map.npy),
                    png=decode_png(r.map.png), overlay=decode_png(r.map.overlay), raw=decode_npy(r.raw),
-                   diagnostics=r.diagnostics, timing_ms=r.timing_ms)
+                   diagnostics=r.diagnostics, timing_ms=r.timing_ms, metrics=r.metrics)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-Output = Literal["npy", "png", "overlay", "raw"]
+Output = Literal["npy", "png", "overlay", "raw", "metrics"]
 MapSize = Literal["original", "input"]
 
 
@@ -55,6 +55,7 @@ class ImageResult(BaseModel):
     map: MapOut
     raw: str | None = None
     diagnostics: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] | None = None
     timing_ms: Timing
 
 
