@@ -18,8 +18,13 @@ def test_fiftyone_heatmaps(registry, chelsea, tmp_path):
     chelsea.save(tmp_path / "chelsea.png")
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)).save(
         tmp_path / "noise.png")
-    with running_server(Settings(max_wait_ms=5), registry) as (base, _):
+    for seed in range(4):
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (120, 160, 3), dtype=np.uint8)).save(
+            tmp_path / f"photo{seed}.png")
+    # SALIENCY_SMALL_URL answers at most 150 KB: one 160x120 float32 map (~106 KB bound), not two
+    with (running_server(Settings(max_wait_ms=5), registry) as (base, _),
+          running_server(Settings(max_wait_ms=5, max_response_bytes=150_000), registry) as (small, _)):
         with Client(base) as c:
             np.save(tmp_path / "chelsea_gradcam.npy", c.explain(tmp_path / "chelsea.png")[0].map)
         run_inner_pytest("tests/integrations/fiftyone_checks.py",
-                         {"SALIENCY_URL": base, "IMAGES_DIR": str(tmp_path)})
+                         {"SALIENCY_URL": base, "SALIENCY_SMALL_URL": small, "IMAGES_DIR": str(tmp_path)})

@@ -92,8 +92,8 @@ def test_predictions_round_trip_through_label_studio(saliency, label_studio, bac
     assert (brush["original_width"], brush["original_height"]) == chelsea.size == (451, 300)
     assert brush["value"]["format"] == "rle" and brush["value"]["brushlabels"] == ["Salient"]
 
-    with Client(saliency) as client:
-        expected = client.explain(photo, "gradcam")[0]
+    with Client(saliency) as client:  # the backend asks for 8-bit PNG maps (a quarter of npy's bytes)
+        expected = client.explain(photo, "gradcam", outputs=["png", "npy"])[0]
     assert stored["score"] == pytest.approx(expected.probability)
     out = tmp_path / "decoded.npy"
     subprocess.run([str(PYTHON), str(ROOT / "tests/integrations/decode_brush.py")], check=True, text=True,
@@ -104,12 +104,15 @@ def test_predictions_round_trip_through_label_studio(saliency, label_studio, bac
     for channel in range(4):  # Label Studio keeps the alpha: the saliency shows as graded opacity
         np.testing.assert_array_equal(rgba[..., channel], levels)
 
-    x, y, w, h = salient_region(expected.map, 0.5).box_percent
+    x, y, w, h = salient_region(np.asarray(expected.png, np.float32) / 255, 0.5).box_percent
     value = box["value"]
     assert (value["x"], value["y"], value["width"], value["height"]) == pytest.approx((x, y, w, h))
     assert 0 <= value["x"] < value["x"] + value["width"] <= 100 and value["rectanglelabels"] == ["Salient"]
 
 
-def test_backend_units(saliency):
-    """The backend's own checks (config parsing, token scoping, auth, webhook), run in the tools' env."""
-    run_inner_pytest("tests/integrations/labelstudio_checks.py", {"SALIENCY_URL": saliency})
+def test_backend_units(saliency, registry):
+    """The backend's own checks (config parsing, token scoping, auth, webhook), run in the tools' env;
+    SALIENCY_SMALL_URL is a server whose answers are bounded at 40 KB (max_response_bytes)."""
+    with running_server(Settings(max_wait_ms=5, max_response_bytes=40_000), registry) as (small, _):
+        run_inner_pytest("tests/integrations/labelstudio_checks.py",
+                         {"SALIENCY_URL": saliency, "SALIENCY_SMALL_URL": small})

@@ -2,7 +2,8 @@
 
 FiftyOne's database (MongoDB) does not run on this machine, so datasets cannot be created: the checks use
 real in-memory fo.Sample objects and FiftyOne's own Heatmap validation. SALIENCY_URL is a real server;
-IMAGES_DIR holds chelsea.png and noise.png written by the outer test, with the service's own maps (.npy).
+IMAGES_DIR holds chelsea.png, noise.png and photo0-3.png written by the outer test, with the service's own
+maps (.npy); SALIENCY_SMALL_URL is a server whose answers are bounded at 150 KB.
 """
 from __future__ import annotations
 
@@ -55,3 +56,14 @@ def test_heatmap_serialises_like_fiftyone_stores_it(client):
     np.testing.assert_array_equal(back.map, result.map)
     with pytest.raises(ValueError):
         to_heatmap(client.explain(IMAGES / "noise.png", "gradient", model="tiny_cnn", outputs=["png"])[0])
+
+
+def test_batches_too_large_for_one_answer_are_split():
+    """A batch of 4 maps at the original size passes the small server's answer bound; each map fits alone."""
+    samples = [fo.Sample(filepath=str(IMAGES / f"photo{i}.png")) for i in range(4)]
+    with Client(os.environ["SALIENCY_SMALL_URL"]) as small:
+        assert add_saliency(samples, small, method="gradient", model="tiny_cnn", batch_size=4,
+                            size="original") == 4
+        alone = small.explain(IMAGES / "photo3.png", "gradient", model="tiny_cnn")[0]
+    assert all(s["saliency"].map.shape == (120, 160) for s in samples)
+    np.testing.assert_array_equal(samples[3]["saliency"].map, alone.map)

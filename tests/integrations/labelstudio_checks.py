@@ -17,6 +17,7 @@ from label_studio_sdk.converter import brush
 from PIL import Image
 from starlette.testclient import TestClient
 
+from saliency_client import Client
 from saliency_labelstudio import BackendSettings, create_app
 from saliency_labelstudio.fetch import FetchError, ImageFetcher
 from saliency_labelstudio.predict import ConfigError, Control, Targets, brush_region
@@ -30,9 +31,9 @@ NEITHER = ('<View><Image name="i" value="$image"/>'
            '<Choices name="c" toName="i"><Choice value="x"/></Choices></View>')
 
 
-def png_data_url(seed: int) -> str:
+def png_data_url(seed: int, shape: tuple[int, int] = (48, 80)) -> str:
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (48, 80, 3),
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*shape, 3),
                                                          dtype=np.uint8)).save(buf, "PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
@@ -142,6 +143,7 @@ def test_protocol_routes(app):
 
 @pytest.mark.parametrize("extra, named", [({"threshold": "abc"}, "threshold"),
                                           ({"threshold": 2}, "threshold"),
+                                          ({"threshold": 0}, "threshold"),  # salient_region needs (0, 1]
                                           ({"params": '{"layer": "bn2"}'}, "params"),
                                           ({"method": 3}, "method"),
                                           ("gradcam", "extra_params")])
@@ -165,6 +167,32 @@ def test_predict_gives_one_prediction_per_task(app):
     bad = app.post("/predict", json={"tasks": [{"id": 1, "data": {"photo": "data:image/png;base64,!!"}}],
                                      "project": "7.1", "label_config": BOTH})
     assert bad.status_code == 502 and "base64" in bad.json()["error"]
+
+
+def test_predict_fits_batches_to_the_services_answer_bound():
+    """The small server answers at most 40 KB: a 160x120 photo's PNG map fits (~31 KB bound), two do not, and
+    its float32 npy map (~106 KB) never did; a 640x480 photo's PNG map (~416 KB) does not fit alone, its map
+    at the model input (~10 KB) does. Every task still gets its prediction, at its photo's size."""
+    settings = BackendSettings(saliency_url=os.environ["SALIENCY_SMALL_URL"], method="gradient",
+                               model="tiny_cnn")
+    shapes = [(120, 160)] * 4 + [(480, 640)]
+    tasks = [{"id": i, "data": {"photo": png_data_url(i, shape)}} for i, shape in enumerate(shapes)]
+    with TestClient(create_app(settings)) as small:
+        answer = small.post("/predict", json={"tasks": tasks, "label_config": BOTH})
+    assert answer.status_code == 200, answer.text
+    results = answer.json()["results"]
+    assert len(results) == 5
+    for (height, width), prediction in zip(shapes, results, strict=True):
+        assert prediction["model_version"] == "saliency-gradient-tiny_cnn" and 0 < prediction["score"] <= 1
+        brush_result, box = prediction["result"]
+        assert (brush_result["original_width"], brush_result["original_height"]) == (width, height)
+        assert 0 < box["value"]["width"] <= 100 and 0 < box["value"]["height"] <= 100
+    with Client(os.environ["SALIENCY_SMALL_URL"]) as client:  # one photo per request: its own PNG map
+        direct = client.explain(base64.b64decode(tasks[0]["data"]["photo"].split(",")[1]), "gradient",
+                                model="tiny_cnn", outputs=["png"])[0]
+    rle = results[0]["result"][0]["value"]["rle"]
+    rgba = np.asarray(brush.decode_rle(rle), np.uint8).reshape(120, 160, 4)
+    np.testing.assert_array_equal(rgba[..., 3], np.asarray(direct.png.convert("L")))
 
 
 def test_the_model_version_names_method_and_model(app):

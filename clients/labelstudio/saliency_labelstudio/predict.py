@@ -2,6 +2,7 @@
 salient region (saliency_client.salient_region)."""
 from __future__ import annotations
 
+import io
 import time
 import uuid
 from dataclasses import dataclass
@@ -10,8 +11,9 @@ from typing import Any
 import numpy as np
 from label_studio_sdk.converter import brush
 from label_studio_sdk.label_interface import LabelInterface
+from PIL import ExifTags, Image
 
-from saliency_client import Client, ImageExplanation, salient_region
+from saliency_client import Client, ImageExplanation, PayloadTooLargeError, salient_region
 
 from .fetch import ImageFetcher
 from .settings import BackendSettings
@@ -77,29 +79,85 @@ def box_region(ctl: Control, heat: np.ndarray, threshold: float, score: float) -
                                       "rectanglelabels": [ctl.label]}}
 
 
-def prediction(targets: Targets, result: ImageExplanation, settings: BackendSettings,
+def prediction(targets: Targets, heat: np.ndarray, probability: float, settings: BackendSettings,
                model: str) -> dict[str, Any]:
-    """`model`: the model that made `result` (the explain answer names it)."""
-    assert result.map is not None  # predict() asks for the "npy" output
+    """`heat`: the map at the photo's size; `model`: the model that made it (the explain answer names it)."""
     regions = []
     if targets.brush:
-        regions.append(brush_region(targets.brush, result.map, result.probability))
+        regions.append(brush_region(targets.brush, heat, probability))
     if targets.box:
-        regions.append(box_region(targets.box, result.map, settings.threshold, result.probability))
-    return {"model_version": settings.model_version(model), "score": result.probability, "result": regions}
+        regions.append(box_region(targets.box, heat, settings.threshold, probability))
+    return {"model_version": settings.model_version(model), "score": probability, "result": regions}
+
+
+# 413s that fewer images per request avoid: the answer's bound, the pixels or the number of images per request
+SPLITTABLE = ("response_too_large", "too_many_pixels", "too_many_images")
+
+
+def png_map(result: ImageExplanation) -> np.ndarray:
+    """The 8-bit PNG map as float32 in [0, 1]: the brush's levels are exactly the PNG's (both round the map x
+    255), and the box moves by at most a level's rounding."""
+    assert result.png is not None  # explain() asks for the "png" output
+    return np.asarray(result.png.convert("L"), dtype=np.float32) / np.float32(255.0)
+
+
+def photo_size(blob: bytes) -> tuple[int, int]:
+    """(width, height) of the photo as shown (EXIF orientation applied, as the service's maps are), from its
+    header."""
+    with Image.open(io.BytesIO(blob)) as image:
+        width, height = image.size
+        try:
+            turned = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+        except Exception:  # broken EXIF: the service keeps the stored orientation too
+            turned = False
+    return (height, width) if turned else (width, height)
+
+
+def resized(heat: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a map to `size` = (width, height), as the service makes an original-size map."""
+    out = Image.fromarray(heat.astype(np.float32)).resize(size, Image.Resampling.BILINEAR)
+    return np.clip(np.asarray(out, dtype=np.float32), 0.0, 1.0)
+
+
+def explain_maps(blobs: list[bytes], settings: BackendSettings, client: Client,
+                 deadline: float) -> list[tuple[np.ndarray, float, str]]:
+    """(map at the photo's size, probability, model) per blob, in order.
+
+    Label Studio decodes the brush RLE into an image of the photo's own size, so the maps come at the original
+    size, as 8-bit PNGs: the brush holds 8-bit levels anyway, and a PNG takes at most 1.34 bytes per pixel in
+    the answer where a float32 .npy takes 5.3 (the service refuses an answer over its max_response_bytes).
+    A batch still refused as too large is split in halves; a single photo whose map alone is too large gets
+    the map at the model input, resized here as the service would have: the same map, so every task still
+    gets its prediction rather than an error a labeling team could do nothing about."""
+    def call(chunk: list[bytes], size: str):
+        return client.explain(chunk, settings.method, model=settings.model, outputs=["png"], size=size,
+                              params=settings.params, timeout=max(deadline - time.monotonic(), 1e-3))
+
+    try:
+        explanation = call(blobs, "original")
+    except PayloadTooLargeError as exc:
+        if len(blobs) > 1 and exc.code in SPLITTABLE:
+            half = (len(blobs) + 1) // 2
+            return (explain_maps(blobs[:half], settings, client, deadline)
+                    + explain_maps(blobs[half:], settings, client, deadline))
+        if exc.code != "response_too_large":
+            raise
+        explanation = call(blobs, "input")
+        return [(resized(png_map(r), photo_size(blob)), r.probability, explanation.model)
+                for blob, r in zip(blobs, explanation, strict=True)]
+    return [(png_map(r), r.probability, explanation.model) for r in explanation]
 
 
 def predict(tasks: list[dict[str, Any]], label_config: str, settings: BackendSettings, client: Client,
             fetcher: ImageFetcher, batch: int = 8) -> list[dict[str, Any]]:
-    """One prediction per task, in order; the service explains up to `batch` images per request."""
+    """One prediction per task, in order; the service explains up to `batch` images per request (fewer when
+    it answers that the batch's answer would be too large: see explain_maps)."""
     deadline = time.monotonic() + settings.timeout  # one answer to Label Studio, however many batches
     targets = Targets.from_config(label_config)
     blobs = [fetcher.fetch(task["data"][targets.data_key], task.get("id")) for task in tasks]
     out: list[dict[str, Any]] = []
     for start in range(0, len(blobs), batch):
-        # maps at the original size: Label Studio decodes the RLE into an image of the photo's own size
-        explanation = client.explain(blobs[start:start + batch], settings.method, model=settings.model,
-                                     outputs=["npy"], size="original", params=settings.params,
-                                     timeout=max(deadline - time.monotonic(), 1e-3))
-        out += [prediction(targets, r, settings, explanation.model) for r in explanation]
+        out += [prediction(targets, heat, probability, settings, model)
+                for heat, probability, model in explain_maps(blobs[start:start + batch], settings, client,
+                                                             deadline)]
     return out

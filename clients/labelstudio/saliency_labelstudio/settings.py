@@ -55,8 +55,8 @@ class BackendSettings:
             except (TypeError, ValueError):
                 raise SettingsError("extra_params.threshold must be a number, "
                                     f"not {update['threshold']!r}") from None
-            if not 0.0 <= update["threshold"] <= 1.0:
-                raise SettingsError(f"extra_params.threshold must be in [0, 1] (of the map's peak), "
+            if not 0.0 < update["threshold"] <= 1.0:  # salient_region's own range
+                raise SettingsError(f"extra_params.threshold must be in (0, 1] (of the map's peak), "
                                     f"not {update['threshold']}")
         if "params" in update and not isinstance(update["params"], dict):
             raise SettingsError("extra_params.params must be an object of the method's parameters, "
