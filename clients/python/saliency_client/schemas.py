@@ -25,6 +25,7 @@ class ExplainRequest(BaseModel):
     targets: list[StrictInt | None] | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     outputs: list[Output] = Field(default_factory=_npy_only)
+    metrics: dict[str, Any] | None = None  # the per-map metrics' parameters: steps, replacement
     size: MapSize = "original"
 
 
