@@ -24,28 +24,21 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.evidence.sanity import CLASS_LIMIT, RANDOMISED_LIMIT, sanity_report, shipped_photos  # noqa: E402
+from service.evidence.sanity import (  # noqa: E402
+    CLASS_LIMIT,
+    RANDOMISED_LIMIT,
+    profile_params,
+    sanity_report,
+    shipped_photos,
+)
 from service.methods import METHODS, MethodParams  # noqa: E402
 from service.zoo import ModelRegistry, resolve_device  # noqa: E402
-
-# Per method, by the parameter it has: what a CPU run uses instead of the default (--full: none of this).
-CHEAP = {"n_steps": 16, "n_samples": 8, "iterations": 10}
-CHEAP_MOREAU_SAMPLES = 4  # a method with both iterations and n_samples (MoreauGrad): iterations x 4
-
-
-def cheap_params(method) -> MethodParams:
-    fields = method.Params.model_fields
-    changes: dict[str, Any] = {k: v for k, v in CHEAP.items() if k in fields}
-    if "iterations" in fields and "n_samples" in fields:
-        changes["n_samples"] = CHEAP_MOREAU_SAMPLES
-    return method.Params(**changes)
 
 
 def describe(params: MethodParams) -> str:
@@ -95,7 +88,7 @@ def main() -> int:
     photos = shipped_photos()
     x = torch.stack([model.preprocess(p) for p in photos])
     methods = list(METHODS.values())
-    params = {m.name: (m.Params() if args.full else cheap_params(m)) for m in methods}
+    params = {m.name: profile_params(m, "full" if args.full else "quick") for m in methods}
 
     started = time.perf_counter()
 

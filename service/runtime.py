@@ -36,6 +36,7 @@ from .errors import (
 from .jobs import Job, JobStore
 from .metrics import Metrics
 from .pipeline import Call, CallRequest, encode_result, prepare, resolve, response_body
+from .sanity_runs import SanityRuns
 from .settings import Settings
 from .worker import Item
 from .zoo import ModelRegistry
@@ -53,6 +54,7 @@ class Runtime:
         backend.register_metrics(self.metrics.registry)
         self.jobs = JobStore(settings.max_jobs, settings.job_ttl_s, settings.max_job_result_bytes)
         self.job_book = backend.job_book(self.jobs)  # where GET/DELETE /v1/jobs/{id} look
+        self.sanity = SanityRuns(settings, self.job_book)  # models' sanity reports, as jobs
         self.cache = ResultCache(settings.cache_bytes)
         self.pixels_in_flight = PixelBudget(settings.max_pixels_in_flight)
         self.metrics.pixels_in_flight.set_function(lambda: self.pixels_in_flight.held)
@@ -89,6 +91,7 @@ class Runtime:
     def stop(self, grace: float) -> None:
         for job in self.jobs.all():
             job.cancel_event.set()
+        self.sanity.stop()
         self.backend.stop(grace)
         self._encoder.shutdown(wait=False)  # encodings under way finish; their callers are answered
 

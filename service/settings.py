@@ -101,6 +101,12 @@ class Settings(BaseSettings):
     job_deadline_s: float = Field(3600.0, gt=0, description="start deadline of job work")
     job_ttl_s: float = Field(3600.0, gt=0, description="finished jobs are forgotten after this")
     max_jobs: int = Field(1000, ge=1, description="jobs kept in memory (finished ones are evicted first)")
+    sanity_deadline_s: float = Field(
+        3600.0, gt=0, description="a model's sanity report (POST /v1/models/{name}/sanity) still running "
+                                  "after this is stopped and its job fails with deadline_exceeded")
+    max_sanity_jobs: int = Field(
+        2, ge=1, description="sanity reports queued or running at once (they run one at a time, in a thread "
+                             "of their own beside the lanes); one more gets 429")
     max_job_result_bytes: int = Field(
         2 * 2**30, ge=0, description="encoded maps held by finished jobs' results; beyond it the oldest "
                                      "finished jobs are forgotten first (the newest stays)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from ..evidence.spec import MetricsParams
 from ..methods import METHODS
 from .deps import RuntimeDep
 from .schemas import MethodOut, ModelOut
@@ -17,7 +18,8 @@ async def list_models(runtime: RuntimeDep) -> list[ModelOut]:
                     available=True, device=runtime.backend.serving_device(),
                     input_size=list(m.preprocess.size), num_classes=m.num_classes,
                     default_layer=m.card.cam.target_layer, layers=list(m.cam_layers),
-                    default=m.name == runtime.settings.default_model, folded_batchnorms=m.folded_norms)
+                    default=m.name == runtime.settings.default_model, folded_batchnorms=m.folded_norms,
+                    sanity=runtime.sanity.summary(m.name))
            for m in registry.models.values()]
     out += [ModelOut(name=u.card_name, architecture=u.architecture, available=False, reason=u.reason)
             for u in registry.unavailable.values()]
@@ -29,4 +31,5 @@ async def list_methods() -> list[MethodOut]:
     """Each method's facts, as its class declares them (service/methods/base.py `Method`)."""
     return [MethodOut(name=m.name, title=m.title, cost=m.cost_text(), cost_factors=list(m.cost_factors),
                       passes_at_defaults=m.cost(m.Params()), iterative=m.iterative, diagnostics=m.diagnostics,
-                      parameters=m.Params.model_json_schema()) for m in METHODS.values()]
+                      parameters=m.Params.model_json_schema(),
+                      metrics_forwards_at_defaults=MetricsParams().forwards) for m in METHODS.values()]

@@ -87,6 +87,73 @@ class JobProgress(BaseModel):
     total: int
 
 
+class SanityLevel(BaseModel):
+    layers: list[str] = Field(description="the blocks this level randomises (it also keeps the levels above "
+                                          "it randomised: cumulative, from the logits down)")
+    spearman: float = Field(description="mean over the photos of the rank correlation of the map before and "
+                                        "after randomising down to this level")
+    spearman_abs: float | None = Field(None, description="the same on the per-pixel sum of |attribution| "
+                                                         "(methods with signed per-pixel attributions)")
+    constant_maps: int = Field(0, description="randomised maps that are constant (each counts 0)")
+
+
+class SanityMethod(BaseModel):
+    levels: list[SanityLevel]
+    random_target: dict[str, float | None] = Field(
+        description="spearman: the map for a random other class against the top class's")
+    cross_image: dict[str, float | None] = Field(
+        description="spearman: the maps of different photos against each other (context for a failure)")
+    verdict: Literal["pass", "fail"]
+    reason: str = Field(description="why, in one line")
+
+
+class SanityReport(BaseModel):
+    """A model's sanity report (docs/sanity.md): cascading parameter randomisation and the random-class
+    check, per method, on the shipped photos."""
+
+    model: str
+    images: int
+    methods: dict[str, SanityMethod]
+    skipped: dict[str, str] = Field(default_factory=dict,
+                                    description="methods that do not apply to this model, with the reason")
+    seed: int
+    profile: Literal["quick", "full"]
+    params: dict[str, dict[str, Any]] = Field(description="each method's parameters in this report")
+    photos: list[str]
+    weights_sha256: str = Field(description="the served weights the report is of (reports are kept per "
+                                            "weights, profile, seed and methods)")
+    device: str
+    elapsed_s: float
+    created: float
+
+
+class SanityRequest(BaseModel):
+    """POST /v1/models/{name}/sanity's optional JSON body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    methods: list[str] | None = Field(None, min_length=1, max_length=64,
+                                      description="the methods to check (default: every method)")
+    seed: StrictInt = Field(0, ge=0, le=2**31 - 1,
+                            description="of the randomised weights and the random other classes: the same "
+                                        "seed, the same report")
+    profile: Literal["quick", "full"] = Field(
+        "quick", description="quick: the iterative methods at a fraction of their defaults (IG 16 steps, "
+                             "SmoothGrad 8 samples, MoreauGrad 10 x 4), minutes on a CPU; full: every method "
+                             "at its defaults (hours on a CPU for MoreauGrad)")
+    refresh: bool = Field(False, description="compute again even when a report of these weights, profile, "
+                                             "seed and methods is kept")
+
+
+class SanitySummary(BaseModel):
+    status: Literal["queued", "running", "done", "failed", "cancelled"] = Field(
+        description="of the model's newest sanity job (done: its report is in methods)")
+    job_id: str | None = None
+    methods: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="per method of the newest finished report: verdict (pass or fail) "
+                                          "and reason; GET /v1/models/{name}/sanity has the whole report")
+
+
 class JobOut(BaseModel):
     id: str
     method: str
@@ -94,7 +161,9 @@ class JobOut(BaseModel):
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     progress: JobProgress
     created: float
-    result: ExplainResponse | None = None
+    result: ExplainResponse | SanityReport | None = Field(
+        None, description="when succeeded: the explanation, or for a sanity job (method \"sanity\") the "
+                          "report")
     error: dict[str, Any] | None = None
 
 
@@ -112,6 +181,8 @@ class ModelOut(BaseModel):
     default: bool = False
     folded_batchnorms: int = Field(0, description="BatchNorms folded into the convolutions before them at "
                                                   "load (the same function; setting fold_batchnorm)")
+    sanity: SanitySummary | None = Field(None, description="its sanity report's verdicts (POST "
+                                                           "/v1/models/{name}/sanity); null: never asked for")
 
 
 class MethodOut(BaseModel):
@@ -126,6 +197,9 @@ class MethodOut(BaseModel):
     diagnostics: dict[str, str] = Field(default_factory=dict, description="what each result's `diagnostics` "
                                         "holds, name -> meaning")
     parameters: dict[str, Any] = Field(description="JSON schema of the parameters (types, defaults, bounds)")
+    metrics_forwards_at_defaults: int = Field(
+        description="forward passes (no backward) per image that outputs=metrics adds at the default steps: "
+                    "4 (K - 1) + 1 for K steps (metrics_steps)")
 
 
 class ErrorBody(BaseModel):

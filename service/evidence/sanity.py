@@ -25,6 +25,7 @@ from PIL import Image
 from torch import nn
 
 from ..engine import explain
+from ..errors import InvalidInput
 from ..methods import Method, MethodParams, Progress
 from ..zoo import LoadedModel
 from .ranks import rankdata, spearman  # noqa: F401 - re-exported: tests and bench use them here
@@ -49,7 +50,28 @@ PHOTOS = Path(__file__).resolve().parent / "photos"
 RANDOMISED_LIMIT = 0.5
 CLASS_LIMIT = 0.9
 
+# The report's parameter profiles. "quick" (the service's default and bench/sanity.py's): the iterative
+# methods at a fraction of their defaults, so a report of every method costs a few hundred method runs' worth
+# of passes, minutes on a CPU; every other parameter at its default. "full": every method at its defaults
+# (MoreauGrad's 200 x 32 makes that hours on a CPU).
+PROFILES = ("quick", "full")
+QUICK = {"n_steps": 16, "n_samples": 8, "iterations": 10}
+QUICK_MOREAU_SAMPLES = 4  # a method with both iterations and n_samples (MoreauGrad): iterations x 4
+
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def profile_params(method: Method, profile: str = "quick") -> MethodParams:
+    """The parameters a sanity report of `profile` (PROFILES) runs `method` with."""
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {', '.join(PROFILES)}; got {profile!r}")
+    if profile == "full":
+        return method.Params()
+    fields = method.Params.model_fields
+    changes: dict[str, Any] = {k: v for k, v in QUICK.items() if k in fields}
+    if "iterations" in fields and "n_samples" in fields:
+        changes["n_samples"] = QUICK_MOREAU_SAMPLES
+    return method.Params(**changes)
 
 
 def shipped_photos() -> list[Image.Image]:
@@ -293,7 +315,10 @@ def sanity_report(model: LoadedModel, methods: list[Method], x: torch.Tensor, *,
     a progress that raises stops the report there.
 
     Returns {"model", "images", "methods": {name: {"levels": [{"layers", "spearman", "spearman_abs",
-    "constant_maps"}], "random_target": {"spearman"}, "cross_image": {"spearman"}, "verdict", "reason"}}}:
+    "constant_maps"}], "random_target": {"spearman"}, "cross_image": {"spearman"}, "verdict", "reason"}},
+    "skipped": {name: reason}}:
+    - "skipped": the methods that refuse this model (InvalidInput on its first run, e.g. FullGrad on a
+      transformer), with their reason; they have no entry in "methods" and their runs leave `total`;
     - level i has levels 0..i randomised; "layers" are the blocks level i adds;
     - "spearman": the mean over images of the rank correlation of the heatmaps (the maps the service serves)
       on the original and the randomised model; "spearman_abs": the same on the per-pixel sum over channels
@@ -331,7 +356,15 @@ def sanity_report(model: LoadedModel, methods: list[Method], x: torch.Tensor, *,
         absolute = [a.abs().sum(0) for a in attributions if a is not None] if signed else None
         return _Maps(heat, absolute)
 
-    original = {m.name: run(model, m, top) for m in methods}
+    original: dict[str, _Maps] = {}
+    skipped: dict[str, str] = {}
+    for m in list(methods):
+        try:
+            original[m.name] = run(model, m, top)
+        except InvalidInput as exc:  # the method refuses this model (FullGrad on a ViT): say why, go on
+            skipped[m.name] = exc.message
+            methods = [kept for kept in methods if kept is not m]
+            total -= len(levels) + 2
     other_class = {m.name: run(model, m, other) for m in methods}
 
     rows: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods}
@@ -358,4 +391,4 @@ def sanity_report(model: LoadedModel, methods: list[Method], x: torch.Tensor, *,
         verdict, reason = _verdict(final, random_target, cross_image)
         report[m.name] = {"levels": rows[m.name], "random_target": {"spearman": random_target},
                           "cross_image": {"spearman": cross_image}, "verdict": verdict, "reason": reason}
-    return {"model": model.name, "images": int(x.shape[0]), "methods": report}
+    return {"model": model.name, "images": int(x.shape[0]), "methods": report, "skipped": skipped}
