@@ -14,7 +14,7 @@ from .errors import InvalidInput, quote
 from .evidence.curves import perturbation_curves
 from .evidence.ranks import spearman
 from .evidence.spec import MetricsParams
-from .methods import Method, MethodParams, Progress
+from .methods import Attribution, Method, MethodParams, Progress
 from .zoo import LoadedModel
 
 
@@ -155,29 +155,36 @@ def explain(model: LoadedModel, method: Method, x: torch.Tensor, targets: list[i
     the CPU once, and signed attributions only for the images in `keep_attribution` (default all).
     `map_sizes`: per image, a (height, width) to resize its heatmap to as well (`sized_heatmap`).
     `metrics`: also each map's per-map metrics (service/evidence), forward passes after the method's, in the
-    same batch.
+    same batch; for a method with an independent draw to compare with (`Method.redraw`), the method's passes
+    again with it first (progress counts its steps after the method's own).
     """
     check_targets(model, targets)
     x = x.to(model.device, non_blocking=True)
     wanted = torch.tensor([-1 if t is None else t for t in targets], device=model.device)
     scope, ran = precision_scope(method, params, model.device)
     explainee = model.explainee(max_batch, pass_sizes(model.device, max_batch))
-    reported = [0, 1]  # the method's last progress report: the metrics' passes report it again
+    reported = [0, 1]  # the last progress report: the metrics' passes report it again
 
     def tracked(done: int, total: int) -> None:
         reported[:] = [done, total]
         if progress is not None:
             progress(done, total)
 
+    redraw = method.redraw(params) if metrics is not None else None
+    before, after = method.steps(params), (0 if redraw is None else method.steps(redraw))
+    reports = progress is not None
     with scope:
-        result = method.attribute(explainee, x, wanted, params, tracked if progress is not None else None)
+        result = method.attribute(explainee, x, wanted, params,
+                                  _within(tracked, 0, after) if reports else None)
+        redrawn = None if redraw is None else method.attribute(
+            explainee, x, result.targets, redraw, _within(tracked, before, 0) if reports else None)
     probabilities = result.logits.float().softmax(1)
     top_p, top_i = probabilities.topk(min(top_k, model.num_classes), dim=1)
     chosen = result.targets
     chosen_p = probabilities.gather(1, chosen.view(-1, 1)).squeeze(1).tolist()
     heat_on_device = result.heatmap.float()
     evidence = [None] * x.shape[0] if metrics is None else per_map_metrics(
-        explainee, x, result, chosen_p, metrics, lambda: tracked(*reported))
+        explainee, x, result, chosen_p, metrics, lambda: tracked(*reported), redrawn)
     sized = resize_maps(heat_on_device, map_sizes or [None] * x.shape[0])
     heat = heat_on_device.cpu()
     keep = keep_attribution if keep_attribution is not None else [True] * x.shape[0]
@@ -192,19 +199,26 @@ def explain(model: LoadedModel, method: Method, x: torch.Tensor, targets: list[i
     return out
 
 
-def per_map_metrics(explainee, x: torch.Tensor, result, clean_p: list[float], metrics: MetricsParams,
-                    checkpoint) -> list[dict[str, Any] | None]:
+def _within(report: Progress, before: int, after: int) -> Progress:
+    """A run's progress reports as part of a longer run: `before` steps done ahead of it, `after` to come."""
+    return lambda done, total: report(before + done, before + total + after)
+
+
+def per_map_metrics(explainee, x: torch.Tensor, result: Attribution, clean_p: list[float],
+                    metrics: MetricsParams, checkpoint, redrawn: Attribution | None = None
+                    ) -> list[dict[str, Any] | None]:
     """Each map's deletion and insertion curves against a random order (forward passes in float32, outside
     the method's precision scope), and the stability of a stochastic method's map: the Spearman rank
-    correlation of the maps from the two halves of its random draws (None for a deterministic method)."""
+    correlation of two maps from independent random draws, the served map and `redrawn`'s (the same call with
+    the method's independent draw, `Method.redraw`) when given, else the maps of the two halves of its
+    draws (`Attribution.halves`); None for a deterministic method."""
     curves = perturbation_curves(explainee, x, result.heatmap.float(), result.targets, steps=metrics.steps,
                                  replacement=metrics.replacement, checkpoint=checkpoint,
                                  clean_probabilities=clean_p)
+    pair = (result.heatmap, redrawn.heatmap) if redrawn is not None else result.halves
     out: list[dict[str, Any] | None] = []
     for b, curve in enumerate(curves):
-        stability = None
-        if result.halves is not None:
-            stability = spearman(result.halves[0][b].float(), result.halves[1][b].float())
+        stability = None if pair is None else spearman(pair[0][b].float(), pair[1][b].float())
         out.append({**curve.as_dict(), "stability": stability})
     return out
 

@@ -115,7 +115,12 @@ def resolve(registry: ModelRegistry, settings: Settings, model_name: str | None,
 
 
 def passes_per_image(method: Method, params: MethodParams, metrics: MetricsParams | None) -> int:
-    return method.cost(params) + (metrics.forwards if metrics is not None else 0)
+    """The method's passes; with the per-map metrics, their forwards (counted as passes) and, for a method
+    with an independent draw to measure its map's stability against (`Method.redraw`), that draw's passes."""
+    if metrics is None:
+        return method.cost(params)
+    redraw = method.redraw(params)
+    return method.cost(params) + metrics.forwards + (0 if redraw is None else method.cost(redraw))
 
 
 def resolve_metrics(outputs: list[str], given: dict[str, Any] | None) -> MetricsParams | None:

@@ -137,7 +137,9 @@ class Method(ABC):
       run it as a job);
     - `forward_in_fp32(params)`: its precision policy under a reduced `precision`;
     - `check_model(model, params)`: checks of a request against the model it is asked of;
-    - `diagnostics`: what each image's `diagnostics` holds, name -> meaning.
+    - `diagnostics`: what each image's `diagnostics` holds, name -> meaning;
+    - `redraw(params)`: for a map that depends on a random draw the method does not split into `halves`
+      itself, the parameters of the same call with an independent draw (the per-map metrics' `stability`).
     """
 
     name: ClassVar[str]
@@ -173,6 +175,16 @@ class Method(ABC):
     def forward_in_fp32(self, params: MethodParams) -> bool:
         """Under a reduced `precision`, whether the forward stays float32 (see `fp32_forward`)."""
         return self.fp32_forward
+
+    def redraw(self, params: MethodParams) -> MethodParams | None:
+        """The parameters of this call with an independent random draw, when its map depends on one and its
+        result has no `halves`; None (the default): no such draw (deterministic, or it gives `halves`).
+
+        With the per-map metrics, the engine runs the method again with them (same targets, same precision
+        scope, progress and cancel through its checkpoints) and the map's `stability` is the Spearman rank
+        correlation of the served map and the redrawn one; the call's cost counts `cost(redraw(params))` more
+        passes per image (service/pipeline.py `passes_per_image`)."""
+        return None
 
     def check_model(self, model: ServedModel, params: MethodParams) -> None:  # noqa: B027 - most check nothing
         """Raise InvalidInput when `params` cannot be used with `model` (checked before any work is

@@ -1,4 +1,11 @@
-"""Integrated Gradients (Sundararajan et al., 2017), computed by Captum's IntegratedGradients."""
+"""Integrated Gradients (Sundararajan et al., 2017), computed by Captum's IntegratedGradients.
+
+The black, zeros and blur baselines are deterministic. The uniform baseline is noise drawn from `seed`, so the
+map depends on that draw: with the per-map metrics (`outputs=metrics`) its `stability` is the Spearman rank
+correlation of the served map and the map of the same call with another uniform baseline, drawn from the seed
+`redraw_seed(seed)` = seed XOR 0x5EED5EED (an independent generator; the pairing is symmetric: seeds s and
+redraw_seed(s) measure each other), at the same n_steps and quadrature. That costs n_steps more passes per
+image, counted in the call's cost (`Method.redraw`)."""
 from __future__ import annotations
 
 import math
@@ -35,6 +42,16 @@ class IntegratedGradientsParams(HeatmapParams):
         return self
 
 
+# XORed into the call's seed for the uniform baseline's second, independent draw: in range (both < 2**31),
+# never the seed itself, and its own inverse.
+REDRAW_SEED_MASK = 0x5EED5EED
+
+
+def redraw_seed(seed: int) -> int:
+    """The seed of the second uniform baseline, whose map the served one's `stability` is measured against."""
+    return seed ^ REDRAW_SEED_MASK
+
+
 def make_baseline(model, x: torch.Tensor, params: IntegratedGradientsParams) -> torch.Tensor:
     if params.baseline == "zeros":
         return torch.zeros_like(x)
@@ -59,6 +76,12 @@ class IntegratedGradients(Method):
                                         "0 for an exact integral",
                    "relative_delta": "|convergence_delta| / |score_difference|",
                    "score_difference": "F(image) - F(baseline) for the explained class"}
+
+    def redraw(self, params):
+        """Only the uniform baseline is drawn: the same call from the seed `redraw_seed(seed)`."""
+        if params.baseline != "uniform":
+            return None
+        return params.model_copy(update={"seed": redraw_seed(params.seed)})
 
     def attribute(self, model, x, targets, params, progress=None):
         x = x.detach()
