@@ -216,3 +216,55 @@ def _png() -> bytes:
     from tests.test_api import png_bytes, random_image
 
     return png_bytes(random_image(0))
+
+
+# ------------------------------------------------------------------------------ the client and the CLI
+
+
+def test_the_client_makes_and_reads_reports(registry, methods):
+    from saliency_client import Client
+
+    with running_server(Settings(default_model="tiny_cnn"), registry) as (base, _):
+        with Client(base) as client:
+            assert client.sanity_report("tiny_cnn") is None
+            report = client.sanity("tiny_cnn", methods=[EdgeDetector.name, "gradient"], seed=5)
+            assert report.methods[EdgeDetector.name].verdict == "fail"
+            assert report.methods["gradient"].verdict == "pass" and report.seed == 5
+            assert client.sanity_report("tiny_cnn") == report
+            listed = {m.name: m for m in client.models()}["tiny_cnn"]
+            assert listed.sanity is not None and listed.sanity.methods["gradient"]["verdict"] == "pass"
+            with pytest.raises(Exception) as refused:
+                client.sanity("tiny_cnn", profile="thorough")
+            assert getattr(refused.value, "status_code", None) == 422
+            result = client.explain(_png(), "gradcam", outputs=["npy", "metrics"],
+                                    metrics={"steps": 5, "replacement": "black"})
+            assert result[0].metrics["steps"] == 5 and result[0].metrics["replacement"] == "black"
+            assert len(result[0].metrics["deletion_curve"]) == 6
+
+
+def test_the_cli_prints_the_report_and_the_metrics_in_words(registry, methods, tmp_path, capsys):
+    from saliency_client.cli import main
+
+    with running_server(Settings(default_model="tiny_cnn"), registry) as (base, _):
+        assert main(["--url", base, "sanity", "tiny_cnn", "--cached"]) == 1
+        assert "no sanity report of tiny_cnn yet" in capsys.readouterr().err
+        args = ["--url", base, "sanity", "tiny_cnn", "--methods", f"{EdgeDetector.name},gradient", "-q"]
+        assert main(args) == 0
+        out = capsys.readouterr().out
+        rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[2:]}
+        assert rows == {EdgeDetector.name: "fail", "gradient": "pass"}
+        assert "explains the image, not the model" in out
+        assert main([*args, "--strict"]) == 2  # a failing method, kept report: answered at once
+        assert main(["--url", base, "sanity", "tiny_cnn", "--cached", "--json"]) == 0
+        assert '"weights_sha256"' in capsys.readouterr().out
+
+        photo = tmp_path / "a.png"
+        photo.write_bytes(_png())
+        assert main(["--url", base, "explain", str(photo), "--metrics", "--metrics-steps", "4"]) == 0
+        out = capsys.readouterr().out
+        assert "deletion AUC" in out and "(random order" in out and "4 steps, blur" in out
+        assert main(["--url", base, "explain", str(photo), "--metrics", "--json"]) == 0
+        import json
+
+        line = json.loads(capsys.readouterr().out)
+        assert line["metrics"]["steps"] == 20 and "deletion_auc_random" in line["metrics"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -16,7 +16,7 @@ import httpx
 from . import errors
 from .images import ImageInput, as_list, b64, to_bytes
 from .results import Explanation, Job
-from .schemas import ExplainRequest, ExplainResponse, JobOut, MethodOut, ModelOut
+from .schemas import ExplainRequest, ExplainResponse, JobOut, MethodOut, ModelOut, SanityReport, SanityRequest
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -77,7 +77,7 @@ class Core:
 
     @staticmethod
     def body(images: ImageInput | Sequence[ImageInput], model: str | None, targets, outputs, size: str,
-             params: dict[str, Any]) -> dict[str, Any]:
+             params: dict[str, Any], metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
         blobs = [b64(to_bytes(i)) for i in as_list(images)]
         targets = _plain(targets)
         if targets is not None and not isinstance(targets, list):
@@ -86,7 +86,7 @@ class Core:
         # APIStatusError of its status with the server's code, like every other refusal.
         fields: dict[str, Any] = {"model": model, "images": blobs, "targets": targets, "params": params,
                                   "outputs": [outputs] if isinstance(outputs, str) else list(outputs),
-                                  "size": size}
+                                  "size": size, "metrics": dict(metrics) if metrics is not None else None}
         req = ExplainRequest.model_construct(**fields)
         return req.model_dump(exclude_none=True)
 
@@ -136,6 +136,15 @@ class Core:
 
         `timeout` bounds the wait (seconds).
         """
+        job = yield from self.follow(job_id, progress, timeout, first, deadline)
+        if not isinstance(job.result, ExplainResponse):
+            raise errors.SaliencyError(f"job {job_id} is a {job.method} job, not an explanation: its result "
+                                       "is job(id).result")
+        return Explanation.from_wire(job.result)
+
+    def follow(self, job_id: str, progress: bool = False, timeout: float | None = None,
+               first: Job | None = None, deadline: float | None = None) -> Flow:
+        """Poll until the job ends: the succeeded job (its `result` set), or JobFailedError."""
         if timeout is not None:
             ends = time.monotonic() + timeout
             deadline = ends if deadline is None else min(deadline, ends)
@@ -148,7 +157,7 @@ class Core:
                     bar.n = job.progress.done
                     bar.refresh()
                 if job.status == "succeeded" and job.result is not None:
-                    return Explanation.from_wire(job.result)
+                    return job
                 if job.status in ("failed", "cancelled"):
                     raise errors.JobFailedError(job)
                 if deadline is not None and time.monotonic() + self.poll_interval >= deadline:
@@ -162,6 +171,33 @@ class Core:
     def models(self) -> Flow:
         response = yield from self.request(Call("GET", "/v1/models"))
         return [ModelOut.model_validate(m) for m in response.json()]
+
+    def sanity(self, model: str, ask: SanityRequest, progress: bool = False,
+               timeout: float | None = None) -> Flow:
+        """Start the model's sanity report (or find it kept) and wait for it; `timeout` bounds the wait, and
+        a report still running then is cancelled."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        body = ask.model_dump(exclude_defaults=True)
+        response = yield from self.request(Call("POST", f"/v1/models/{model}/sanity", body), deadline)
+        first = JobOut.model_validate(response.json())
+        try:
+            job = yield from self.follow(first.id, progress=progress, first=first, deadline=deadline)
+        except errors.APITimeoutError:
+            yield from self._cancel_quietly(first.id)
+            raise
+        if not isinstance(job.result, SanityReport):
+            raise errors.SaliencyError(f"job {first.id} did not answer with a sanity report")
+        return job.result
+
+    def sanity_report(self, model: str) -> Flow:
+        """The model's newest finished sanity report, or None when there is none yet."""
+        try:
+            response = yield from self.request(Call("GET", f"/v1/models/{model}/sanity"))
+        except errors.NotFoundError as exc:
+            if exc.code == "no_sanity_report":
+                return None
+            raise
+        return SanityReport.model_validate(response.json())
 
     def methods(self) -> Flow:
         response = yield from self.request(Call("GET", "/v1/methods"))

@@ -1,6 +1,7 @@
-"""`saliency`: explain images from a shell, list models and methods.
+"""`saliency`: explain images from a shell, list models and methods, read a model's sanity report.
 
-    saliency explain cat.jpg --method gradcam --out cat_gradcam.png --npy cat_gradcam.npy
+    saliency explain cat.jpg --method gradcam --out cat_gradcam.png --npy cat_gradcam.npy --metrics
+    saliency sanity efficientnet_lite0
 """
 from __future__ import annotations
 
@@ -42,15 +43,19 @@ def cmd_explain(client: Client, args) -> int:
         outputs.append("overlay")
     if args.gray:
         outputs.append("png")
+    metrics = None
+    if args.metrics:
+        outputs.append("metrics")
+        metrics = {"steps": args.metrics_steps, "replacement": args.metrics_replacement}
     params = dict(args.param or [])
     many = len(args.images) > 1
     if args.job:
         job = client.submit(args.images, args.method, model=args.model, targets=args.target, outputs=outputs,
-                            params=params)
+                            params=params, metrics=metrics)
         result = client.wait(job.id, progress=not args.quiet)
     else:
         result = client.explain(args.images, args.method, model=args.model, targets=args.target,
-                                outputs=outputs, params=params)
+                                outputs=outputs, params=params, metrics=metrics)
     for image, r in zip(args.images, result, strict=False):
         written = []
         # each saver is called in this iteration; `r=r` binds it anyway (ruff B023)
@@ -62,13 +67,56 @@ def cmd_explain(client: Client, args) -> int:
                 save(path)
                 written.append(str(path))
         if args.json:
-            print(json.dumps({"image": image, "model": result.model, "method": result.method,
-                              "target": r.target, "label": r.label, "probability": r.probability,
-                              "written": written, "diagnostics": r.diagnostics}))
+            line = {"image": image, "model": result.model, "method": result.method, "target": r.target,
+                    "label": r.label, "probability": r.probability, "written": written,
+                    "diagnostics": r.diagnostics}
+            if r.metrics is not None:
+                line["metrics"] = r.metrics
+            print(json.dumps(line))
         elif not args.quiet:
             print(f"{image}: {r.label} (class {r.target}, p={r.probability:.3f}) {result.method} "
                   f"on {result.model}" + (f" -> {', '.join(written)}" if written else ""))
+            if r.metrics is not None:
+                print("  " + metrics_in_words(r.metrics))
     return 0
+
+
+def metrics_in_words(m: dict) -> str:
+    """A map's per-map metrics as one line a reader can judge: each AUC beside its random-order baseline."""
+    words = (f"deletion AUC {m['deletion_auc']:.3f} (random order {m['deletion_auc_random']:.3f}; lower is "
+             f"more faithful), insertion AUC {m['insertion_auc']:.3f} (random order "
+             f"{m['insertion_auc_random']:.3f}; higher is more faithful), {m['steps']} steps, "
+             f"{m['replacement']}")
+    if m.get("stability") is not None:
+        words += f", stability {m['stability']:.2f} (rank correlation of two independent halves)"
+    return words
+
+
+def cmd_sanity(client: Client, args) -> int:
+    if args.cached:
+        report = client.sanity_report(args.model)
+        if report is None:
+            print(f"saliency: no sanity report of {args.model} yet (run without --cached to make one)",
+                  file=sys.stderr)
+            return 1
+    else:
+        methods = args.methods.split(",") if args.methods else None
+        report = client.sanity(args.model, methods=methods, seed=args.seed, profile=args.profile,
+                               refresh=args.refresh, progress=not args.quiet)
+    if args.json:
+        print(report.model_dump_json(indent=2))
+        return 0
+    print(f"sanity report of {report.model}: {report.images} photos, profile {report.profile}, seed "
+          f"{report.seed}, {report.elapsed_s:.0f} s on {report.device}")
+    print(f"{'method':<22} {'verdict':<8} {'all layers random':>17} {'other class':>11}  reason")
+    for name, r in report.methods.items():
+        final = r.levels[-1].spearman if r.levels else float("nan")
+        other = r.random_target.get("spearman")
+        shown = f"{other:.2f}" if other is not None else "-"
+        print(f"{name:<22} {r.verdict:<8} {final:>17.2f} {shown:>11}  {r.reason}")
+    for name, reason in report.skipped.items():
+        print(f"{name:<22} {'n/a':<8} {'':>17} {'':>11}  {reason}")
+    return 0 if all(r.verdict == "pass" for r in report.methods.values()) or not args.strict else 2
 
 
 def cmd_models(client: Client, args) -> int:
@@ -128,10 +176,29 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--npy", help="float32 map (.npy) to write")
     e.add_argument("-p", "--param", action="append", type=_param, metavar="NAME=VALUE",
                    help="method parameter, repeatable: -p n_steps=32")
+    e.add_argument("--metrics", action="store_true",
+                   help="also the per-map faithfulness metrics (deletion/insertion AUC against a random "
+                        "order; 4 (K - 1) + 1 forward passes more per image)")
+    e.add_argument("--metrics-steps", type=int, default=20, metavar="K", help="steps of the curves (2-100)")
+    e.add_argument("--metrics-replacement", default="blur", choices=("blur", "black", "mean"),
+                   help="what a removed pixel becomes")
     e.add_argument("--job", action="store_true", help="run as a job with a progress bar (long methods)")
     e.add_argument("--json", action="store_true", help="one JSON line per image")
     e.add_argument("--quiet", "-q", action="store_true")
     e.set_defaults(run=cmd_explain)
+    s = sub.add_parser("sanity", help="a model's sanity report: does each method's map depend on the model "
+                                      "and the class? (docs/sanity.md)")
+    s.add_argument("model")
+    s.add_argument("--methods", help="comma-separated methods (default: every method)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--profile", default="quick", choices=("quick", "full"),
+                   help="quick: the iterative methods at cheap parameters (minutes on a CPU); full: defaults")
+    s.add_argument("--refresh", action="store_true", help="compute again even if a report is kept")
+    s.add_argument("--cached", action="store_true", help="only read the newest report; start nothing")
+    s.add_argument("--strict", action="store_true", help="exit 2 when a method fails")
+    s.add_argument("--json", action="store_true", help="the whole report as JSON")
+    s.add_argument("--quiet", "-q", action="store_true")
+    s.set_defaults(run=cmd_sanity)
     for name, run, text in (("models", cmd_models, "list the models"),
                             ("methods", cmd_methods, "list the methods")):
         s = sub.add_parser(name, help=text)

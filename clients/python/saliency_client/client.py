@@ -12,7 +12,7 @@ from . import errors
 from ._core import DEFAULT_URL, Core, Flow, Sleep
 from .images import ImageInput
 from .results import Explanation, Job
-from .schemas import MethodOut, ModelOut
+from .schemas import MethodOut, ModelOut, SanityReport, SanityRequest
 
 Images = ImageInput | Sequence[ImageInput]
 Targets = int | Sequence[int | None] | None
@@ -37,17 +37,24 @@ class _Base:
         return self._core.base_url
 
     def _explain_flow(self, images, method, model, targets, outputs, size, progress, timeout, params,
-                      more) -> Flow:
-        body = self._core.body(images, model, targets, outputs, size, _merged(params, more))
+                      more, metrics=None) -> Flow:
+        body = self._core.body(images, model, targets, outputs, size, _merged(params, more), metrics)
         return self._core.explain(method, body, progress=progress, timeout=timeout)
 
-    def _submit_flow(self, images, method, model, targets, outputs, size, params, more) -> Flow:
+    def _submit_flow(self, images, method, model, targets, outputs, size, params, more, metrics=None) -> Flow:
         return self._core.submit(method, self._core.body(images, model, targets, outputs, size,
-                                                         _merged(params, more)))
+                                                         _merged(params, more), metrics))
 
     def _headers(self, httpx_kwargs: dict[str, Any]) -> dict[str, str]:
         """The client's own headers, then the caller's (`headers=` of httpx) over them."""
         return {**self._core.headers(), **dict(httpx_kwargs.pop("headers", None) or {})}
+
+
+def _sanity_request(methods: Sequence[str] | None, seed: int, profile: str, refresh: bool) -> SanityRequest:
+    """Built unvalidated, like an explain body: the server validates and answers a bad value with its 422."""
+    fields: dict[str, Any] = {"methods": list(methods) if methods is not None else None, "seed": seed,
+                              "profile": profile, "refresh": refresh}
+    return SanityRequest.model_construct(**fields)
 
 
 def _merged(params: Mapping[str, Any] | None, more: dict[str, Any]) -> dict[str, Any]:
@@ -92,18 +99,22 @@ class Client(_Base):
     def explain(self, images: Images, method: str = "gradcam", *, model: str | None = None,
                 targets: Targets = None, outputs: Sequence[str] | str = ("npy",), size: str = "original",
                 progress: bool = False, timeout: float | None = None, params: Mapping[str, Any] | None = None,
-                **more: Any) -> Explanation:
+                metrics: Mapping[str, Any] | None = None, **more: Any) -> Explanation:
         """Explain one image or a list. Method parameters are keyword arguments (n_steps=32, ...) or `params=`
         (the only way to pass IG's own `method`). `timeout` bounds the whole call in seconds, a job the server
-        turned it into included (that job is then cancelled); None: no bound beyond each request's."""
+        turned it into included (that job is then cancelled); None: no bound beyond each request's.
+        `metrics`: the per-map metrics' parameters ({"steps": 20, "replacement": "blur"}), with "metrics" in
+        `outputs`; each result's `metrics` then holds the figures."""
         return self._run(self._explain_flow(images, method, model, targets, outputs, size, progress, timeout,
-                                            params, more))
+                                            params, more, metrics))
 
     def submit(self, images: Images, method: str = "gradcam", *, model: str | None = None,
                targets: Targets = None, outputs: Sequence[str] | str = ("npy",), size: str = "original",
-               params: Mapping[str, Any] | None = None, **more: Any) -> Job:
+               params: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None,
+               **more: Any) -> Job:
         """Start the work as a job and return at once (its id, status and progress)."""
-        return self._run(self._submit_flow(images, method, model, targets, outputs, size, params, more))
+        return self._run(self._submit_flow(images, method, model, targets, outputs, size, params, more,
+                                           metrics))
 
     def job(self, job_id: str) -> Job:
         return self._run(self._core.job(job_id))
@@ -117,6 +128,19 @@ class Client(_Base):
 
     def models(self) -> list[ModelOut]:
         return self._run(self._core.models())
+
+    def sanity(self, model: str, *, methods: Sequence[str] | None = None, seed: int = 0,
+               profile: str = "quick", refresh: bool = False, progress: bool = False,
+               timeout: float | None = None) -> SanityReport:
+        """The model's sanity report (docs/sanity.md): started as a job on the server, or found kept for the
+        same weights, profile, seed and methods (unless `refresh`), and waited for. `timeout` bounds the wait
+        in seconds (the report is then cancelled)."""
+        return self._run(self._core.sanity(model, _sanity_request(methods, seed, profile, refresh), progress,
+                                           timeout))
+
+    def sanity_report(self, model: str) -> SanityReport | None:
+        """The model's newest finished sanity report, or None when none was made yet."""
+        return self._run(self._core.sanity_report(model))
 
     def methods(self) -> list[MethodOut]:
         return self._run(self._core.methods())
@@ -167,14 +191,17 @@ class AsyncClient(_Base):
     async def explain(self, images: Images, method: str = "gradcam", *, model: str | None = None,
                       targets: Targets = None, outputs: Sequence[str] | str = ("npy",),
                       size: str = "original", progress: bool = False, timeout: float | None = None,
-                      params: Mapping[str, Any] | None = None, **more: Any) -> Explanation:
+                      params: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None,
+                      **more: Any) -> Explanation:
         return await self._run(self._explain_flow(images, method, model, targets, outputs, size, progress,
-                                                  timeout, params, more))
+                                                  timeout, params, more, metrics))
 
     async def submit(self, images: Images, method: str = "gradcam", *, model: str | None = None,
                      targets: Targets = None, outputs: Sequence[str] | str = ("npy",), size: str = "original",
-                     params: Mapping[str, Any] | None = None, **more: Any) -> Job:
-        return await self._run(self._submit_flow(images, method, model, targets, outputs, size, params, more))
+                     params: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None,
+                     **more: Any) -> Job:
+        return await self._run(self._submit_flow(images, method, model, targets, outputs, size, params, more,
+                                                 metrics))
 
     async def job(self, job_id: str) -> Job:
         return await self._run(self._core.job(job_id))
@@ -187,6 +214,15 @@ class AsyncClient(_Base):
 
     async def models(self) -> list[ModelOut]:
         return await self._run(self._core.models())
+
+    async def sanity(self, model: str, *, methods: Sequence[str] | None = None, seed: int = 0,
+                     profile: str = "quick", refresh: bool = False, progress: bool = False,
+                     timeout: float | None = None) -> SanityReport:
+        return await self._run(self._core.sanity(model, _sanity_request(methods, seed, profile, refresh),
+                                                 progress, timeout))
+
+    async def sanity_report(self, model: str) -> SanityReport | None:
+        return await self._run(self._core.sanity_report(model))
 
     async def methods(self) -> list[MethodOut]:
         return await self._run(self._core.methods())

@@ -72,6 +72,51 @@ class JobProgress(BaseModel):
     total: int
 
 
+class SanityLevel(BaseModel):
+    layers: list[str]  # the blocks this level randomises (cumulative: the levels above it stay randomised)
+    spearman: float  # mean rank correlation of the map before and after, over the photos
+    spearman_abs: float | None = None
+    constant_maps: int = 0
+
+
+class SanityMethod(BaseModel):
+    levels: list[SanityLevel]
+    random_target: dict[str, float | None]
+    cross_image: dict[str, float | None]
+    verdict: Literal["pass", "fail"]
+    reason: str
+
+
+class SanityReport(BaseModel):
+    model: str
+    images: int
+    methods: dict[str, SanityMethod]
+    skipped: dict[str, str] = Field(default_factory=dict)  # methods that do not apply: name -> reason
+    seed: int
+    profile: Literal["quick", "full"]
+    params: dict[str, dict[str, Any]]
+    photos: list[str]
+    weights_sha256: str
+    device: str
+    elapsed_s: float
+    created: float
+
+
+class SanityRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    methods: list[str] | None = Field(None, min_length=1, max_length=64)
+    seed: StrictInt = Field(0, ge=0, le=2**31 - 1)
+    profile: Literal["quick", "full"] = "quick"
+    refresh: bool = False
+
+
+class SanitySummary(BaseModel):
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
+    job_id: str | None = None
+    methods: dict[str, dict[str, str]] = Field(default_factory=dict)  # name -> verdict, reason
+
+
 class JobOut(BaseModel):
     id: str
     method: str
@@ -79,7 +124,7 @@ class JobOut(BaseModel):
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     progress: JobProgress
     created: float
-    result: ExplainResponse | None = None
+    result: ExplainResponse | SanityReport | None = None  # a sanity job's (method "sanity"): its report
     error: dict[str, Any] | None = None
 
 
@@ -96,6 +141,7 @@ class ModelOut(BaseModel):
     layers: list[str] = Field(default_factory=list)
     default: bool = False
     folded_batchnorms: int = 0
+    sanity: SanitySummary | None = None  # its sanity report's verdicts; None: never asked for
 
 
 class MethodOut(BaseModel):
@@ -107,6 +153,7 @@ class MethodOut(BaseModel):
     iterative: bool = False  # long work: best sent as a job (`submit`)
     diagnostics: dict[str, str] = Field(default_factory=dict)  # each result's diagnostics: name -> meaning
     parameters: dict[str, Any]
+    metrics_forwards_at_defaults: int  # forward passes per image that outputs=metrics adds (4 (K - 1) + 1)
 
 
 class ErrorBody(BaseModel):
@@ -119,4 +166,5 @@ class ErrorOut(BaseModel):
 
 
 WIRE_MODELS = (ExplainRequest, ClassScore, MapOut, Timing, ImageResult, ExplainResponse, JobProgress, JobOut,
-               ModelOut, MethodOut, ErrorBody, ErrorOut)
+               ModelOut, MethodOut, ErrorBody, ErrorOut, SanityLevel, SanityMethod, SanityReport,
+               SanityRequest, SanitySummary)
