@@ -222,24 +222,23 @@ def _png() -> bytes:
 
 
 def test_the_client_makes_and_reads_reports(registry, methods):
-    from saliency_client import Client
+    from saliency_client import Client, ValidationError
 
-    with running_server(Settings(default_model="tiny_cnn"), registry) as (base, _):
-        with Client(base) as client:
-            assert client.sanity_report("tiny_cnn") is None
-            report = client.sanity("tiny_cnn", methods=[EdgeDetector.name, "gradient"], seed=5)
-            assert report.methods[EdgeDetector.name].verdict == "fail"
-            assert report.methods["gradient"].verdict == "pass" and report.seed == 5
-            assert client.sanity_report("tiny_cnn") == report
-            listed = {m.name: m for m in client.models()}["tiny_cnn"]
-            assert listed.sanity is not None and listed.sanity.methods["gradient"]["verdict"] == "pass"
-            with pytest.raises(Exception) as refused:
-                client.sanity("tiny_cnn", profile="thorough")
-            assert getattr(refused.value, "status_code", None) == 422
-            result = client.explain(_png(), "gradcam", outputs=["npy", "metrics"],
-                                    metrics={"steps": 5, "replacement": "black"})
-            assert result[0].metrics["steps"] == 5 and result[0].metrics["replacement"] == "black"
-            assert len(result[0].metrics["deletion_curve"]) == 6
+    with running_server(Settings(default_model="tiny_cnn"), registry) as (base, _), Client(base) as client:
+        assert client.sanity_report("tiny_cnn") is None
+        report = client.sanity("tiny_cnn", methods=[EdgeDetector.name, "gradient"], seed=5)
+        assert report.methods[EdgeDetector.name].verdict == "fail"
+        assert report.methods["gradient"].verdict == "pass" and report.seed == 5
+        assert client.sanity_report("tiny_cnn") == report
+        listed = {m.name: m for m in client.models()}["tiny_cnn"]
+        assert listed.sanity is not None and listed.sanity.methods["gradient"]["verdict"] == "pass"
+        with pytest.raises(ValidationError) as refused:
+            client.sanity("tiny_cnn", profile="thorough")
+        assert refused.value.status_code == 422 and "profile" in str(refused.value)
+        result = client.explain(_png(), "gradcam", outputs=["npy", "metrics"],
+                                metrics={"steps": 5, "replacement": "black"})
+        assert result[0].metrics["steps"] == 5 and result[0].metrics["replacement"] == "black"
+        assert len(result[0].metrics["deletion_curve"]) == 6
 
 
 def test_the_cli_prints_the_report_and_the_metrics_in_words(registry, methods, tmp_path, capsys):
