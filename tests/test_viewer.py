@@ -1,7 +1,9 @@
 """The web viewer at /: its files as served, and the page driven in a real browser (Debian's chromium).
 
 The browser tests skip, saying why, when chromium or the playwright package is absent; `make test` installs
-playwright, and chromium through apt when CI=true. The screenshot lands in artifacts/viewer.png.
+playwright, and chromium through apt when CI=true. The screenshots land in artifacts/viewer*.png.
+The sanity badges are tested against /v1/models and the sanity job as routed by Playwright (`page.route`), so
+they do not depend on the server's sanity report.
 """
 from __future__ import annotations
 
@@ -80,16 +82,25 @@ def test_viewer_is_public_when_an_api_key_guards_v1(registry):
 # ------------------------------------------------------------------------------------------ in a browser
 
 
-@pytest.fixture
-def page(browser, server):
+def open_viewer(browser, base: str, routes: dict | None = None):
+    """A new browser context on the viewer, ready; `routes` (URL glob -> handler) are set before it loads.
+    Page errors and console errors are collected in page.errors."""
     context = browser.new_context(viewport={"width": 1500, "height": 1250}, accept_downloads=True)
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     page.errors = []
     page.on("pageerror", lambda exc: page.errors.append(str(exc)))
     page.on("console", lambda msg: msg.type == "error" and page.errors.append(msg.text))
-    page.goto(server[0] + "/")
+    for pattern, handler in (routes or {}).items():
+        page.route(pattern, handler)
+    page.goto(base + "/")
     page.wait_for_function(f"() => {STATUS}.startsWith('Ready')")
+    return context, page
+
+
+@pytest.fixture
+def page(browser, server):
+    context, page = open_viewer(browser, server[0])
     yield page
     context.close()
 
@@ -147,6 +158,7 @@ def test_gradcam_and_ig_on_chelsea_render_overlays_and_predict_a_cat(page, chels
     ig_diagnostics = page.text_content(f"{card('integrated-gradients')} .diagnostics")
     assert "convergence_delta" in ig_diagnostics
     assert "compute" in page.text_content(f"{card('gradcam')} .timing")
+    assert page.is_hidden(f"{card('gradcam')} .faithfulness")  # metrics were not asked for
 
     # colour map and opacity are applied in the page: no request is sent
     sent = []
@@ -283,3 +295,185 @@ def test_the_page_asks_for_an_api_key_when_the_server_needs_one(browser, registr
         assert page.is_checked("#method-gradcam")
         context.close()
 
+
+
+# ------------------------------------------------------------------------------------------ per-map metrics
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_faithfulness_metrics_show_in_words_and_as_a_deletion_plot(page, chelsea, tmp_path):
+    page.set_input_files("#image-input", str(save_jpeg(chelsea, tmp_path / "chelsea.jpg")))
+    assert not page.is_checked("#metrics")  # off by default: it costs forward passes
+    assert "77 extra forward passes" in page.inner_text("#metrics-hint")
+    page.check("#metrics")
+    page.check("#method-smoothgrad")
+    page.fill("#param-smoothgrad-n_samples", "4")
+    page.click("#run-button")  # the server answers `metrics` only when outputs names it
+    for method in ("gradcam", "smoothgrad"):
+        wait_state(page, method, "done")
+
+    box = f"{card('gradcam')} .faithfulness"
+    assert page.is_visible(box)
+    text = page.text_content(box)
+    area = r"class probability area \d+\.\d\d vs \d+\.\d\d for a random order"
+    assert re.search(rf"Deleting the top pixels first: {area} \(lower = more faithful\)", text), text
+    assert re.search(rf"Inserting the top pixels first: {area} \(higher = more faithful\)", text), text
+    assert "20 steps; deleted pixels replaced by blur" in text
+    assert not page.is_visible(f"{box} .stability")  # Grad-CAM is deterministic: no stability
+    plot = f"{box} svg.curve-plot"
+    assert page.get_attribute(plot, "role") == "img"
+    title_id = page.get_attribute(plot, "aria-labelledby")
+    assert page.text_content(f"#{title_id}").startswith("Deletion curve of Grad-CAM")
+    # the map's curve and the random order's, K + 1 = 21 points each
+    curves = page.eval_on_selector_all(
+        f"{plot} polyline", "ps => ps.map(p => ({cls: p.getAttribute('class'), n: p.points.numberOfItems}))")
+    assert sorted(c["cls"] for c in curves) == ["curve-map", "curve-random"]
+    assert all(c["n"] == 21 for c in curves), curves
+    assert "top first" in page.text_content(plot) and "random" in page.text_content(plot)
+
+    stability = page.text_content(f"{card('smoothgrad')} .faithfulness .stability")
+    assert re.fullmatch(r"Stability -?\d\.\d\d \(rank correlation of two halves of the samples\)", stability)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "viewer-metrics.png"), full_page=True)
+    assert page.errors == []
+
+
+# ------------------------------------------------------------------------------------------ sanity badges
+
+PASS_REASON = "the map decorrelates once every layer is random (Spearman 0.00 < 0.5)"
+FAIL_REASON = "the map keeps its ranks once every layer is random (Spearman 0.67 >= 0.5)"
+MISSING = object()  # models_with_sanity: no `sanity` key at all (a server from before the report)
+SANITY_DONE = {"status": "done", "job_id": "sanity-0",
+               "methods": {"gradcam": {"verdict": "pass", "reason": PASS_REASON},
+                           "fullgrad": {"verdict": "fail", "reason": FAIL_REASON}}}
+
+
+def models_with_sanity(sanity):
+    """A /v1/models route: the server's answer, each model's `sanity` set to sanity() (MISSING: removed)."""
+    def handle(route):
+        response = route.fetch()
+        models = response.json()
+        for model in models:
+            value = sanity()
+            if value is MISSING:
+                model.pop("sanity", None)
+            else:
+                model["sanity"] = value
+        route.fulfill(response=response, json=models)
+    return handle
+
+
+def job(status: str, done: int, total: int = 4, **more) -> dict:
+    return {"id": "sanity-job-1", "method": "sanity", "model": "efficientnet_lite0", "status": status,
+            "progress": {"done": done, "total": total}, "created": 0.0, **more}
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_sanity_verdicts_are_shown_beside_the_methods_and_on_the_cards(browser, server, chelsea, tmp_path):
+    context, page = open_viewer(browser, server[0], {"**/v1/models": models_with_sanity(lambda: SANITY_DONE)})
+    try:
+        assert page.text_content("#method-gradcam-sanity") == "sanity: pass"
+        assert page.get_attribute("#method-gradcam-sanity", "title") == PASS_REASON
+        assert not page.is_visible("#method-gradcam-sanity-reason")
+        assert page.text_content("#method-fullgrad-sanity") == "sanity: fail"
+        assert page.get_attribute("#method-fullgrad-sanity", "title") == FAIL_REASON
+        assert page.text_content("#method-fullgrad-sanity-reason") == f"Sanity check failed: {FAIL_REASON}"
+        assert page.is_visible("#method-fullgrad-sanity-reason")
+        assert not page.is_visible("#method-integrated-gradients-sanity")  # not in the report
+        assert "method-fullgrad-sanity-reason" in page.get_attribute("#method-fullgrad", "aria-describedby")
+        assert "1 method passes, 1 fails" in page.text_content("#sanity-status")
+        assert page.is_hidden("#sanity-run")  # the report stands for these weights
+
+        page.set_input_files("#image-input", str(save_jpeg(chelsea, tmp_path / "chelsea.jpg")))
+        page.check("#method-fullgrad")
+        page.click("#run-button")
+        assert page.text_content(f"{card('gradcam')} .card-sanity") == "sanity: pass"
+        line = page.text_content(f"{card('fullgrad')} .card-sanity")
+        assert line.startswith("sanity: fail") and FAIL_REASON in line
+        for method in ("gradcam", "fullgrad"):
+            wait_state(page, method, "done")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "viewer-sanity.png"), full_page=True)
+        assert page.errors == []
+    finally:
+        context.close()
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_run_sanity_check_posts_follows_the_job_and_refreshes_the_badges(browser, server):
+    flags = {"finish": False, "sanity": None, "posts": [], "polls": 0}
+    report = {"model": "efficientnet_lite0", "images": 4, "seed": 0,
+              "methods": {name: {"levels": [], "random_target": {"spearman": 0.1}, **verdict}
+                          for name, verdict in SANITY_DONE["methods"].items()}}
+
+    def post(route):
+        if route.request.method != "POST":
+            return route.fallback()
+        flags["posts"].append((route.request.url, route.request.post_data_json))
+        route.fulfill(status=202, json=job("queued", 0))
+
+    def poll(route):
+        flags["polls"] += 1
+        if not flags["finish"]:
+            return route.fulfill(json=job("running", 2))
+        flags["sanity"] = SANITY_DONE  # what GET /v1/models says once the report is done
+        route.fulfill(json=job("succeeded", 4, result=report))
+
+    context, page = open_viewer(browser, server[0], {
+        "**/v1/models": models_with_sanity(lambda: flags["sanity"]),
+        "**/v1/models/*/sanity": post,
+        "**/v1/jobs/sanity-job-1": poll})
+    try:
+        model = page.input_value("#model-select")
+        assert page.text_content("#sanity-status") == f"No sanity report yet for {model}."
+        assert not page.is_visible("#method-gradcam-sanity")
+        page.click("#sanity-run")
+        page.wait_for_function("() => document.querySelector('#sanity-status').textContent"
+                               ".endsWith('2 / 4 steps')")
+        assert page.is_hidden("#sanity-run")
+        assert page.eval_on_selector("#sanity-progress", "p => [p.hidden, p.value, p.max]") == [False, 2, 4]
+        assert flags["posts"] == [(f"{server[0]}/v1/models/{model}/sanity", {})]
+        flags["finish"] = True
+        page.wait_for_selector("#method-gradcam-sanity:not([hidden])")
+        assert page.text_content("#method-gradcam-sanity") == "sanity: pass"
+        assert page.text_content("#method-fullgrad-sanity-reason") == f"Sanity check failed: {FAIL_REASON}"
+        assert "1 method passes, 1 fails" in page.text_content("#sanity-status")
+        assert page.is_hidden("#sanity-progress") and page.is_hidden("#sanity-run")
+        assert page.errors == []
+    finally:
+        context.close()
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_sanity_errors_are_shown_and_an_older_server_shows_no_sanity(browser, server):
+    def refuse(route):
+        if route.request.method != "POST":
+            return route.fallback()
+        message = "a sanity check of this model is already running"
+        route.fulfill(status=409, json={"error": {"code": "conflict", "message": message}})
+
+    context, page = open_viewer(browser, server[0], {"**/v1/models": models_with_sanity(lambda: None),
+                                                      "**/v1/models/*/sanity": refuse})
+    try:
+        page.click("#sanity-run")
+        page.wait_for_selector("#sanity-error:not([hidden])")
+        assert page.text_content("#sanity-error") == ("Unexpected answer from the server (HTTP 409). "
+                                                      "A sanity check of this model is already running.")
+        assert page.is_visible("#sanity-run") and page.is_enabled("#run-button") is False  # no image yet
+        assert [e for e in page.errors if "409" not in e] == []  # the browser logs the refused request
+    finally:
+        context.close()
+
+    # a server from before the sanity report: no `sanity` in /v1/models, so no badges and no button
+    context, page = open_viewer(browser, server[0], {"**/v1/models": models_with_sanity(lambda: MISSING)})
+    try:
+        assert page.is_hidden("#sanity")
+        assert page.locator("#methods .badge:visible").count() == 0
+        assert page.is_checked("#method-gradcam")
+        assert page.errors == []
+    finally:
+        context.close()

@@ -45,8 +45,8 @@ export class Api {
     this.getKey = getKey;
   }
 
-  async request(method, path, body) {
-    const headers = { Accept: "application/json" };
+  async request(method, path, body, extraHeaders = {}) {
+    const headers = { Accept: "application/json", ...extraHeaders };
     const key = this.getKey();
     if (key) headers.Authorization = `Bearer ${key}`;
     let response;
@@ -71,5 +71,8 @@ export class Api {
 
   get(path) { return this.request("GET", path); }
   post(path, form) { return this.request("POST", path, form); }
+  postJson(path, value) {
+    return this.request("POST", path, JSON.stringify(value), { "Content-Type": "application/json" });
+  }
   delete(path) { return this.request("DELETE", path); }
 }

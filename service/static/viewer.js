@@ -6,6 +6,9 @@ import { blend, colorize, lookupTable } from "./colormaps.js";
 const DISPLAY_MAX = 960; // longest side of the image as drawn in the page (a 2000 x 1500 photo is drawn at 960 x 720)
 const JOB_PASSES = 512; // estimated forward+backward passes from which a request runs as a job
 const POLL_MS = 300;
+const SANITY_POLL_MS = 1000;
+const METRICS_STEPS = 20; // the server's default K: 4(K-1)+1 = 77 forward passes per image
+const SVG_NS = "http://www.w3.org/2000/svg";
 
 const $ = (selector, root = document) => root.querySelector(selector);
 const el = (tag, props = {}, ...children) => {
@@ -19,6 +22,7 @@ const state = {
   methods: [],
   image: null, // {file, stem, width, height, display: ImageBitmap | null}
   cards: new Map(), // method name -> card
+  sanityRuns: new Map(), // model name -> {active, job, jobId, error}: a sanity check this page follows
   colormap: "jet",
   opacity: 0.5,
 };
@@ -38,6 +42,7 @@ async function start() {
   wireDisplayControls();
   $("#run-form").addEventListener("submit", onRun);
   $("#model-select").addEventListener("change", onModelChange);
+  $("#sanity-run").addEventListener("click", () => currentModel() && runSanity(currentModel().name));
   await waitReady();
   await loadCatalog();
 }
@@ -109,6 +114,7 @@ function onModelChange() {
     ? `${model.description || model.architecture}; input ${model.input_size.join(" × ")}, ${model.num_classes} classes, on ${model.device}.`
     : `Unavailable: ${model.reason}`;
   for (const select of document.querySelectorAll("select[data-param='layer']")) fillLayers(select, model);
+  renderSanity();
 }
 
 function fillLayers(select, model) {
@@ -120,7 +126,7 @@ function fillLayers(select, model) {
 
 function buildMethods() {
   const box = $("#methods");
-  box.replaceChildren(el("legend", { textContent: "Methods" }));
+  box.replaceChildren(el("legend", { textContent: "Methods" }), $("#sanity"));
   const params = $("#params");
   params.replaceChildren();
   // Every fact about a method comes from GET /v1/methods (its class declares them); the first is checked.
@@ -128,10 +134,14 @@ function buildMethods() {
     const id = `method-${method.name}`;
     const check = el("input", { type: "checkbox", id, value: method.name, name: "method",
                                 checked: index === 0 });
-    check.setAttribute("aria-describedby", `${id}-cost`);
-    box.append(el("div", { className: "method-option" }, check,
-                  el("label", { htmlFor: id, textContent: method.title }),
-                  el("p", { className: "hint", id: `${id}-cost`, textContent: `${method.name}: ${method.cost}` })));
+    check.setAttribute("aria-describedby", `${id}-cost ${id}-sanity ${id}-sanity-reason`);
+    const option = el("div", { className: "method-option" }, check,
+                      el("div", { className: "method-name" }, el("label", { htmlFor: id, textContent: method.title }),
+                         el("span", { className: "badge", id: `${id}-sanity`, hidden: true })),
+                      el("p", { className: "hint", id: `${id}-cost`, textContent: `${method.name}: ${method.cost}` }),
+                      el("p", { className: "hint sanity-reason", id: `${id}-sanity-reason`, hidden: true }));
+    option.dataset.method = method.name;
+    box.append(option);
     const fields = buildParams(method);
     if (fields) {
       fields.hidden = !check.checked;
@@ -143,6 +153,7 @@ function buildMethods() {
     });
   }
   box.addEventListener("change", updateRunButton);
+  renderSanity();
 }
 
 /** Nullable schemas (anyOf [X, null]) unwrap to X; the parameter may then be left empty. */
@@ -249,6 +260,148 @@ function showFormError(message) {
   node.hidden = !message;
 }
 
+// ---------------------------------------------------------------------------------------------- sanity
+
+// GET /v1/models gives each model `sanity`: null before any report, else {status, job_id, methods: {name:
+// {verdict, reason}}}. A server without the sanity report sends no `sanity` at all: then nothing is shown.
+
+/** The verdict on `methodName` in `model`'s newest finished sanity report, or null. */
+function sanityVerdict(model, methodName) {
+  const methods = model && model.sanity && model.sanity.methods;
+  return (methods && methods[methodName]) || null;
+}
+
+function sanityBadge(badge, verdict) {
+  badge.hidden = !verdict;
+  if (!verdict) return;
+  const pass = verdict.verdict === "pass";
+  badge.textContent = pass ? "sanity: pass" : "sanity: fail";
+  badge.dataset.verdict = pass ? "pass" : "fail";
+  badge.title = verdict.reason || "";
+}
+
+function renderSanity() {
+  const model = currentModel();
+  const supported = Boolean(model && model.available && "sanity" in model);
+  for (const option of document.querySelectorAll("#methods .method-option")) {
+    const verdict = supported ? sanityVerdict(model, option.dataset.method) : null;
+    sanityBadge($(".badge", option), verdict);
+    const reason = $(".sanity-reason", option);
+    reason.hidden = !verdict || verdict.verdict === "pass";
+    reason.textContent = reason.hidden ? "" : `Sanity check failed: ${verdict.reason || "no reason given"}`;
+  }
+  const box = $("#sanity");
+  box.hidden = !supported;
+  if (!supported) return;
+  const sanity = model.sanity;
+  const run = state.sanityRuns.get(model.name);
+  // A check started elsewhere (another tab, a script) and still going: follow it too.
+  if (sanity && ["queued", "running"].includes(sanity.status) && sanity.job_id
+      && !(run && (run.active || run.jobId === sanity.job_id))) {
+    followSanity(model.name, { id: sanity.job_id, status: sanity.status, progress: null });
+    return;
+  }
+  const active = Boolean(run && run.active);
+  const progress = $("#sanity-progress");
+  const button = $("#sanity-run");
+  let text;
+  if (active) {
+    const job = run.job;
+    const counts = job && job.progress && job.progress.total ? job.progress : null;
+    text = !job ? "Starting the sanity check…"
+      : job.status === "queued" ? "Sanity check queued…"
+      : `Sanity check running${counts ? `: ${counts.done} / ${counts.total} steps` : "…"}`;
+    progress.hidden = !counts;
+    if (counts) {
+      progress.max = Math.max(1, counts.total);
+      progress.value = Math.min(counts.done, progress.max);
+      progress.setAttribute("aria-valuetext", `${counts.done} of ${counts.total} steps`);
+    }
+  } else {
+    progress.hidden = true;
+    if (!sanity) text = `No sanity report yet for ${model.name}.`;
+    else if (sanity.status === "done") {
+      const verdicts = Object.values(sanity.methods || {});
+      const fails = verdicts.filter((v) => v.verdict !== "pass").length;
+      const passes = verdicts.length - fails;
+      text = `Sanity report for ${model.name}: ${passes} method${passes === 1 ? " passes" : "s pass"}, `
+           + `${fails} fail${fails === 1 ? "s" : ""}.`;
+    } else if (sanity.status === "failed") text = `The last sanity check of ${model.name} failed.`;
+    else if (sanity.status === "cancelled") text = `The last sanity check of ${model.name} was cancelled.`;
+    else text = `Sanity check of ${model.name}: ${sanity.status}.`;
+  }
+  $("#sanity-status").textContent = text;
+  // A finished report stands for these weights (the server keeps it per weights and seed): nothing to rerun.
+  button.hidden = active || Boolean(sanity && sanity.status === "done");
+  const error = $("#sanity-error");
+  error.textContent = (!active && run && run.error) || "";
+  error.hidden = !error.textContent;
+}
+
+/** POST /v1/models/{name}/sanity, then follow its job. */
+async function runSanity(name) {
+  const run = { active: true, job: null, jobId: null, error: null };
+  state.sanityRuns.set(name, run);
+  renderSanity();
+  try {
+    const { data } = await api.postJson(`/v1/models/${encodeURIComponent(name)}/sanity`, {});
+    await pollSanity(name, run, data);
+  } catch (err) {
+    run.error = err instanceof ApiError ? err.message : `Something went wrong in the page: ${err.message}`;
+  }
+  run.active = false;
+  renderSanity();
+}
+
+async function followSanity(name, job) {
+  const run = { active: true, job, jobId: job.id, error: null };
+  state.sanityRuns.set(name, run);
+  renderSanity();
+  try {
+    await pollSanity(name, run, (await api.get(`/v1/jobs/${encodeURIComponent(job.id)}`)).data);
+  } catch (err) {
+    run.error = err instanceof ApiError ? err.message : `Something went wrong in the page: ${err.message}`;
+  }
+  run.active = false;
+  renderSanity();
+}
+
+async function pollSanity(name, run, job) {
+  run.jobId = job.id;
+  for (;;) {
+    run.job = job;
+    renderSanity();
+    if (job.status === "succeeded" || job.status === "done") {
+      await refreshModels(name, job.result);
+      return;
+    }
+    if (job.status === "failed") {
+      const message = job.error && job.error.message ? job.error.message : "no details";
+      throw new ApiError(`The sanity check failed. ${capitalize(message)}${/[.!?]$/.test(message) ? "" : "."}`, 200);
+    }
+    if (job.status === "cancelled") {
+      run.error = "The sanity check was cancelled.";
+      await refreshModels(name, null);
+      return;
+    }
+    await sleep(SANITY_POLL_MS);
+    job = (await api.get(`/v1/jobs/${encodeURIComponent(job.id)}`)).data;
+  }
+}
+
+/** Reload GET /v1/models (keeping the form as it is); the finished report stands in if the list lags. */
+async function refreshModels(name, report) {
+  try {
+    state.models = (await api.get("/v1/models")).data;
+  } catch (err) { /* keep the list we have */ }
+  const model = state.models.find((m) => m.name === name);
+  if (model && report && report.methods && !(model.sanity && model.sanity.status === "done")) {
+    const methods = Object.fromEntries(Object.entries(report.methods)
+      .map(([method, r]) => [method, { verdict: r.verdict, reason: r.reason }]));
+    model.sanity = { status: "done", job_id: null, methods };
+  }
+}
+
 // ---------------------------------------------------------------------------------------------- image
 
 function wireImageInput() {
@@ -334,7 +487,7 @@ function onRun(event) {
   $("#cards").replaceChildren();
   $("#results-empty").hidden = true;
   const common = { model: $("#model-select").value, size: $("#full-size").checked ? "original" : "input",
-                   image: state.image };
+                   metrics: $("#metrics").checked, image: state.image };
   for (const [method, params] of requests) {
     const card = makeCard(method, { ...common, params });
     state.cards.set(method.name, card);
@@ -353,8 +506,9 @@ function estimatedPasses(method, params) {
 }
 
 // Iterative methods always run as a job (progress and cancel); others once they are long.
-function runsAsJob(method, params) {
-  return method.iterative || estimatedPasses(method, params) >= JOB_PASSES;
+function runsAsJob(method, request) {
+  const metricsPasses = request.metrics ? 4 * (METRICS_STEPS - 1) + 1 : 0;
+  return method.iterative || estimatedPasses(method, request.params) + metricsPasses >= JOB_PASSES;
 }
 
 function makeCard(method, request) {
@@ -369,6 +523,16 @@ function makeCard(method, request) {
   $(".heat", node).style.opacity = state.opacity;
   $(".base", node).setAttribute("aria-label", `${method.title} overlay (not computed yet)`);
   $(".raw", node).setAttribute("aria-label", `${method.title} map (not computed yet)`);
+  // the verdict of the sanity report on this method, for the model it runs on
+  const verdict = sanityVerdict(state.models.find((m) => m.name === request.model), method.name);
+  const line = $(".card-sanity", node);
+  if (verdict) {
+    const badge = el("span", { className: "badge" });
+    sanityBadge(badge, verdict);
+    line.append(badge);
+    if (verdict.verdict !== "pass") line.append(` ${verdict.reason || "no reason given"}`);
+    line.hidden = false;
+  }
   return card;
 }
 
@@ -389,7 +553,7 @@ async function explain(card, target) {
   const form = new FormData();
   form.append("image", request.image.file, request.image.file.name || "image");
   if (request.model) form.append("model", request.model);
-  form.append("outputs", "png,npy");
+  form.append("outputs", request.metrics ? "png,npy,metrics" : "png,npy");
   form.append("size", request.size);
   if (target !== null && target !== undefined) form.append("target", String(target));
   // params.NAME: never taken for one of the request's own fields (Integrated Gradients' `method` for the job's)
@@ -401,7 +565,7 @@ async function explain(card, target) {
   for (const button of card.node.querySelectorAll(".top-k button, .downloads button")) button.disabled = true;
   const started = performance.now();
   try {
-    const asJob = runsAsJob(method, request.params);
+    const asJob = runsAsJob(method, request);
     if (asJob) form.append("method", method.name);
     const { status, data } = await api.post(asJob ? "/v1/jobs" : `/v1/explain/${method.name}`, form);
     if (token !== card.token) return;
@@ -541,9 +705,70 @@ async function showResult(card, result, roundTripMs) {
   const diagnostics = Object.entries(result.diagnostics || {});
   fillList($(".diagnostics", node), diagnostics.length ? diagnostics.map(([k, v]) => [k, formatValue(v)])
                                                        : [["none", "this method reports none"]]);
+  renderMetrics(card, result.metrics);
   restoreButtons(card);
   base.dataset.rendered = "true";
   setCardState(card, "done", `Done in ${(roundTripMs / 1000).toFixed(1)} s`);
+}
+
+/** The per-map metrics in plain words, and the deletion curve against a random order as a small plot. */
+function renderMetrics(card, metrics) {
+  const box = $(".faithfulness", card.node);
+  box.hidden = !metrics;
+  if (!metrics) return;
+  const figure = (v) => (typeof v === "number" ? v.toFixed(2) : "?");
+  $(".deletion", box).textContent = `Deleting the top pixels first: class probability area ${figure(metrics.deletion_auc)} `
+    + `vs ${figure(metrics.deletion_auc_random)} for a random order (lower = more faithful)`;
+  $(".insertion", box).textContent = `Inserting the top pixels first: class probability area ${figure(metrics.insertion_auc)} `
+    + `vs ${figure(metrics.insertion_auc_random)} for a random order (higher = more faithful)`;
+  const stability = $(".stability", box);
+  stability.hidden = typeof metrics.stability !== "number";
+  stability.textContent = stability.hidden ? ""
+    : `Stability ${figure(metrics.stability)} (rank correlation of two halves of the samples)`;
+  $(".metric-settings", box).textContent = `${metrics.steps} steps; deleted pixels replaced by ${metrics.replacement}.`;
+  const curve = $(".curve", box);
+  curve.replaceChildren();
+  if (Array.isArray(metrics.deletion_curve) && metrics.deletion_curve.length > 1) {
+    curve.append(curvePlot(`curve-${card.method.name}`, metrics.deletion_curve, metrics.deletion_curve_random || [],
+      `Deletion curve of ${card.method.title}: the class probability as the top pixels are deleted first `
+      + `(area ${figure(metrics.deletion_auc)}) and in a random order (area ${figure(metrics.deletion_auc_random)})`));
+  }
+}
+
+function svg(tag, attributes = {}, ...children) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, String(value));
+  node.append(...children);
+  return node;
+}
+
+/** Two curves of K+1 probabilities over x = k/K, on axes 0-1, with a legend on the right. */
+function curvePlot(id, curve, random, title) {
+  const [width, height, left, top, plotW, plotH] = [280, 150, 30, 8, 160, 110];
+  const x = (t) => (left + t * plotW).toFixed(1);
+  const y = (p) => (top + (1 - Math.min(1, Math.max(0, p))) * plotH).toFixed(1);
+  const points = (values) => values.map((p, k) => `${x(k / (values.length - 1))},${y(p)}`).join(" ");
+  const bottom = top + plotH;
+  const text = (content, attributes) => svg("text", attributes, content);
+  const legend = (row, cls, label) => [
+    svg("line", { class: cls, x1: left + plotW + 12, x2: left + plotW + 32, y1: top + 10 + row * 18, y2: top + 10 + row * 18 }),
+    text(label, { x: left + plotW + 36, y: top + 14 + row * 18 })];
+  const plot = svg("svg", { class: "curve-plot", viewBox: `0 0 ${width} ${height}`, role: "img",
+                            "aria-labelledby": `${id}-title` },
+    svg("title", { id: `${id}-title` }, title),
+    svg("path", { class: "axis", d: `M${left},${top} V${bottom} H${left + plotW}` }),
+    text("1", { x: left - 5, y: top + 4, "text-anchor": "end" }),
+    text("0", { x: left - 5, y: bottom + 4, "text-anchor": "end" }),
+    text("0", { x: left, y: bottom + 14, "text-anchor": "middle" }),
+    text("1", { x: left + plotW, y: bottom + 14, "text-anchor": "middle" }),
+    text("fraction of pixels deleted", { x: left + plotW / 2, y: bottom + 26, "text-anchor": "middle" }),
+    text("probability", { x: 10, y: top + plotH / 2, "text-anchor": "middle",
+                          transform: `rotate(-90 10 ${top + plotH / 2})` }),
+    svg("polyline", { class: "curve-random", points: points(random) }),
+    svg("polyline", { class: "curve-map", points: points(curve) }),
+    ...legend(0, "curve-map", "top first"),
+    ...legend(1, "curve-random", "random"));
+  return plot;
 }
 
 function paintHeat(card) {
