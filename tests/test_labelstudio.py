@@ -11,8 +11,11 @@ import time
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from saliency_client import Client, salient_region
+from service.evidence.curves import forwards_per_image, perturbation_curves, random_order
+from service.methods import Explainee
 from service.settings import Settings
 from tests.integrations.tools import PYTHON, ROOT, process, require_tools, run_inner_pytest
 from tests.server import free_port, running_server
@@ -62,27 +65,42 @@ def backend(saliency, label_studio, tmp_path_factory):
         yield f"http://127.0.0.1:{port}"
 
 
-def test_predictions_round_trip_through_label_studio(saliency, label_studio, backend, chelsea, tmp_path):
+def stored_prediction(label_studio, backend: str, photo: bytes, title: str,
+                      extra_params: dict | None = None) -> dict:
+    """What Label Studio stores for `photo` in a new project connected to the backend (with its extra_params,
+    passed to /setup), after "Retrieve Predictions"."""
     ls_url, token = label_studio
-    started = time.monotonic()
     with httpx.Client(base_url=ls_url, headers={"Authorization": f"Token {token}"}, timeout=120) as ls:
-        project = ls.post("/api/projects", json={"title": "saliency e2e", "label_config": LABEL_CONFIG})
+        project = ls.post("/api/projects", json={"title": title, "label_config": LABEL_CONFIG})
         assert project.status_code == 201, project.text
         pid = project.json()["id"]
-        buf = io.BytesIO()
-        chelsea.save(buf, "PNG")
-        photo = buf.getvalue()
         imported = ls.post(f"/api/projects/{pid}/import", files={"file": ("chelsea.png", photo, "image/png")})
         assert imported.status_code == 201, imported.text
         [task] = ls.get(f"/api/projects/{pid}/tasks/").json()
         assert task["data"]["image"].startswith("/data/upload/")  # the backend must fetch it with the token
 
-        connected = ls.post("/api/ml", json={"url": backend, "project": pid, "title": "saliency"})
+        ml = {"url": backend, "project": pid, "title": "saliency"}
+        if extra_params is not None:
+            ml["extra_params"] = extra_params
+        connected = ls.post("/api/ml", json=ml)
         assert connected.status_code == 201, connected.text  # Label Studio called /health and /setup
         action = ls.post("/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": pid},
                          json={"selectedItems": {"all": True, "excluded": []}})
         assert action.status_code == 200, action.text
         [stored] = ls.get("/api/predictions", params={"task": task["id"]}).json()
+    return stored
+
+
+def png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_predictions_round_trip_through_label_studio(saliency, label_studio, backend, chelsea, tmp_path):
+    started = time.monotonic()
+    photo = png(chelsea)
+    stored = stored_prediction(label_studio, backend, photo, "saliency e2e")
     print(f"Label Studio project -> stored prediction in {time.monotonic() - started:.1f}s")
 
     assert stored["model_version"] == "saliency-gradcam-efficientnet_lite0"  # the service's default model
@@ -110,9 +128,64 @@ def test_predictions_round_trip_through_label_studio(saliency, label_studio, bac
     assert 0 <= value["x"] < value["x"] + value["width"] <= 100 and value["rectanglelabels"] == ["Salient"]
 
 
-def test_backend_units(saliency, registry):
-    """The backend's own checks (config parsing, token scoping, auth, webhook), run in the tools' env;
-    SALIENCY_SMALL_URL is a server whose answers are bounded at 40 KB (max_response_bytes)."""
-    with running_server(Settings(max_wait_ms=5, max_response_bytes=40_000), registry) as (small, _):
-        run_inner_pytest("tests/integrations/labelstudio_checks.py",
-                         {"SALIENCY_URL": saliency, "SALIENCY_SMALL_URL": small})
+def test_faithfulness_scores_round_trip_through_label_studio(saliency, label_studio, backend, chelsea):
+    """A project connected with extra_params {"score_by": "faithfulness"}: Label Studio passes them to /setup,
+    and stores the prediction scored by the map's faithfulness, the figures in each region's meta text."""
+    photo = png(chelsea)
+    stored = stored_prediction(label_studio, backend, photo, "saliency faithfulness",
+                               {"score_by": "faithfulness"})
+    with Client(saliency) as client:
+        expected = client.explain(photo, "gradcam", outputs=["png", "metrics"])[0]
+    assert expected.metrics is not None
+    deletion, insertion = expected.metrics["deletion_auc"], expected.metrics["insertion_auc"]
+    assert stored["score"] != pytest.approx(expected.probability) and 0 < stored["score"] < 1
+    for region in stored["result"]:
+        assert region["score"] == pytest.approx(stored["score"])
+        [text] = region["meta"]["text"]  # kept as sent: the editor shows it in the region's details
+        assert text.startswith(f"faithfulness {stored['score']:.2f}: deletion AUC {deletion:.3f}")
+        assert f"insertion AUC {insertion:.3f}" in text
+
+
+class PatchNet(torch.nn.Module):
+    """A planted model: two classes, class 1's logit a linear function of the mean of one 16 x 16 patch of a
+    32 x 32 image (a quarter of its pixels), nothing else."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patch = x[:, :, 8:24, 12:28].mean((1, 2, 3))
+        return torch.stack([torch.zeros_like(patch), 6.0 * (patch - 0.25)], 1)
+
+
+def planted_metrics() -> dict[str, list[dict]]:
+    """The service's own deletion and insertion curves (service.evidence.curves) of maps of the planted model,
+    as a result's `metrics`, for the faithfulness score's oracles: the true map (the patch), its inverse, a
+    noise map, and a map whose order is exactly the random order the service plays beside every map."""
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(21))
+    true = torch.zeros(3, 32, 32)
+    true[:, 8:24, 12:28] = 1.0
+    noise = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(22))
+    ranks = torch.empty(32 * 32)
+    ranks[random_order(32 * 32, seed=0)] = torch.arange(32 * 32, 0, -1, dtype=torch.float32)  # first: highest
+    maps = {"true": true, "inverted": 1.0 - true, "noise": noise,
+            "random_order": ranks.view(1, 32, 32).expand(3, -1, -1)}
+    explainee, targets = Explainee(PatchNet().eval()), torch.ones(3, dtype=torch.long)
+    found = {name: [c.as_dict() for c in perturbation_curves(explainee, x, m, targets, steps=20,
+                                                              replacement="black")]
+             for name, m in maps.items()}
+    # blur keeps the patch's mean: the substitution takes nothing from the class, and the games say nothing
+    found["true_blur"] = [c.as_dict() for c in perturbation_curves(explainee, x, true, targets, steps=20)]
+    return found
+
+
+def test_backend_units(saliency, registry, chelsea, tmp_path):
+    """The backend's own checks (config parsing, token scoping, auth, webhook, scores), run in the tools' env.
+    SALIENCY_SMALL_URL is a server whose answers are bounded at 40 KB (max_response_bytes) and whose requests
+    at one image's metrics (max_request_cost: two images with metrics are refused as too costly); PLANTED
+    holds the curves of planted_metrics(); CHELSEA a photo."""
+    chelsea.save(tmp_path / "chelsea.png")
+    (tmp_path / "planted.json").write_text(json.dumps(planted_metrics()))
+    small_settings = Settings(max_wait_ms=5, max_response_bytes=40_000,
+                              max_request_cost=2 * forwards_per_image(20) - 1)
+    env = {"SALIENCY_URL": saliency, "PLANTED": str(tmp_path / "planted.json"),
+           "CHELSEA": str(tmp_path / "chelsea.png")}
+    with running_server(small_settings, registry) as (small, _):
+        run_inner_pytest("tests/integrations/labelstudio_checks.py", {**env, "SALIENCY_SMALL_URL": small})

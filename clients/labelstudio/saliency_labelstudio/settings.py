@@ -1,4 +1,5 @@
-"""Settings from the environment; a project's /setup `extra_params` may override method, model, threshold."""
+"""Settings from the environment; a project's /setup `extra_params` may override method, model, threshold,
+params and score_by."""
 from __future__ import annotations
 
 import os
@@ -6,7 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-PER_PROJECT = ("method", "model", "threshold", "params")
+PER_PROJECT = ("method", "model", "threshold", "params", "score_by")
+# A prediction's score: the explained class's probability, or the map's faithfulness (faithfulness.py), which
+# asks the service for the map's metrics: 4(K-1)+1 = 77 forward passes more per image at its default K = 20.
+SCORE_BY = ("probability", "faithfulness")
 
 
 class SettingsError(ValueError):
@@ -25,6 +29,11 @@ class BackendSettings:
     label_studio_api_key: str | None = None
     basic_auth: tuple[str, str] | None = None  # required of Label Studio's calls when set
     timeout: float = 90.0  # for a whole /predict, under Label Studio's 100 s read timeout
+    score_by: str = "probability"  # or "faithfulness" (SCORE_BY)
+
+    def __post_init__(self) -> None:
+        if self.score_by not in SCORE_BY:
+            raise SettingsError(f"score_by must be one of {', '.join(SCORE_BY)}, not {self.score_by!r}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> BackendSettings:
@@ -38,7 +47,8 @@ class BackendSettings:
                    label_studio_url=(env.get("LABEL_STUDIO_URL") or env.get("LABEL_STUDIO_HOST") or None),
                    label_studio_api_key=(env.get("LABEL_STUDIO_API_KEY")
                                          or env.get("LABEL_STUDIO_ACCESS_TOKEN") or None),
-                   basic_auth=(user, password) if user and password else None)
+                   basic_auth=(user, password) if user and password else None,
+                   score_by=env.get("SALIENCY_SCORE_BY") or cls.score_by)
 
     def for_project(self, extra: dict[str, Any] | None) -> BackendSettings:
         """This backend's settings with a project's overrides (unknown keys are ignored)."""
@@ -46,7 +56,7 @@ class BackendSettings:
         if not isinstance(extra, dict):
             raise SettingsError(f"extra_params must be an object, not {type(extra).__name__}")
         update = {k: extra[k] for k in PER_PROJECT if extra.get(k) is not None}
-        for key in ("method", "model"):
+        for key in ("method", "model", "score_by"):
             if key in update and not isinstance(update[key], str):
                 raise SettingsError(f"extra_params.{key} must be a string, not {update[key]!r}")
         if "threshold" in update:
