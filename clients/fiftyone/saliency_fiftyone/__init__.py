@@ -1,15 +1,31 @@
-"""Saliency maps as FiftyOne `Heatmap` fields (float maps, range [0, 1]), with the explained class."""
+"""Saliency maps as FiftyOne `Heatmap` fields (float maps, range [0, 1]), with the explained class and, when
+asked, the map's faithfulness metrics as float fields to sort and filter by."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import fiftyone.core.fields as fof
 import fiftyone.core.labels as fol
 import numpy as np
 
-from saliency_client import Client, Explanation, ImageExplanation, PayloadTooLargeError
+from saliency_client import Client, Explanation, ImageExplanation, PayloadTooLargeError, ValidationError
 
-__all__ = ["to_heatmap", "to_classification", "add_saliency"]
+__all__ = ["to_heatmap", "to_classification", "add_saliency", "METRIC_FIELDS"]
+
+# With metrics=True: `<field>_<name>` for each, a float (None where the service gives null: stability is only
+# measured for the stochastic methods, SmoothGrad and MoreauGrad). The AUCs are of the explained class's
+# softmax probability over x in [0, 1] as the map's pixels are removed (deletion) or restored (insertion); a
+# faithful map has deletion_auc well below deletion_auc_random and insertion_auc above insertion_auc_random.
+METRIC_FIELDS = {
+    "deletion_auc": "deletion AUC of the map's order (lower than deletion_auc_random: the map ranks the "
+                    "pixels the model uses first)",
+    "insertion_auc": "insertion AUC of the map's order (higher than insertion_auc_random: faithful)",
+    "deletion_auc_random": "deletion AUC of a random order of the same pixels (the baseline)",
+    "insertion_auc_random": "insertion AUC of a random order of the same pixels (the baseline)",
+    "stability": "Spearman correlation of the maps of two halves of a stochastic method's draws (None for "
+                 "deterministic methods)",
+}
 
 
 def to_heatmap(result: ImageExplanation) -> fol.Heatmap:
@@ -39,25 +55,40 @@ SPLITTABLE = ("response_too_large", "too_many_pixels", "too_many_images")
 
 
 def _explain(client: Client, paths: list[str], method: str, model: str | None, size: str,
-             params: dict[str, Any]) -> list[ImageExplanation]:
+             params: dict[str, Any], outputs: list[str]) -> list[ImageExplanation]:
     """The float maps of `paths`, in order: a batch the service refuses as too large (its max_response_bytes
-    bounds an answer; a float32 map at the original size takes 5.3 bytes per pixel) is split in halves. One
-    image whose map alone is too large raises: the service's message names what fits (size="input")."""
+    bounds an answer; a float32 map at the original size takes 5.3 bytes per pixel) or too costly (422
+    too_costly: a request's passes grow with its images, and the metrics add 4(K-1)+1 forward passes to each)
+    is split in halves. One image whose map alone is too large raises: the service's message names what fits
+    (size="input")."""
     try:
-        explanation: Explanation = client.explain(paths, method, model=model, outputs=["npy"], size=size,
+        explanation: Explanation = client.explain(paths, method, model=model, outputs=outputs, size=size,
                                                   params=params)
-    except PayloadTooLargeError as exc:
-        if len(paths) < 2 or exc.code not in SPLITTABLE:
+    except (PayloadTooLargeError, ValidationError) as exc:
+        split = exc.code in SPLITTABLE if isinstance(exc, PayloadTooLargeError) else exc.code == "too_costly"
+        if len(paths) < 2 or not split:
             raise
         half = (len(paths) + 1) // 2
-        return (_explain(client, paths[:half], method, model, size, params)
-                + _explain(client, paths[half:], method, model, size, params))
+        return (_explain(client, paths[:half], method, model, size, params, outputs)
+                + _explain(client, paths[half:], method, model, size, params, outputs))
     return list(explanation)
+
+
+def _declare_metric_fields(sample: Any, field: str, declared: set[str]) -> None:
+    """Declare the metric fields as FloatField on the sample's dataset (once per dataset): FiftyOne infers a
+    new field's type from the first value written, and cannot from None (a deterministic method's
+    stability). An in-memory sample needs nothing declared."""
+    dataset = sample.dataset if getattr(sample, "in_dataset", False) else None
+    if dataset is None or dataset.name in declared:
+        return
+    for name, description in METRIC_FIELDS.items():  # add_sample_field: only if not there already
+        dataset.add_sample_field(f"{field}_{name}", fof.FloatField, description=description)
+    declared.add(dataset.name)
 
 
 def add_saliency(samples: Iterable[Any], client: Client, field: str = "saliency", method: str = "gradcam",
                  model: str | None = None, batch_size: int = 8, size: str = "input",
-                 params: Mapping[str, Any] | None = None, **more: Any) -> int:
+                 params: Mapping[str, Any] | None = None, metrics: bool = False, **more: Any) -> int:
     """Explain each sample's image and store `<field>` (Heatmap) and `<field>_class` (the explained class).
 
     `samples` is a dataset or view (saved as it goes) or any iterable of fo.Sample. Method parameters are
@@ -68,15 +99,30 @@ def add_saliency(samples: Iterable[Any], client: Client, field: str = "saliency"
     map lines up. `size="original"` stores it at the photo's own size, as float32: a sample is one MongoDB
     document, capped at 16 MiB, and a map of about 5 megapixels or more no longer fits. A batch whose answer
     the service refuses as too large (413: its max_response_bytes) is sent again in halves.
+
+    `metrics=True` also asks the service to measure each map (outputs "metrics", at its defaults: 20 steps,
+    blur substrate; 77 forward passes more per image) and stores `<field>_deletion_auc`,
+    `<field>_insertion_auc`, `<field>_deletion_auc_random`, `<field>_insertion_auc_random` and
+    `<field>_stability` (METRIC_FIELDS), floats or None, to sort or filter by, e.g.
+    `dataset.sort_by(F("gradcam_deletion_auc") - F("gradcam_deletion_auc_random"))`: the most faithful first.
     """
     if hasattr(samples, "iter_samples"):  # a dataset or view: batch its writes to the database
         samples = samples.iter_samples(autosave=True, batch_size=batch_size)
+    outputs = ["npy", "metrics"] if metrics else ["npy"]
+    declared: set[str] = set()
     done = 0
     for batch in _batches(samples, batch_size):
         paths = [s.filepath for s in batch]
-        results = _explain(client, paths, method, model, size, {**(params or {}), **more})
+        results = _explain(client, paths, method, model, size, {**(params or {}), **more}, outputs)
         for sample, result in zip(batch, results, strict=True):
             sample[field] = to_heatmap(result)
             sample[f"{field}_class"] = to_classification(result)
+            if metrics:
+                if result.metrics is None:
+                    raise ValueError("the service answered without the map's metrics (outputs=metrics)")
+                _declare_metric_fields(sample, field, declared)
+                for name in METRIC_FIELDS:
+                    value = result.metrics.get(name)
+                    sample[f"{field}_{name}"] = None if value is None else float(value)
         done += len(batch)
     return done
