@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import sys
 
 # Only light modules above: the arguments are parsed before torch (by way of the app) is imported, so
 # `--help` and a mistyped flag answer at once (tests/test_main_cli.py).
@@ -22,7 +23,9 @@ def _help(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__,
+                                     epilog="other commands: python -m service check-model NAME_OR_CARD "
+                                            "(load a model and run its self-test; --help for more)")
     for name, kind in FLAGS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=_help(name))
     parser.add_argument("--engine", choices=["embedded", "ray"], default="embedded",
@@ -32,7 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands beside serving: `python -m service COMMAND ...` (serving takes no positional argument).
+COMMANDS = {"check-model": "check_model"}
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        from . import model_cli
+
+        sys.exit(getattr(model_cli, COMMANDS[argv[0]])(argv[1:]))
     args = build_parser().parse_args(argv)
     engine = args.engine
     overrides = {k: v for k, v in vars(args).items() if v is not None and k != "engine"}

@@ -37,6 +37,7 @@ from .jobs import Job, JobStore
 from .metrics import Metrics
 from .pipeline import Call, CallRequest, encode_result, prepare, resolve, response_body
 from .sanity_runs import SanityRuns
+from .selftest import SelfTest, describe, quick_self_test
 from .settings import Settings
 from .worker import Item
 from .zoo import ModelRegistry
@@ -62,6 +63,7 @@ class Runtime:
         self.registry: ModelRegistry | None = None
         self.load_error: str | None = None
         self.default_error: str | None = None  # why the default model is not served (not ready while set)
+        self.self_tests: dict[str, SelfTest] = {}  # per model, its quick self-test at load
         self._loaded = threading.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -77,6 +79,12 @@ class Runtime:
     def _boot(self) -> None:
         try:
             self.registry = self.backend.boot()
+            if self.settings.self_test_at_load:  # before ready: which methods apply to which model
+                self.self_tests = {name: quick_self_test(model)
+                                   for name, model in self.registry.models.items()}
+                for report in self.self_tests.values():
+                    if not report.passed:
+                        log.warning("self-test of %s: %s", report.model, "; ".join(describe(report)[1:]))
             log.info("models ready: %s; unavailable: %s", sorted(self.registry.models),
                      sorted(self.registry.unavailable))
             self.default_error = default_model_problem(self.settings, self.registry)
@@ -124,6 +132,9 @@ class Runtime:
         job at once (`job.deferred`), with the start deadline of jobs, instead of being queued to expire."""
         registry = self.require_ready()
         model, method, params = resolve(registry, self.settings, request.model, method_name, request.params)
+        reason = self.not_applicable(model.name).get(method.name)
+        if reason is not None:  # the method refused this model in its self-test: say why before any work
+            raise InvalidInput(reason, code="method_not_applicable")
         if overlay_only and len(request.blobs) != 1:
             raise NotAcceptable(f"Accept: image/png answers with one image's overlay; this call has "
                                 f"{len(request.blobs)} images: accept application/json for several")
@@ -180,6 +191,11 @@ class Runtime:
         raise Busy(f"this call would start in about {expected:.0f} s (the work queued ahead of it on the "
                    f"{self.lane(call)} lane), past its start deadline of {limit:.0f} s: retry later",
                    code="overloaded", retry_after=expected - limit)
+
+    def not_applicable(self, model_name: str) -> dict[str, str]:
+        """The methods that do not apply to the model, with the reason (from its self-test at load)."""
+        report = self.self_tests.get(model_name)
+        return report.not_applicable if report is not None else {}
 
     @property
     def default_outputs(self) -> list[str]:

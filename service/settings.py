@@ -101,6 +101,10 @@ class Settings(BaseSettings):
     job_deadline_s: float = Field(3600.0, gt=0, description="start deadline of job work")
     job_ttl_s: float = Field(3600.0, gt=0, description="finished jobs are forgotten after this")
     max_jobs: int = Field(1000, ge=1, description="jobs kept in memory (finished ones are evicted first)")
+    self_test_at_load: bool = Field(
+        True, description="run each model's quick self-test before /readyz says ready (every method once at "
+                          "its cheapest parameters on a shipped photo): /v1/models lists the methods that "
+                          "apply, and a method that does not answers 422 method_not_applicable at once")
     sanity_deadline_s: float = Field(
         3600.0, gt=0, description="a model's sanity report (POST /v1/models/{name}/sanity) still running "
                                   "after this is stopped and its job fails with deadline_exceeded")

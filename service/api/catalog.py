@@ -1,12 +1,15 @@
 """GET /v1/models and /v1/methods: what can be asked, from the same models that validate requests."""
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 
 from ..evidence.spec import MetricsParams
 from ..methods import METHODS
+from ..selftest import SelfTest
 from .deps import RuntimeDep
-from .schemas import MethodOut, ModelOut
+from .schemas import MethodOut, ModelOut, SelfTestOut
 
 router = APIRouter(prefix="/v1", tags=["catalog"])
 
@@ -19,11 +22,19 @@ async def list_models(runtime: RuntimeDep) -> list[ModelOut]:
                     input_size=list(m.preprocess.size), num_classes=m.num_classes,
                     default_layer=m.card.cam.target_layer, layers=list(m.cam_layers),
                     default=m.name == runtime.settings.default_model, folded_batchnorms=m.folded_norms,
-                    sanity=runtime.sanity.summary(m.name))
+                    sanity=runtime.sanity.summary(m.name), **_self_test(runtime.self_tests.get(m.name)))
            for m in registry.models.values()]
     out += [ModelOut(name=u.card_name, architecture=u.architecture, available=False, reason=u.reason)
             for u in registry.unavailable.values()]
     return out
+
+
+def _self_test(report: SelfTest | None) -> dict[str, Any]:
+    if report is None:
+        return {}
+    problems = {name: check.problems for name, check in report.methods.items() if check.problems}
+    return {"methods": report.applicable, "methods_not_applicable": report.not_applicable,
+            "self_test": SelfTestOut(passed=report.passed, problems=problems)}
 
 
 @router.get("/methods", operation_id="list_methods", response_model=list[MethodOut])

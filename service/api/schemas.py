@@ -167,6 +167,12 @@ class JobOut(BaseModel):
     error: dict[str, Any] | None = None
 
 
+class SelfTestOut(BaseModel):
+    passed: bool = Field(description="every method that applies kept its invariants at load (finite, "
+                                     "non-constant maps and logits)")
+    problems: dict[str, list[str]] = Field(default_factory=dict, description="per method, what it broke")
+
+
 class ModelOut(BaseModel):
     name: str
     architecture: str
@@ -183,6 +189,12 @@ class ModelOut(BaseModel):
                                                   "load (the same function; setting fold_batchnorm)")
     sanity: SanitySummary | None = Field(None, description="its sanity report's verdicts (POST "
                                                            "/v1/models/{name}/sanity); null: never asked for")
+    methods: list[str] | None = Field(None, description="the methods that apply to it (its self-test at "
+                                                        "load); null: not self-tested (self_test_at_load)")
+    methods_not_applicable: dict[str, str] = Field(
+        default_factory=dict, description="the methods that do not apply, with the reason (they answer 422 "
+                                          "method_not_applicable)")
+    self_test: SelfTestOut | None = None
 
 
 class MethodOut(BaseModel):

@@ -128,6 +128,11 @@ class JobOut(BaseModel):
     error: dict[str, Any] | None = None
 
 
+class SelfTestOut(BaseModel):
+    passed: bool
+    problems: dict[str, list[str]] = Field(default_factory=dict)
+
+
 class ModelOut(BaseModel):
     name: str
     architecture: str
@@ -142,6 +147,9 @@ class ModelOut(BaseModel):
     default: bool = False
     folded_batchnorms: int = 0
     sanity: SanitySummary | None = None  # its sanity report's verdicts; None: never asked for
+    methods: list[str] | None = None  # the methods that apply (its self-test at load); None: not tested
+    methods_not_applicable: dict[str, str] = Field(default_factory=dict)  # name -> why not
+    self_test: SelfTestOut | None = None
 
 
 class MethodOut(BaseModel):
@@ -167,4 +175,4 @@ class ErrorOut(BaseModel):
 
 WIRE_MODELS = (ExplainRequest, ClassScore, MapOut, Timing, ImageResult, ExplainResponse, JobProgress, JobOut,
                ModelOut, MethodOut, ErrorBody, ErrorOut, SanityLevel, SanityMethod, SanityReport,
-               SanityRequest, SanitySummary)
+               SanityRequest, SanitySummary, SelfTestOut)
