@@ -176,6 +176,31 @@ def test_black_is_pixel_zero_through_normalize(quantus):
         np.testing.assert_allclose(c.deletion[1:], curves[b], atol=1e-5, rtol=0)
 
 
+def test_steps_with_a_remainder_equal_quantus_less_its_extra_point(quantus):
+    """K not dividing H*W (24 x 24, K = 10: steps of 57 pixels, our last one taking the remainder, 63):
+    Quantus's PixelFlipping with 57-pixel steps makes 11, its last of 6 pixels, so its 10th point (570 pixels
+    gone) is not one of ours and the others are. Its features_in_step check (which reads (H, W), see
+    `pixel_flipping`) is skipped: at 224 x 224 with C = 3 no K passes it, and bench/metrics.py compares the
+    real model's curves the same way."""
+
+    class Flipping(quantus.PixelFlipping):
+        def custom_preprocess(self, x_batch, **kwargs):
+            return None
+
+    model, x, maps, steps = random_cnn(7), images(2, size=24, seed=51), tie_free_maps(2, size=24, seed=52), 10
+    targets = torch.tensor([1, 4])
+    ours = perturbation_curves(Explainee(model, max_batch=16), x, maps, targets, steps=steps,
+                               replacement="black")
+    metric = Flipping(features_in_step=3 * (24 * 24 // steps), perturb_baseline="black", normalise=False,
+                      abs=False, disable_warnings=True)
+    curves = np.asarray(metric(model=model, x_batch=x.numpy(), y_batch=targets.numpy(),
+                               a_batch=maps[:, None].numpy(), channel_first=True, softmax=True, device="cpu"))
+    assert curves.shape == (2, steps + 1)
+    for b, c in enumerate(ours):
+        assert max(c.deletion) - min(c.deletion) > 0.02
+        np.testing.assert_allclose(c.deletion[1:], np.delete(curves[b], steps - 1), atol=1e-5, rtol=0)
+
+
 # --- insertion: exact identities ----------------------------------------------------------------------------
 
 def test_insertion_is_deletion_in_the_reversed_order_read_backwards():
