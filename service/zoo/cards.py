@@ -2,6 +2,12 @@
 
 A card says what to build, where its weights come from, how to preprocess, which labels to show and which
 layer Grad-CAM uses by default. Cards are data: nothing in them is executed.
+
+Only the architecture, the weights and (for a file) the labels are required. The preprocessing, the Grad-CAM
+layer and the reshape transform are read from the model itself where the card leaves them out
+(service/zoo/adapters.py); each value a card gives overrides the derived one, field by field (pydantic's
+`model_fields_set` tells a written value from a default). The loaded model's card is the resolved one, with
+every derived value written in.
 """
 from __future__ import annotations
 
@@ -50,6 +56,8 @@ class WeightsSpec(_Strict):
 
 
 class PreprocessSpec(_Strict):
+    # A field the card leaves out comes from the architecture (timm's pretrained_cfg, torchvision's weights
+    # metadata); the defaults below are what a builtin model gets.
     input_size: tuple[int, int] = (224, 224)  # (height, width)
     resize: Literal["whole"] = "whole"  # the whole image, no crop: the map must cover all of it
     interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
@@ -63,8 +71,11 @@ class LabelsSpec(_Strict):
 
 
 class CamSpec(_Strict):
-    target_layer: str
-    reshape: Literal["none", "vit", "swin"] = "none"
+    # None: the layer the model's adapter derives (the last stage the head pools; a ViT's last norm1).
+    target_layer: str | None = None
+    # "auto": the adapter's transform from the model's facts. "vit": patch tokens (prefix and grid from the
+    # model), "swin": channels-last stages, "none": channels-first maps as they are.
+    reshape: Literal["auto", "none", "vit", "swin"] = "auto"
 
 
 class ModelCard(_Strict):
@@ -75,7 +86,7 @@ class ModelCard(_Strict):
     weights: WeightsSpec
     preprocess: PreprocessSpec = PreprocessSpec()
     labels: LabelsSpec = LabelsSpec()
-    cam: CamSpec
+    cam: CamSpec = CamSpec()
     source_file: str = ""
 
     @property

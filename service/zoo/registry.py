@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from ..errors import quote
-from .cards import CardError, ModelCard, find_cards
+from .adapters import Adapter, adapt, build, resolve_preprocess
+from .cards import CamSpec, CardError, ModelCard, find_cards
 from .fold import fold_batchnorms
 from .labels import load_labels
 from .preprocess import Preprocessor
-from .reshape import RESHAPES, ReshapeTransform
-from .tiny import BUILTIN
+from .reshape import ReshapeTransform, StageMaps, identity, swin_tokens
 from .weights import WeightsMissing, apply_state_dict, read_state_dict, resolve_weights
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class LoadedModel:
-    card: ModelCard
+    card: ModelCard  # resolved: the derived preprocessing and Grad-CAM layer written in (load_model)
     module: nn.Module
     device: torch.device
     labels: tuple[str, ...]
@@ -75,20 +75,29 @@ def set_cudnn_autotuning(enabled: bool) -> None:
     torch.backends.cudnn.benchmark = enabled
 
 
-def build_architecture(card: ModelCard) -> nn.Module:
-    """An untrained module of the card's architecture (weights come only from the card's file)."""
+def build_architecture(card: ModelCard, input_size: tuple[int, int] | None = None) -> nn.Module:
+    """An untrained module of the card's architecture (weights come only from the card's file), built for
+    `input_size` where the architecture fixes it at build (a timm ViT's or Swin's patch grid)."""
     try:
-        if card.family == "timm":
-            import timm
-
-            return timm.create_model(card.arch_name, pretrained=False, num_classes=card.num_classes)
-        if card.family == "torchvision":
-            import torchvision
-
-            return torchvision.models.get_model(card.arch_name, weights=None, num_classes=card.num_classes)
-        return BUILTIN[card.arch_name](num_classes=card.num_classes)
-    except (KeyError, ValueError, RuntimeError) as exc:
+        return build(card.architecture, card.num_classes, input_size)
+    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise CardError(card.name, f"unknown architecture {card.architecture!r}: {exc}") from exc
+
+
+def resolve_cam(card: ModelCard, adapter: Adapter) -> tuple[str, ReshapeTransform]:
+    """The card's layer and reshape where it names them, the adapter's where it does not ("auto")."""
+    layer = card.cam.target_layer or adapter.default_layer
+    choice = card.cam.reshape
+    if choice == "auto":
+        return layer, adapter.reshape
+    if choice == "none":
+        return layer, identity
+    if choice == "vit":
+        if not adapter.tokens:
+            raise CardError(card.name, f"cam.reshape 'vit' needs a model with patch tokens; "
+                                       f"{card.architecture} has none (leave reshape out: 'auto')")
+        return layer, adapter.reshape
+    return layer, adapter.reshape if isinstance(adapter.reshape, StageMaps) else swin_tokens
 
 
 def find_cam_layers(module: nn.Module, input_size: tuple[int, int], reshape: ReshapeTransform,
@@ -121,26 +130,61 @@ def find_cam_layers(module: nn.Module, input_size: tuple[int, int], reshape: Res
 
 def load_model(card: ModelCard, models_dir: Path, device: torch.device,
                fold_norms: bool = True) -> LoadedModel:
-    module = build_architecture(card)
+    """Build, load the weights, adapt (service/zoo/adapters.py) and fold. The LoadedModel's card is the card
+    resolved: its preprocessing and Grad-CAM layer as derived where it left them out, so loading that card
+    again gives the same model."""
+    preprocess = resolve_preprocess(card.architecture, card.preprocess)
+    size = preprocess.input_size
+    module = build_architecture(card, size)
     weights = resolve_weights(card.weights, models_dir, card.name)
     apply_state_dict(module, read_state_dict(weights, card.name), card)
     module.eval().requires_grad_(False).to(device)
+    try:
+        adapter = adapt(module, card.name, size)
+    except ValueError as exc:
+        raise CardError(card.name, str(exc)) from exc
+    layer, reshape = resolve_cam(card, adapter)
+    card = card.model_copy(update={"preprocess": preprocess,
+                                   "cam": CamSpec(target_layer=layer, reshape=card.cam.reshape)})
     folded = 0
     if fold_norms:
-        probe = torch.randn(2, 3, *card.preprocess.input_size, generator=torch.Generator().manual_seed(0))
+        probe = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
         module, folded = fold_batchnorms(module, probe.to(device))
     # NHWC is the layout of cuDNN's and oneDNN's fastest convolution kernels (inputs are converted as they
     # enter the first convolution). On the CPU too the input-gradient methods and Grad-CAM run faster in it,
     # FullGrad about even (bench/memory_format.py; docs/benchmarks.md, section "Memory format").
     module.to(memory_format=torch.channels_last)
-    reshape = RESHAPES[card.cam.reshape]
-    layers = find_cam_layers(module, card.preprocess.input_size, reshape, device)
-    if card.cam.target_layer not in layers:
-        raise CardError(card.name, f"cam.target_layer {card.cam.target_layer!r} is not a layer with a "
-                                   f"(C, h, w) output in {card.architecture}")
+    layers = find_cam_layers(module, size, reshape, device)
+    if layer not in layers:
+        raise CardError(card.name, f"cam.target_layer {layer!r} is not a layer with a (C, h, w) output in "
+                                   f"{card.architecture}{_why_not(module, layer, size, reshape, device)}")
     return LoadedModel(card=card, module=module, device=device, labels=load_labels(card, models_dir),
-                       preprocess=Preprocessor(card.preprocess), reshape=reshape, cam_layers=layers,
+                       preprocess=Preprocessor(preprocess), reshape=reshape, cam_layers=layers,
                        folded_norms=folded)
+
+
+def _why_not(module: nn.Module, layer: str, size: tuple[int, int], reshape: ReshapeTransform,
+             device: torch.device) -> str:
+    """The reshape's own complaint about the layer's output (a token count that does not fit the grid), or
+    '' when the layer does not exist or its output is simply not a map."""
+    try:
+        target = module.get_submodule(layer)
+    except AttributeError:
+        return ""
+    seen: list[torch.Tensor] = []
+    handle = target.register_forward_hook(lambda _m, _i, out: seen.append(out) if not seen else None)
+    try:
+        with torch.no_grad():
+            module(torch.zeros(1, 3, *size, device=device))
+    finally:
+        handle.remove()
+    if not seen or not isinstance(seen[0], torch.Tensor):
+        return ""
+    try:
+        reshape(seen[0])
+    except ValueError as exc:
+        return f": {exc}"
+    return ""
 
 
 @dataclass
