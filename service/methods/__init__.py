@@ -4,6 +4,7 @@ Adding a method: its module, one line in `_BUILTIN` below, and its tests (docs/a
 or a test registers one at run time with `register_method`.
 """
 from ..errors import quote
+from .attention_relevance import AttentionRelevance
 from .base import Attribution, Explainee, Method, MethodParams, Progress, ServedModel
 from .fullgrad import FullGrad
 from .gradcam import GradCAM
@@ -14,7 +15,7 @@ from .smoothgrad import SmoothGrad
 
 # In the order GET /v1/methods lists them (the viewer checks the first by default).
 _BUILTIN: tuple[type[Method], ...] = (GradCAM, IntegratedGradients, SmoothGrad, FullGrad, MoreauGrad,
-                                      Gradient)
+                                      Gradient, AttentionRelevance)
 
 METHODS: dict[str, Method] = {}
 
