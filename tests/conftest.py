@@ -27,7 +27,9 @@ def _seed():
 def registry():
     from service.zoo import ModelRegistry
 
-    return ModelRegistry.from_dir(MODELS, torch.device("cpu"))
+    # the shipped cards the suite is written against; efficientnet_lite1/2 load in tests/test_lite_models.py
+    shipped = {"efficientnet_lite0", "tiny_cnn", "resnet50"}
+    return ModelRegistry.from_dir(MODELS, torch.device("cpu"), only=shipped)
 
 
 @pytest.fixture(scope="session")

@@ -64,7 +64,7 @@ def chelsea_png(chelsea) -> bytes:
 
 
 @pytest.mark.parametrize("form", ["multipart", "json"])
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"attention-relevance"}))  # a CNN: refused, 422
 def test_each_method_explains_chelsea(server, chelsea_png, chelsea, method, form):
     base, _ = server
     params = QUICK.get(method, {})
