@@ -24,8 +24,10 @@ def _help(name: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service", description=__doc__,
-                                     epilog="other commands: python -m service check-model NAME_OR_CARD "
-                                            "(load a model and run its self-test; --help for more)")
+                                     epilog="other commands (each with --help): python -m service "
+                                            "check-model NAME_OR_CARD (load a model and run its self-test); "
+                                            "python -m service add-model ARCH --weights FILE [--name NAME] "
+                                            "(write a model's card, then self-test it)")
     for name, kind in FLAGS.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=_help(name))
     parser.add_argument("--engine", choices=["embedded", "ray"], default="embedded",
@@ -36,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Commands beside serving: `python -m service COMMAND ...` (serving takes no positional argument).
-COMMANDS = {"check-model": "check_model"}
+COMMANDS = {"check-model": "check_model", "add-model": "add_model"}
 
 
 def main(argv: list[str] | None = None) -> None:

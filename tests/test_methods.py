@@ -529,3 +529,18 @@ def test_padded_passes_give_the_unpadded_results(name):
     assert torch.allclose(padded.logits, plain.logits, atol=1e-12)
     assert torch.allclose(padded.attribution, plain.attribution, atol=1e-10, rtol=1e-8)
     assert torch.allclose(padded.heatmap, plain.heatmap, atol=1e-8)
+
+
+def test_percentile_normalisation_clips_at_the_quantile_and_keeps_a_sparse_map():
+    from service.methods.postprocess import minmax, normalize
+
+    dense = torch.arange(1000, dtype=torch.float32).view(1, 10, 100)
+    clipped = normalize(dense, "percentile")
+    top = torch.quantile(dense.flatten(), 0.99)
+    torch.testing.assert_close(clipped, minmax(torch.minimum(dense, top)))
+    assert float(clipped.max()) == 1.0 and int((clipped == 1.0).sum()) == 10  # the top 1 % saturate
+    sparse = torch.zeros(1, 64, 64)
+    sparse[0, 3, 5], sparse[0, 40, 7] = 2.0, 1.0  # 2 of 4096 pixels: the 99th percentile is the minimum
+    kept = normalize(sparse, "percentile")
+    torch.testing.assert_close(kept, minmax(sparse))  # not flattened to a constant
+    assert float(kept[0, 3, 5]) == 1.0 and float(kept[0, 40, 7]) == 0.5

@@ -164,3 +164,45 @@ def test_check_model_is_a_command_of_python_m_service(cards):
                            "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "good: passed" in done.stdout
+
+
+def test_broken_cards_are_listed_unavailable_with_their_reason_and_the_server_serves_the_rest(cards):
+    """The same broken cards at load (issue 26's Must-show): each listed as unavailable, with a reason naming
+    the problem, while the good one serves."""
+    settings = Settings(models_dir=cards, models_mode="replace", default_model="good")
+    with running_server(settings) as (base, _):
+        listed = {m["name"]: m for m in httpx.get(f"{base}/v1/models", timeout=30).json()}
+        assert listed["good"]["available"] and listed["good"]["self_test"]["passed"]
+        reasons = {name: listed[name]["reason"] for name in ("no_layer", "wrong_arch", "wrong_weights")
+                   if not listed[name]["available"]}
+        assert "cam.target_layer 'nope' is not a layer" in reasons["no_layer"]
+        assert "unknown architecture 'timm:no_such_net'" in reasons["wrong_arch"]
+        assert "key mismatch: missing" in reasons["wrong_weights"]
+        assert "stem.weight" in reasons["wrong_weights"]
+        assert httpx.get(f"{base}/readyz", timeout=30).status_code == 200
+        r = httpx.post(f"{base}/v1/explain/gradcam", files=[("image", ("x.png", png(), "image/png"))],
+                       data={"model": "wrong_weights"}, timeout=60)
+        assert r.status_code in (404, 503) and "key mismatch" in r.json()["error"]["message"]
+        r = httpx.post(f"{base}/v1/explain/gradcam", files=[("image", ("x.png", png(), "image/png"))],
+                       timeout=60)
+        assert r.status_code == 200 and r.json()["model"] == "good"
+
+
+def test_the_quick_self_test_at_load_checks_no_completeness(caplog):
+    """At one step an integral is not complete: the quick depth must not report it as a failure."""
+    report = quick_self_test(tiny_registry().models["tiny_cnn"])
+    assert report.passed, report.as_dict()
+    assert "completeness" not in report.methods["integrated-gradients"].figures
+
+
+def test_fullgrad_incompleteness_on_a_smooth_activation_is_a_figure_not_a_failure():
+    from service.methods import get_method
+    from service.selftest import smooth_activation
+
+    smooth = MethodCheck(applies=True)
+    _invariants(get_method("fullgrad"), {"completeness_gap": 0.031, "complete": False}, smooth, "Hardswish")
+    assert smooth.passed and smooth.figures["completeness"] == 0.031
+    assert smooth.figures["completeness_note"].startswith("approximate: Hardswish is not piecewise linear")
+    assert smooth_activation(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.SiLU())) == "SiLU"
+    relus = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.ReLU6(), torch.nn.LeakyReLU())
+    assert smooth_activation(relus) is None

@@ -46,10 +46,14 @@ def minmax_channel_sum(maps: torch.Tensor) -> torch.Tensor:
 
 
 def clip_percentile(maps: torch.Tensor, q: float = 0.99) -> torch.Tensor:
-    """Clip each map at its q-quantile, then min-max (PAIR's and MoreauGrad's visualisation)."""
+    """Clip each map at its q-quantile, then min-max (PAIR's and MoreauGrad's visualisation). A map whose
+    nonzero part covers less than 1 - q of it (a sparse gradient: most pixels at the minimum) has its
+    quantile at the minimum, where clipping would flatten it to a constant: such a map is clipped at its
+    maximum instead (plain min-max), so what it ranks survives."""
     flat = maps.flatten(1)
     top = torch.quantile(flat.float(), q, dim=1).to(maps.dtype).view(-1, *[1] * (maps.dim() - 1))
-    return minmax(torch.minimum(maps, top))
+    low, high = _bounds(maps)
+    return minmax(torch.minimum(maps, torch.where(top > low, top, high)))
 
 
 def normalize(maps: torch.Tensor, how: str = "percentile") -> torch.Tensor:
