@@ -6,7 +6,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from .api import catalog, docs, errors, explain, health, metrics, openapi, sanity
+from .api import catalog, docs, errors, explain, health, metrics, openapi, sanity, timings
 from .api.security import BodyLimit, require_api_key
 from .api.viewer import router as viewer_router
 from .backends import Backend, EmbeddedBackend
@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None, registry: ModelRegistry | None 
     app.include_router(docs.router)  # /docs and /redoc (public pages), their scripts from this server
     app.mount(docs.ASSETS_URL, docs.assets(), name="docs-assets")
     # every /v1 route, and /metrics (load, queue, memory: operational data), need the API key when one is set
-    for module in (catalog, explain, sanity, metrics):
+    for module in (catalog, explain, sanity, timings, metrics):
         app.include_router(module.router, dependencies=[Depends(require_api_key)])
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)

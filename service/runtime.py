@@ -39,6 +39,7 @@ from .pipeline import Call, CallRequest, encode_result, prepare, resolve, respon
 from .sanity_runs import SanityRuns
 from .selftest import SelfTest, describe, quick_self_test
 from .settings import Settings
+from .timings import RecentTimings
 from .worker import Item
 from .zoo import ModelRegistry
 
@@ -64,6 +65,7 @@ class Runtime:
         self.load_error: str | None = None
         self.default_error: str | None = None  # why the default model is not served (not ready while set)
         self.self_tests: dict[str, SelfTest] = {}  # per model, its quick self-test at load
+        self.timings = RecentTimings()  # seconds per pass of recent answers (GET /v1/timings)
         self._loaded = threading.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -329,6 +331,7 @@ class Runtime:
             started = item.started_at or item.enqueued_at
             entry = encode_result(call, part.index, result, (started - item.enqueued_at) * 1000,
                                   part.compute_s * 1000)
+            self.timings.record(call.model.name, call.method.name, call.passes_per_image, part.compute_s)
         except Exception as exc:  # noqa: BLE001 - the call fails with it, the encoder thread goes on
             _settle(out, error=exc)
             return
