@@ -38,6 +38,11 @@ $(VENV)/.ray: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[ray]'
 	touch $@
 
+# transformers (the optional extra for hf: cards, `pip install .[hf]`): tests/test_hf.py needs it.
+$(VENV)/.hf: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[hf]'
+	touch $@
+
 serve: venv
 	$(PY) -m service
 
@@ -46,7 +51,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-test: lint $(VENV)/.tools $(VENV)/.ray
+test: lint $(VENV)/.tools $(VENV)/.ray $(VENV)/.hf
 	$(PY) -m pytest -q
 
 bench: venv

@@ -6,7 +6,8 @@ What is read, and from where:
   patch grid is fixed when it is built, so the input size must be known first. timm: its pretrained config
   (`timm.models.get_pretrained_cfg`: input_size, mean, std, interpolation; offline metadata, no weights).
   torchvision: its default weights' transforms (crop size, interpolation; ImageNet mean and std). Builtin:
-  `PreprocessSpec`'s defaults. The image is still resized whole, not cropped (cards.PreprocessSpec.resize).
+  `PreprocessSpec`'s defaults. hf: the saved folder's image processor (service/zoo/hf.py). The image is
+  still resized whole, not cropped (cards.PreprocessSpec.resize).
 - Layer and reshape (`adapt`), from the built module. Rules are tried in order, each registered with
   `register_adapter` next to the family it serves, as timm registers its models:
   * "vit" (timm's VisionTransformer, DeiT distilled, Eva, ...: any module with `num_prefix_tokens`,
@@ -16,6 +17,14 @@ What is read, and from where:
     distillation, register tokens) on its patch grid (`patch_embed.grid_size`, or the grid of the input
     size with `dynamic_img_size`).
   * "torchvision-vit": the same for torchvision's VisionTransformer (one class token, square grid).
+  * "hf-vit": the same for transformers' ViT and DeiT (wrapped in hf.HFClassifier: `embeddings` with
+    `patch_embeddings`, and `layers`, or `encoder.layer` before transformers 5): the last layer's
+    `layernorm_before`, as a path of the wrapper (model.vit.layers.1.layernorm_before); the prefix is the
+    embeddings' class, distillation and register tokens, the grid the config's image_size over its
+    patch_size (non-square too).
+  * "hf-stages": transformers' CNNs with `encoder.stages` (ResNet, ConvNeXt, RegNet, ...): the layer the
+    head pools; `StageMaps` over the stages' channels-first outputs where a layer inside them is
+    channels-last (ConvNeXt's block internals), no reshape otherwise.
   * "stages" (timm models with channels-last maps: Swin's stages, ConvNeXt's block internals; torchvision's
     Swin and ConvNeXt): the layer the head pools (below); `StageMaps` over the stage shapes read in a probe
     forward (timm: the `feature_info` modules, whose `num_chs` tells the layout; torchvision: the children
@@ -40,11 +49,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import hf
 from .cards import PreprocessSpec
 from .reshape import ReshapeTransform, StageMaps, Tokens, describe, identity
 from .tiny import BUILTIN
@@ -55,9 +66,10 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 # ---------------------------------------------------------------------------------------------- preprocess
 
-def derived_preprocess(architecture: str) -> PreprocessSpec:
+def derived_preprocess(architecture: str, base: Path | None = None) -> PreprocessSpec:
     """The preprocessing the architecture was trained with, as far as its library says, without building it
-    or reading weights; PreprocessSpec's defaults for what it does not say."""
+    or reading weights; PreprocessSpec's defaults for what it does not say. `base`: the models directory an
+    hf: folder is in (hf.HFError when it cannot be read)."""
     library, _, name = architecture.partition(":")
     values: dict[str, Any] = {}
     if library == "timm":
@@ -80,14 +92,17 @@ def derived_preprocess(architecture: str) -> PreprocessSpec:
         values = {"input_size": (crop, crop), **IMAGENET,
                   "interpolation": getattr(interpolation, "value", "bilinear")}
         values.update({k: tuple(keywords[k]) for k in ("mean", "std") if k in keywords})
+    elif library == "hf":
+        values = hf.preprocess_values(hf.folder(_base(base, architecture), name))
     if values.get("interpolation") not in INTERPOLATIONS:  # timm's '' or 'random': the nearest usual one
         values.pop("interpolation", None)
     return PreprocessSpec(**values)
 
 
-def resolve_preprocess(architecture: str, card_spec: PreprocessSpec) -> PreprocessSpec:
+def resolve_preprocess(architecture: str, card_spec: PreprocessSpec,
+                       base: Path | None = None) -> PreprocessSpec:
     """The derived preprocessing with each field the card writes (its `model_fields_set`) put over it."""
-    derived = derived_preprocess(architecture)
+    derived = derived_preprocess(architecture, base)
     return derived.model_copy(update={f: getattr(card_spec, f) for f in card_spec.model_fields_set})
 
 
@@ -105,14 +120,22 @@ def fixed_input_size(architecture: str) -> bool:
     return bool(cfg is not None and cfg.fixed_input_size)
 
 
-def build(architecture: str, num_classes: int, input_size: tuple[int, int] | None = None,
-          **kwargs: Any) -> nn.Module:
-    """An untrained module of `architecture` ("timm:NAME", "torchvision:NAME", "builtin:NAME").
+def _base(base: Path | None, architecture: str) -> Path:
+    if base is None:
+        raise ValueError(f"{architecture}: an hf: folder needs the models directory it is in")
+    return base
+
+
+def build(architecture: str, num_classes: int, input_size: tuple[int, int] | None = None, *,
+          base: Path | None = None, **kwargs: Any) -> nn.Module:
+    """An untrained module of `architecture` ("timm:NAME", "torchvision:NAME", "builtin:NAME", "hf:DIR" with
+    DIR in `base`).
 
     A timm model of a fixed input size (ViT, Swin, ...) is built for `input_size` (`img_size=(H, W)`,
     non-square allowed); the others take any size. torchvision's VisionTransformer is built for its default
-    size (square only); the ViT adapter says so when the input differs. Raises KeyError, ValueError,
-    RuntimeError or TypeError for an unknown name or arguments the architecture does not take."""
+    size (square only); the ViT adapter says so when the input differs; an hf: model for its config's.
+    Raises KeyError, ValueError, RuntimeError or TypeError for an unknown name or arguments the architecture
+    does not take."""
     library, _, name = architecture.partition(":")
     if library == "timm":
         import timm
@@ -126,7 +149,9 @@ def build(architecture: str, num_classes: int, input_size: tuple[int, int] | Non
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
     if library == "builtin":
         return BUILTIN[name](num_classes=num_classes, **kwargs)
-    raise ValueError(f"unknown library {library!r} (timm, torchvision or builtin)")
+    if library == "hf":
+        return hf.build(hf.folder(_base(base, architecture), name), num_classes, **kwargs)
+    raise ValueError(f"unknown library {library!r} (timm, torchvision, builtin or hf)")
 
 
 # ---------------------------------------------------------------------------------------------------- probe
@@ -313,6 +338,68 @@ register_adapter("torchvision-swin", lambda m: _is_torchvision(m, "SwinTransform
     _torchvision_stage_rule("NHWC"))
 register_adapter("torchvision-convnext", lambda m: _is_torchvision(m, "ConvNeXt"))(
     _torchvision_stage_rule("NCHW"))
+
+
+def _paths(module: nn.Module) -> dict[int, str]:
+    """Each submodule's path in `module` (the served one: an hf.HFClassifier's start with `model.`)."""
+    return {id(m): name for name, m in module.named_modules()}
+
+
+def _hf_base(m: nn.Module) -> Any:
+    """The base model (embeddings, encoder) of a transformers classifier as served, or None."""
+    return m.model.base_model if isinstance(m, hf.HFClassifier) else None
+
+
+def _hf_token_layers(m: nn.Module) -> Any:
+    """A transformers ViT's layers (`layers` in transformers 5, `encoder.layer` in 4), or None."""
+    base = _hf_base(m)
+    if not hasattr(getattr(base, "embeddings", None), "patch_embeddings"):
+        return None
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        layers = getattr(getattr(base, "encoder", None), "layer", None)
+    return layers if isinstance(layers, nn.ModuleList) and len(layers) else None
+
+
+@register_adapter("hf-vit", lambda m: _hf_token_layers(m) is not None)
+def _hf_tokens(module: nn.Module, model: str, input_size: tuple[int, int]) -> Adapter:
+    """As "vit": the classifier reads the class token after the final layernorm, so the last layer's output
+    has no gradient at the patches; its `layernorm_before` (norm1 in DINOv2) does."""
+    base = _hf_base(module)
+    config, embeddings = base.config, base.embeddings
+    built, patch = hf.pair(config.image_size), hf.pair(config.patch_size)
+    if built is None or patch is None:
+        raise ValueError(f"model {model!r}: config image_size {config.image_size!r} and patch_size "
+                         f"{config.patch_size!r} give no patch grid")
+    grid = (built[0] // patch[0], built[1] // patch[1])
+    if tuple(input_size) != built:
+        raise ValueError(f"model {model!r}: built for {built[0]}x{built[1]} inputs ({grid[0]}x{grid[1]} "
+                         f"patches, config.json's image_size), asked for {input_size[0]}x{input_size[1]}")
+    # class, distillation (DeiT) and register tokens, each a (1, n, C) parameter of the embeddings
+    prefix = sum(int(t.shape[1]) for t in (getattr(embeddings, a, None) for a in
+                                           ("cls_token", "distillation_token", "register_tokens"))
+                 if isinstance(t, torch.Tensor))
+    last = _hf_token_layers(module)[-1]
+    norm = next((getattr(last, a) for a in ("layernorm_before", "norm1") if hasattr(last, a)), last)
+    return Adapter("hf-vit", _paths(module)[id(norm)], Tokens(model, prefix, grid), tokens=True)
+
+
+def _hf_stage_paths(m: nn.Module) -> list[str]:
+    stages = getattr(getattr(_hf_base(m), "encoder", None), "stages", None)
+    if not isinstance(stages, nn.ModuleList):
+        return []
+    paths = _paths(m)
+    return [paths[id(s)] for s in stages]
+
+
+@register_adapter("hf-stages", lambda m: bool(_hf_stage_paths(m)))
+def _hf_stages(module: nn.Module, model: str, input_size: tuple[int, int]) -> Adapter:
+    outputs = probe(module, input_size)
+    stages = _stage_shapes(outputs, dict.fromkeys(_hf_stage_paths(module), "NCHW"))
+    layer = pooled_layer(outputs)
+    if _channels_last_inside(outputs, stages):
+        return Adapter("stages", layer, StageMaps(model, frozenset(stages)))
+    return Adapter("cnn", layer)
 
 
 @register_adapter("cnn", lambda m: True)

@@ -8,6 +8,12 @@ layer and the reshape transform are read from the model itself where the card le
 (service/zoo/adapters.py); each value a card gives overrides the derived one, field by field (pydantic's
 `model_fields_set` tells a written value from a default). The loaded model's card is the resolved one, with
 every derived value written in.
+
+Architectures: "timm:NAME", "torchvision:NAME", "builtin:NAME", or "hf:DIR": a Hugging Face image classifier
+saved with `save_pretrained`, DIR its folder relative to the models directory (letters, digits and `_ . / -`;
+no '..' segment, not absolute), built through transformers, the optional extra `hf` (service/zoo/hf.py). Its
+num_classes, its preprocessing and, where the card leaves [labels] out, its labels (`source = "config"`: the
+config's id2label) come from the folder.
 """
 from __future__ import annotations
 
@@ -66,7 +72,8 @@ class PreprocessSpec(_Strict):
 
 
 class LabelsSpec(_Strict):
-    source: Literal["imagenet-1k", "file"] = "imagenet-1k"
+    # "config": an hf: model's config.json id2label (the default of an hf: card without [labels])
+    source: Literal["imagenet-1k", "file", "config"] = "imagenet-1k"
     file: str | None = None  # one label per line, relative to the models directory
 
 
@@ -80,7 +87,7 @@ class CamSpec(_Strict):
 
 class ModelCard(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-    architecture: str = Field(pattern=r"^(timm|torchvision|builtin):[A-Za-z0-9_.]+$")
+    architecture: str = Field(pattern=r"^((timm|torchvision|builtin):[A-Za-z0-9_.]+|hf:[A-Za-z0-9_./-]+)$")
     description: str = ""
     num_classes: int = Field(default=1000, ge=1)
     weights: WeightsSpec
@@ -116,6 +123,12 @@ def read_card(path: Path) -> ModelCard:
         raise CardError(card.name, "weights.package needs weights.file (a path inside the package)")
     if card.labels.source == "file" and not card.labels.file:
         raise CardError(card.name, "labels.source = 'file' needs labels.file")
+    if card.family == "hf" and (card.arch_name.startswith("/") or ".." in card.arch_name.split("/")):
+        raise CardError(card.name, f"architecture {card.architecture!r}: the folder must be a relative path "
+                                   "inside the models directory, without '..' segments")
+    if card.labels.source == "config" and card.family != "hf":
+        raise CardError(card.name, "labels.source = 'config' reads an hf: model's config.json; "
+                                   f"{card.architecture} has none")
     return card
 
 

@@ -1,10 +1,13 @@
-"""Class names: ImageNet-1k (shipped in torchvision's code, no download) or a text file, one per line."""
+"""Class names: ImageNet-1k (shipped in torchvision's code, no download), a text file, one per line, or an hf:
+model's config.json id2label."""
 from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
 
 from .cards import CardError, ModelCard
+from .hf import HFError, folder
+from .hf import labels as config_labels
 
 
 @cache
@@ -17,6 +20,11 @@ def imagenet_labels() -> tuple[str, ...]:
 def load_labels(card: ModelCard, models_dir: Path) -> tuple[str, ...]:
     if card.labels.source == "imagenet-1k":
         labels = imagenet_labels()
+    elif card.labels.source == "config":  # an hf: model's id2label
+        try:
+            labels = config_labels(folder(models_dir, card.arch_name))
+        except HFError as exc:
+            raise CardError(card.name, str(exc)) from exc
     else:
         path = (models_dir / (card.labels.file or "")).resolve()
         if not path.is_relative_to(models_dir.resolve()) or not path.is_file():

@@ -13,6 +13,7 @@ from ..errors import quote
 from .adapters import Adapter, adapt, build, resolve_preprocess
 from .cards import CamSpec, CardError, ModelCard, find_cards
 from .fold import fold_batchnorms
+from .hf import HFClassifier, HFError, resolve_card
 from .labels import load_labels
 from .preprocess import Preprocessor
 from .reshape import ReshapeTransform, StageMaps, identity, swin_tokens
@@ -75,11 +76,13 @@ def set_cudnn_autotuning(enabled: bool) -> None:
     torch.backends.cudnn.benchmark = enabled
 
 
-def build_architecture(card: ModelCard, input_size: tuple[int, int] | None = None) -> nn.Module:
+def build_architecture(card: ModelCard, input_size: tuple[int, int] | None = None,
+                       base: Path | None = None) -> nn.Module:
     """An untrained module of the card's architecture (weights come only from the card's file), built for
-    `input_size` where the architecture fixes it at build (a timm ViT's or Swin's patch grid)."""
+    `input_size` where the architecture fixes it at build (a timm ViT's or Swin's patch grid). `base`: the
+    models directory an hf: folder is in."""
     try:
-        return build(card.architecture, card.num_classes, input_size)
+        return build(card.architecture, card.num_classes, input_size, base=base)
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise CardError(card.name, f"unknown architecture {card.architecture!r}: {exc}") from exc
 
@@ -133,11 +136,19 @@ def load_model(card: ModelCard, models_dir: Path, device: torch.device,
     """Build, load the weights, adapt (service/zoo/adapters.py) and fold. The LoadedModel's card is the card
     resolved: its preprocessing and Grad-CAM layer as derived where it left them out, so loading that card
     again gives the same model."""
-    preprocess = resolve_preprocess(card.architecture, card.preprocess)
+    if card.family == "hf":  # its num_classes and labels are its config's (zoo/hf.py)
+        card = resolve_card(card, models_dir)
+    try:
+        preprocess = resolve_preprocess(card.architecture, card.preprocess, models_dir)
+    except HFError as exc:  # an image processor that cannot be read
+        raise CardError(card.name, str(exc)) from exc
     size = preprocess.input_size
-    module = build_architecture(card, size)
+    module = build_architecture(card, size, models_dir)
     weights = resolve_weights(card.weights, models_dir, card.name)
-    apply_state_dict(module, read_state_dict(weights, card.name), card)
+    target, state = module, read_state_dict(weights, card.name)
+    if isinstance(module, HFClassifier):  # the wrapped transformers model's, as save_pretrained named them
+        target, state = module.model, module.checkpoint_state(state)
+    apply_state_dict(target, state, card)
     module.eval().requires_grad_(False).to(device)
     try:
         adapter = adapt(module, card.name, size)
