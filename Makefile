@@ -14,8 +14,11 @@ $(VENV)/.installed: pyproject.toml
 	@# The clients (clients/), and CVAT's SDK from the test extra, live in the service's env. Label Studio and
 	@# FiftyOne pin stacks of their own (Django, numpy 2.2, starlette<1.4), so they get .venv/tools.
 	$(PY) -m pip install --quiet -e clients/python -e clients/cvat
-	@# Quantus, the metrics' oracle in the tests, without its opencv-python (see pyproject's test extra)
-	$(PY) -m pip install --quiet --no-deps quantus==0.6.0
+	@# Without their metadata's pins, which the service's stack already meets in what they import: Quantus (the
+	@# metrics' oracle) and pytorch-grad-cam (the adapters' oracle) without opencv-python, a GUI build needing
+	@# libGL over the headless one (see pyproject's test extra); facenet-pytorch (the MTCNN face detector and its
+	@# weights, service/detection/mtcnn.py) pins torch<2.3 but runs on this one.
+	$(PY) -m pip install --quiet --no-deps quantus==0.6.0 grad-cam==1.5.7 ttach==0.0.3 facenet-pytorch==2.6.0
 	touch $@
 
 venv: $(VENV)/.installed

@@ -22,6 +22,8 @@ from starlette.concurrency import run_in_threadpool
 from .backends.base import Backend, CallItem
 from .budget import PixelBudget
 from .cache import ResultCache
+from .detection import calls as detection_calls
+from .detection.explain import DETECTION_ONLY
 from .engine import ImageExplanation
 from .errors import (
     Busy,
@@ -133,6 +135,17 @@ class Runtime:
         `defer` (a synchronous call, not held), a call expected to start only past its deadline is held as a
         job at once (`job.deferred`), with the start deadline of jobs, instead of being queued to expire."""
         registry = self.require_ready()
+        detector = registry.detectors.get(request.model or self.settings.default_model)
+        if detector is not None:  # an object detector: its own call path (service/detection/calls.py)
+            if overlay_only:
+                raise NotAcceptable(f"{detector.name} is an object detector, answered with a map per "
+                                    "detection: accept application/json")
+            return await detection_calls.start(self.settings, detector, method_name, request, self.job_book,
+                                               hold=hold)
+        if method_name in DETECTION_ONLY:
+            name = request.model or self.settings.default_model
+            raise InvalidInput(f"{method_name} explains object detectors; model {name!r} is a classifier "
+                               "(GET /v1/models gives each model's task)", code="method_not_applicable")
         model, method, params = resolve(registry, self.settings, request.model, method_name, request.params)
         reason = self.not_applicable(model.name).get(method.name)
         if reason is not None:  # the method refused this model in its self-test: say why before any work

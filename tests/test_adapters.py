@@ -303,7 +303,10 @@ def test_a_cnn_whose_logit_is_a_region_mean_lights_that_region(size, box):
 
 # ------------------------------------------------------------------------------------------------ cards
 
-@pytest.mark.parametrize("card", sorted(p.stem for p in MODELS.glob("*.toml")))
+CLASSIFIER_CARDS = sorted(p.stem for p in MODELS.glob("*.toml") if read_card(p).task == "classification")
+
+
+@pytest.mark.parametrize("card", CLASSIFIER_CARDS)
 def test_the_derived_layer_is_the_one_the_shipped_card_names(card):
     spec = read_card(MODELS / f"{card}.toml")
     size = (64, 64)  # any size finds the same layer

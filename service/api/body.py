@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 
+from ..detection.explain import DETECTION_ONLY
 from ..errors import describe_validation, quote
 from ..methods import METHODS
 from ..pipeline import CallRequest
@@ -206,7 +207,7 @@ async def parse_job_body(request: Request, settings: Settings) -> tuple[str, Cal
     method, call = await _parse(request, settings, method_in_body=True)
     if method is None or method == "":
         raise ApiError(422, "missing_method", "the job's method is missing: give the field 'method' (one of "
-                                              f"{', '.join(sorted(METHODS))})")
+                                              f"{', '.join(sorted(set(METHODS) | DETECTION_ONLY))})")
     if not isinstance(method, str):
         raise ApiError(422, "invalid", f"method: must be a method's name (a string), not {quote(method)}")
     return method, call

@@ -24,7 +24,12 @@ async def list_models(runtime: RuntimeDep) -> list[ModelOut]:
                     default=m.name == runtime.settings.default_model, folded_batchnorms=m.folded_norms,
                     sanity=runtime.sanity.summary(m.name), **_self_test(runtime.self_tests.get(m.name)))
            for m in registry.models.values()]
-    out += [ModelOut(name=u.card_name, architecture=u.architecture, available=False, reason=u.reason)
+    out += [ModelOut(name=d.name, architecture=d.card.architecture, description=d.card.description,
+                     task="detection", available=True, device=str(d.device), num_classes=d.num_classes,
+                     default_layer=d.cam_layer, methods=None)
+            for d in registry.detectors.values()]
+    out += [ModelOut(name=u.card_name, architecture=u.architecture, available=False, reason=u.reason,
+                     task=u.task)
             for u in registry.unavailable.values()]
     return out
 

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from ..detection.explain import DETECTION_ONLY
 from ..methods import METHODS
 from ..settings import Settings
 
@@ -29,7 +30,7 @@ def install(app: FastAPI, settings: Settings) -> None:
 
 
 def complete(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    methods = sorted(METHODS)
+    methods = sorted(set(METHODS) | DETECTION_ONLY)  # drise: the detectors' own (gradcam: both kinds)
     for path, operations in schema.get("paths", {}).items():
         for operation in operations.values():
             for parameter in operation.get("parameters", []):

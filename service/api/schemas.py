@@ -177,6 +177,9 @@ class ModelOut(BaseModel):
     name: str
     architecture: str
     description: str = ""
+    task: Literal["classification", "detection"] = Field(
+        "classification", description="classification: the methods of GET /v1/methods; detection: an object "
+                                      "detector (D-RISE, per-box maps)")
     available: bool
     reason: str | None = None
     device: str | None = None

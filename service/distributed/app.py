@@ -50,11 +50,14 @@ class Ingress:
 
 
 def servable_models(settings: Settings) -> list[str]:
-    """Cards whose weights are present (the others are listed as unavailable by the ingress, as embedded)."""
+    """Classifier cards whose weights are present (the others are listed as unavailable by the ingress, as
+    embedded)."""
     names = []
     for found in find_cards(settings.card_dirs):
         card = found.card
         if card is None or (settings.models and card.name not in settings.models):
+            continue
+        if card.task != "classification":  # explainers serve the classifier methods; detectors: the ingress
             continue
         try:
             resolve_weights(card.weights, found.base, card.name)

@@ -32,6 +32,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+Task = Literal["classification", "detection"]
+
+
 class CardError(ValueError):
     """A card that cannot be read or a model that cannot be built from it; the message names the card."""
 
@@ -89,6 +92,9 @@ class ModelCard(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")
     architecture: str = Field(pattern=r"^((timm|torchvision|builtin):[A-Za-z0-9_.]+|hf:[A-Za-z0-9_./-]+)$")
     description: str = ""
+    # "detection": an object detector (service/detection/zoo.py): D-RISE and per-box maps, not the classifier
+    # methods; its labels come from the detector (COCO's for torchvision's, "face" for MTCNN)
+    task: Task = "classification"
     num_classes: int = Field(default=1000, ge=1)
     weights: WeightsSpec
     preprocess: PreprocessSpec = PreprocessSpec()

@@ -5,19 +5,23 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ..errors import quote
-from .adapters import Adapter, adapt, build, resolve_preprocess
-from .cards import CamSpec, CardError, ModelCard, find_cards
+from ..errors import InvalidInput, quote
+from .adapters import Adapter, adapt, build, probe, resolve_preprocess
+from .cards import CamSpec, CardError, ModelCard, Task, find_cards
 from .fold import fold_batchnorms
 from .hf import HFClassifier, HFError, resolve_card
 from .labels import load_labels
 from .preprocess import Preprocessor
 from .reshape import ReshapeTransform, StageMaps, identity, swin_tokens
 from .weights import WeightsMissing, apply_state_dict, read_state_dict, resolve_weights
+
+if TYPE_CHECKING:  # the detection package imports the zoo's cards and weights
+    from ..detection.zoo import LoadedDetector
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,7 @@ class UnavailableModel:
     card_name: str
     architecture: str
     reason: str
+    task: Task = "classification"
 
 
 def resolve_device(setting: str = "auto") -> torch.device:
@@ -103,31 +108,19 @@ def resolve_cam(card: ModelCard, adapter: Adapter) -> tuple[str, ReshapeTransfor
     return layer, adapter.reshape if isinstance(adapter.reshape, StageMaps) else swin_tokens
 
 
-def find_cam_layers(module: nn.Module, input_size: tuple[int, int], reshape: ReshapeTransform,
-                    device: torch.device) -> dict[str, tuple[int, ...]]:
+def find_cam_layers(module: nn.Module, input_size: tuple[int, int],
+                    reshape: ReshapeTransform) -> dict[str, tuple[int, ...]]:
     """Layers whose output (after the reshape transform) is a (C, h, w) map with more than one position: the
     ones Grad-CAM can use (at a 1 x 1 layer, such as global pooling, the map is one value and comes out all
     zeros)."""
     shapes: dict[str, tuple[int, ...]] = {}
-
-    def record(name: str):
-        def hook(_module, _inputs, output):
-            if isinstance(output, torch.Tensor) and name:
-                try:
-                    mapped = reshape(output)
-                except ValueError:
-                    return
-                if mapped.dim() == 4 and mapped.shape[-2] * mapped.shape[-1] > 1:
-                    shapes[name] = tuple(mapped.shape[1:])
-        return hook
-
-    handles = [m.register_forward_hook(record(n)) for n, m in module.named_modules()]
-    try:
-        with torch.no_grad():
-            module(torch.zeros(1, 3, *input_size, device=device))
-    finally:
-        for handle in handles:
-            handle.remove()
+    for output in probe(module, input_size):
+        try:
+            mapped = reshape(output.tensor)
+        except ValueError:
+            continue
+        if mapped.dim() == 4 and mapped.shape[-2] * mapped.shape[-1] > 1:
+            shapes[output.name] = tuple(mapped.shape[1:])
     return shapes
 
 
@@ -149,14 +142,22 @@ def load_model(card: ModelCard, models_dir: Path, device: torch.device,
     if isinstance(module, HFClassifier):  # the wrapped transformers model's, as save_pretrained named them
         target, state = module.model, module.checkpoint_state(state)
     apply_state_dict(target, state, card)
+    card = card.model_copy(update={"preprocess": preprocess})
+    return serve_module(card, module, device, load_labels(card, models_dir), fold_norms)
+
+
+def serve_module(card: ModelCard, module: nn.Module, device: torch.device, labels: tuple[str, ...],
+                 fold_norms: bool = True) -> LoadedModel:
+    """A module with its weights in, made ready to serve: adapted (its Grad-CAM layer and reshape), folded
+    and checked. `card.preprocess` is the resolved one (load_model; zoo/family_table.py builds its own)."""
+    size = card.preprocess.input_size
     module.eval().requires_grad_(False).to(device)
     try:
         adapter = adapt(module, card.name, size)
     except ValueError as exc:
         raise CardError(card.name, str(exc)) from exc
     layer, reshape = resolve_cam(card, adapter)
-    card = card.model_copy(update={"preprocess": preprocess,
-                                   "cam": CamSpec(target_layer=layer, reshape=card.cam.reshape)})
+    card = card.model_copy(update={"cam": CamSpec(target_layer=layer, reshape=card.cam.reshape)})
     folded = 0
     if fold_norms:
         probe = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
@@ -165,12 +166,12 @@ def load_model(card: ModelCard, models_dir: Path, device: torch.device,
     # enter the first convolution). On the CPU too the input-gradient methods and Grad-CAM run faster in it,
     # FullGrad about even (bench/memory_format.py; docs/benchmarks.md, section "Memory format").
     module.to(memory_format=torch.channels_last)
-    layers = find_cam_layers(module, size, reshape, device)
+    layers = find_cam_layers(module, size, reshape)
     if layer not in layers:
         raise CardError(card.name, f"cam.target_layer {layer!r} is not a layer with a (C, h, w) output in "
                                    f"{card.architecture}{_why_not(module, layer, size, reshape, device)}")
-    return LoadedModel(card=card, module=module, device=device, labels=load_labels(card, models_dir),
-                       preprocess=Preprocessor(preprocess), reshape=reshape, cam_layers=layers,
+    return LoadedModel(card=card, module=module, device=device, labels=labels,
+                       preprocess=Preprocessor(card.preprocess), reshape=reshape, cam_layers=layers,
                        folded_norms=folded)
 
 
@@ -200,8 +201,9 @@ def _why_not(module: nn.Module, layer: str, size: tuple[int, int], reshape: Resh
 
 @dataclass
 class ModelRegistry:
-    models: dict[str, LoadedModel] = field(default_factory=dict)
+    models: dict[str, LoadedModel] = field(default_factory=dict)  # the classifiers
     unavailable: dict[str, UnavailableModel] = field(default_factory=dict)
+    detectors: dict[str, LoadedDetector] = field(default_factory=dict)  # cards with task = "detection"
 
     @classmethod
     def from_dir(cls, models_dir: Path | Sequence[Path], device: torch.device, only: set[str] | None = None,
@@ -216,6 +218,12 @@ class ModelRegistry:
                 if only is not None and card.name not in only:
                     continue
                 try:
+                    if card.task == "detection":
+                        from ..detection.zoo import load_detector
+
+                        registry.detectors[card.name] = load_detector(card, found.base, device)
+                        log.info("loaded detector %s on %s", card.name, device)
+                        continue
                     registry.models[card.name] = load_model(card, found.base, device, fold_norms)
                     log.info("loaded model %s on %s (%d BatchNorms folded)", card.name, device,
                              registry.models[card.name].folded_norms)
@@ -226,12 +234,18 @@ class ModelRegistry:
             if not isinstance(error, WeightsMissing):
                 log.error("%s", error)
             arch = card.architecture if card else "?"
-            registry.unavailable[error.card] = UnavailableModel(error.card, arch, str(error))
+            registry.unavailable[error.card] = UnavailableModel(error.card, arch, str(error),
+                                                                card.task if card else "classification")
         return registry
 
     def get(self, name: str) -> LoadedModel:
+        """A classifier by name; InvalidInput (422) for a detector, LookupError (404) for an unknown name."""
         if name in self.models:
             return self.models[name]
+        if name in self.detectors:
+            raise InvalidInput(f"model {quote(name)} is an object detector: the classifier methods do not "
+                               "apply to it (its explanations are D-RISE and per-box maps)",
+                               code="wrong_task")
         if name in self.unavailable:
             raise LookupError(f"model {quote(name)} is unavailable: {self.unavailable[name].reason}")
         raise LookupError(f"unknown model {quote(name)}; available: {sorted(self.models)}")

@@ -1,0 +1,167 @@
+"""A call to a detection model, from the parsed request to the response body (Runtime.start_call hands it
+here when the model is a detector).
+
+The images are decoded with the same limits as a classifier's, explained at their own aspect with the longer
+side at most the detector's `max_side` (D-RISE runs N masked copies of that image), and answered with the
+upload's pixels: boxes scaled back, maps resized to the upload (or left at the image explained with
+`size=input`). Each map is encoded as a classifier's is (npy, png, overlay).
+
+The detection calls run one at a time on their own thread, beside the classifier lanes: a D-RISE call is N
+forwards of the detector, and they are batched `chunk` masked images per forward within the call.
+Cross-request batching with the lanes' scheduler is not done yet (docs/detection.md).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pybase64
+import torch
+from pydantic import ValidationError
+
+from .. import imaging
+from ..errors import Cancelled, InvalidInput, as_service_error, describe_validation
+from ..jobs import Job
+from ..pipeline import CallRequest
+from ..settings import Settings
+from .explain import DETECTION_METHODS, DetectionMap, explain_image
+from .params import DetectionParams, DriseParams
+from .zoo import LoadedDetector
+
+CHUNK = 32  # masked images per detector forward: the pass budget of a detection call
+_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detect")
+
+
+def resolve_params(method: str, detector: LoadedDetector, raw: dict[str, Any]) -> DetectionParams:
+    if method not in DETECTION_METHODS:
+        raise InvalidInput(f"method {method!r} does not apply to {detector.name}, an object detector: its "
+                           f"methods are {sorted(DETECTION_METHODS)}", code="method_not_applicable")
+    if method == "gradcam" and detector.module is None:
+        raise InvalidInput(f"gradcam needs the detector's graph; {detector.name} is explained as a black box "
+                           "(drise)", code="method_not_applicable")
+    try:
+        kind: type[DetectionParams] = DETECTION_METHODS[method]
+        return kind.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidInput(f"{method}: {describe_validation(exc.errors())}", code="invalid_params") from None
+
+
+def steps(method: str, params: DetectionParams) -> int:
+    return params.n_masks if isinstance(params, DriseParams) else 1
+
+
+Decoded = list[tuple[torch.Tensor, tuple[int, int]]]  # each image (3, H, W) in [0, 1], its upload's size
+
+
+def decode(settings: Settings, detector: LoadedDetector, blobs: list[bytes]) -> Decoded:
+    """Each upload as (3, H, W) in [0, 1] at most max_side on its longer side, with its (width, height)."""
+    out = []
+    for index, blob in enumerate(blobs):
+        try:
+            upload = imaging.decode_upload(blob, max_bytes=settings.max_image_bytes,
+                                           max_pixels=settings.max_image_pixels, min_side=detector.max_side,
+                                           index=index)
+        except imaging.ImageError as exc:
+            raise InvalidInput(str(exc), code="invalid_image") from None
+        image = upload.image
+        width, height = upload.size
+        side = max(width, height)
+        if side > detector.max_side:
+            factor = detector.max_side / side
+            image = image.resize((max(1, round(width * factor)), max(1, round(height * factor))),
+                                 reducing_gap=imaging.REDUCING_GAP)
+        elif image.size != upload.size:
+            image = image.resize(upload.size)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+        out.append((pixels, upload.size))
+    return out
+
+
+def _b64(data: bytes) -> str:
+    return pybase64.b64encode_as_string(data)
+
+
+def encode_detection(found: DetectionMap, image: torch.Tensor, size: tuple[int, int], outputs: list[str],
+                     at: str) -> dict[str, Any]:
+    """One detection of the response: its box in pixels of the upload, its map encoded."""
+    width, height = size
+    scale = width / image.shape[-1]
+    heat = found.heatmap.numpy()
+    if at == "original" and heat.shape != (height, width):
+        heat = imaging.resize_map(heat, (width, height))
+    out_map: dict[str, Any] = {"height": heat.shape[0], "width": heat.shape[1]}
+    if "npy" in outputs:
+        out_map["npy"] = _b64(imaging.encode_npy(heat.astype(np.float32)))
+    if "png" in outputs:
+        out_map["png"] = _b64(imaging.encode_png_gray(heat))
+    if "overlay" in outputs:
+        pixels = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        from PIL import Image
+
+        base = Image.fromarray(pixels)
+        if base.size != (heat.shape[1], heat.shape[0]):
+            base = base.resize((heat.shape[1], heat.shape[0]))
+        out_map["overlay"] = _b64(imaging.encode_png(imaging.overlay(base, heat), photo=True))
+    box = [round(min(max(v * scale, 0.0), float(width if i % 2 == 0 else height)), 2)
+           for i, v in enumerate(found.box)]
+    return {"box": box, "label": found.label, "label_index": found.label_index, "score": found.score,
+            "map": out_map, "diagnostics": found.diagnostics}
+
+
+def run(settings: Settings, detector: LoadedDetector, method: str, params: DetectionParams,
+        request: CallRequest, job: Job, images: Decoded) -> dict[str, Any]:
+    """The whole call, on the detection thread."""
+    outputs = request.outputs or ["npy"]
+    targets = request.targets or [None] * len(images)
+    if len(targets) != len(images):
+        raise InvalidInput(f"{len(targets)} targets for {len(images)} images", code="invalid_targets")
+    results = []
+    for index, ((image, size), target) in enumerate(zip(images, targets, strict=True)):
+        started = time.monotonic()
+        maps = explain_image(detector, method, image, params, target, size, chunk=CHUNK,
+                             on_progress=job.progress_for(index), should_stop=job.cancel_event.is_set)
+        job.progress_for(index)(steps(method, params), steps(method, params))
+        results.append({"width": size[0], "height": size[1],
+                        "detections": [encode_detection(m, image, size, outputs, request.size) for m in maps],
+                        "timing_ms": {"compute": round(1000 * (time.monotonic() - started), 3)}})
+    return {"model": detector.name, "method": method, "task": "detection", "params": params.model_dump(),
+            "results": results}
+
+
+async def start(settings: Settings, detector: LoadedDetector, method: str, request: CallRequest, job_book,
+                *, hold: bool) -> Job:
+    """Validate and decode (in a request thread), then run on the detection thread; the job's task awaits
+    it and records the outcome."""
+    params = resolve_params(method, detector, request.params)
+    if len(request.blobs) > settings.max_images:
+        raise InvalidInput(f"{len(request.blobs)} images: at most {settings.max_images} per request",
+                           code="too_many_images")
+    loop = asyncio.get_running_loop()
+    images = await loop.run_in_executor(None, decode, settings, detector, request.blobs)
+    job = Job(method=method, model=detector.name, total=[steps(method, params)] * len(images))
+    if hold:
+        await job_book.hold(job)
+
+    async def complete() -> dict[str, Any]:
+        try:
+            body = await loop.run_in_executor(_EXECUTOR, run, settings, detector, method, params, request,
+                                              job, images)
+            job.status, job.result = "succeeded", body
+            return body
+        except BaseException as exc:
+            if job.cancelled or isinstance(exc, (asyncio.CancelledError, Cancelled)):
+                job.status, job.error = "cancelled", {"code": "cancelled", "message": "the job was cancelled"}
+                raise
+            error = as_service_error(exc)
+            job.status, job.error = "failed", {"code": error.code, "message": error.message}
+            raise error from exc
+        finally:
+            job.finished_at = time.time()
+            await asyncio.shield(job_book.finished(job))
+
+    job.task = asyncio.create_task(complete())
+    job.task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return job
