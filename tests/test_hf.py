@@ -366,3 +366,27 @@ def test_image_processor_settings_map_onto_the_preprocessing(settings, values):
             np.testing.assert_allclose(got[key], value)
         else:
             assert got.get(key) == value, key
+
+
+def test_add_model_copies_a_save_pretrained_folder_and_writes_its_card(vit_dir, tmp_path, capsys):
+    """`python -m service add-model hf:FOLDER`: the folder is copied into the models directory, the card
+    written with the config's labels and the image processor's preprocessing, and the model served equals
+    the one saved."""
+    from service.model_cli import add_model
+    from service.zoo.cards import read_card
+
+    models = tmp_path / "mine"
+    source = vit_dir[0] / "tiny_vit"
+    argv = [f"hf:{source}", "--name", "my_vit", "--models-dir", str(models), "--device", "cpu"]
+    assert add_model(argv) == 0
+    assert "my_vit: passed (full self-test)" in capsys.readouterr().out
+    card = read_card(models / "my_vit.toml")
+    assert card.architecture == "hf:hf/my_vit" and card.weights.path == ["hf/my_vit/model.safetensors"]
+    assert card.labels.source == "config" and card.num_classes == 3
+    assert card.preprocess.input_size == (32, 32) and card.preprocess.interpolation == "bicubic"
+    assert card.preprocess.mean == (0.4, 0.5, 0.6)
+    served = ModelRegistry.from_dir(models, CPU).models["my_vit"]
+    assert served.labels == ("cat", "dog", "fox")
+    x = images((32, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(served.module(x), vit_dir[1](pixel_values=x).logits, rtol=1e-4, atol=1e-4)
