@@ -179,3 +179,19 @@ def test_a_torchvision_detector_answers_a_map_per_detection(frcnn_server, method
         assert heat.shape == (120, 160) and np.isfinite(heat).all() and 0 <= heat.min() <= heat.max() <= 1
         if method == "gradcam":
             assert found["diagnostics"]["matched"] and found["diagnostics"]["layer"] == "backbone.body.16"
+
+
+def test_an_answer_past_the_response_budget_or_a_costly_request_is_refused_before_any_work(astronaut):
+    registry = ModelRegistry.from_dir(MODELS, torch.device("cpu"), only={"mtcnn", "tiny_cnn"})
+    settings = Settings(default_model="tiny_cnn", max_response_bytes=2_000_000, max_request_cost=500)
+    with running_server(settings, registry) as (base, _):
+        r = post(base, astronaut, n_masks=16)  # 20 maps of 512 x 512 float32 could take 28 MB
+        assert r.status_code == 413 and r.json()["error"]["code"] == "response_too_large", r.text
+        message = r.json()["error"]["message"]
+        assert "the limit is 2.0 MB" in message and "max_detections=1" in message
+        assert post(base, astronaut, n_masks=16, max_detections=1).status_code == 200
+        r = post(base, astronaut, n_masks=600, max_detections=1)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "too_costly"
+        assert "costs 600 detector forwards" in r.json()["error"]["message"]
+        r = post(base, b"not an image", n_masks=16, max_detections=1)
+        assert r.status_code == 422 and "image 0" in r.json()["error"]["message"], r.text

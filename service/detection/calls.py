@@ -23,9 +23,9 @@ import torch
 from pydantic import ValidationError
 
 from .. import imaging
-from ..errors import Cancelled, InvalidInput, as_service_error, describe_validation
+from ..errors import Cancelled, InvalidInput, TooLarge, as_service_error, describe_validation
 from ..jobs import Job
-from ..pipeline import CallRequest
+from ..pipeline import NPY_HEADER, CallRequest, b64_len, check_counts, png_bound
 from ..settings import Settings
 from .explain import DETECTION_METHODS, DetectionMap, explain_image
 from .params import DetectionParams, DriseParams
@@ -78,6 +78,54 @@ def decode(settings: Settings, detector: LoadedDetector, blobs: list[bytes]) -> 
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
         out.append((pixels, upload.size))
     return out
+
+
+def map_bytes(width: int, height: int, outputs: list[str]) -> int:
+    """The most bytes one detection's map can take in the answer (pipeline.AnswerBound's per-map bound)."""
+    total = 2048  # the detection's box, label, score and diagnostics
+    if "npy" in outputs:
+        total += b64_len(NPY_HEADER + 4 * width * height)
+    if "png" in outputs:
+        total += b64_len(png_bound(width, height, 1))
+    if "overlay" in outputs:
+        total += b64_len(png_bound(width, height, 3))
+    return total
+
+
+def check_answer(settings: Settings, detector: LoadedDetector, params: DetectionParams,
+                 request: CallRequest) -> None:
+    """TooLarge (413) when the answer could pass max_response_bytes: every image with max_detections maps,
+    at the upload's size (or the image explained, size=input), from the images' headers before any work."""
+    outputs = request.outputs or ["npy"]
+    dims = [imaging.declared_size(blob) for blob in request.blobs]
+
+    def bound(at: str, outputs: list[str], per_image: int) -> int:
+        sizes = dims if at == "original" else [_explained(w, h, detector.max_side) for w, h in dims]
+        return sum(per_image * map_bytes(w, h, outputs) for w, h in sizes)
+
+    limit, n = settings.max_response_bytes, params.max_detections
+    if bound(request.size, outputs, n) <= limit:
+        return
+    fits = []
+    if request.size == "original" and bound("input", outputs, n) <= limit:
+        fits.append(f"size=input (maps at the image explained, longer side {detector.max_side})")
+    if "npy" in outputs and bound(request.size, [o for o in outputs if o != "npy"] + ["png"], n) <= limit:
+        fits.append("outputs=png (8-bit maps instead of float32 npy)")
+    fewer = next((k for k in range(n - 1, 0, -1) if bound(request.size, outputs, k) <= limit), 0)
+    if fewer:
+        fits.append(f"max_detections={fewer}")
+    raise TooLarge(f"the answer to this request could take {bound(request.size, outputs, n) / 1e6:.1f} MB "
+                   f"({n} maps per image at most, max_detections); the limit is {limit / 1e6:.1f} MB (the "
+                   f"server's max_response_bytes setting). " + ("Would fit: " + "; or ".join(fits) + "."
+                                                                 if fits else "Send smaller images."),
+                   code="response_too_large")
+
+
+def _explained(width: int, height: int, max_side: int) -> tuple[int, int]:
+    if not width or not height:  # no readable header: decoding says what is wrong
+        return 0, 0
+    factor = min(1.0, max_side / max(width, height))
+    return max(1, round(width * factor)), max(1, round(height * factor))
 
 
 def _b64(data: bytes) -> str:
@@ -136,9 +184,12 @@ async def start(settings: Settings, detector: LoadedDetector, method: str, reque
     """Validate and decode (in a request thread), then run on the detection thread; the job's task awaits
     it and records the outcome."""
     params = resolve_params(method, detector, request.params)
-    if len(request.blobs) > settings.max_images:
-        raise InvalidInput(f"{len(request.blobs)} images: at most {settings.max_images} per request",
-                           code="too_many_images")
+    check_counts(settings, len(request.blobs), request.targets)
+    cost = steps(method, params) * len(request.blobs)
+    if cost > settings.max_request_cost:
+        raise InvalidInput(f"this request costs {cost} detector forwards (n_masks x images); the limit is "
+                           f"{settings.max_request_cost} per request", code="too_costly")
+    check_answer(settings, detector, params, request)
     loop = asyncio.get_running_loop()
     images = await loop.run_in_executor(None, decode, settings, detector, request.blobs)
     job = Job(method=method, model=detector.name, total=[steps(method, params)] * len(images))
