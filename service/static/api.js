@@ -1,10 +1,11 @@
 // Calls to the service's /v1 API, with its errors turned into plain words.
 
 export class ApiError extends Error {
-  constructor(message, status, code) {
+  constructor(message, status, code, retryAfter = null) {
     super(message);
     this.status = status;
     this.code = code;
+    this.retryAfter = retryAfter; // seconds, from a 429's or 503's Retry-After
   }
 }
 
@@ -29,7 +30,9 @@ export function plainWords(status, body, retryAfter) {
     case 415:
       return `The server cannot read this kind of upload.${detail}`;
     case 429:
-      return `The server is busy (its queue is full). Try again in ${retryAfter || "a few"} seconds.`;
+      return body && body.error && body.error.code === "overloaded"
+        ? `The server is busy: the work queued ahead would not let this start in time. Try again in ${retryAfter || "a few"} seconds.`
+        : `The server is busy (its queue is full). Try again in ${retryAfter || "a few"} seconds.`;
     case 503:
       return "The server is not ready yet (its models are still loading). Try again in a moment.";
     case 504:
@@ -62,8 +65,10 @@ export class Api {
       data = null;
     }
     if (!response.ok) {
-      throw new ApiError(plainWords(response.status, data, response.headers.get("Retry-After")),
-                         response.status, data && data.error ? data.error.code : undefined);
+      const header = Number(response.headers.get("Retry-After"));
+      const retryAfter = header > 0 ? Math.ceil(header) : null;
+      throw new ApiError(plainWords(response.status, data, retryAfter), response.status,
+                         data && data.error ? data.error.code : undefined, retryAfter);
     }
     if (data === null) throw new ApiError("The server sent an answer this page cannot read.", response.status);
     return { status: response.status, data };

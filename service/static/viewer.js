@@ -1,14 +1,25 @@
-// The saliency viewer: pick an image, models, methods and parameters; compare the maps side by side.
-// Colour map and opacity are applied here, on canvases, so changing them sends no request.
+// The saliency viewer: one image, one model, several methods compared side by side over it, with one class
+// picker, one colour bar and one zoom for every map. The display (view, colours, opacity, zoom) is applied in
+// the page, on canvases: changing it sends no request.
 import { Api, ApiError } from "./api.js";
-import { blend, colorize, lookupTable } from "./colormaps.js";
+import { COLORMAP_NAMES } from "./colormaps.js";
+import { base64Bytes, fitWithin, parseNpy, scaledGray, signedAt, signedMap } from "./maps.js";
+import { fillList, renderDiagnostics, renderMetrics } from "./figures.js";
+import { buildMethods, changedParams, checkedMethods as ticked, fillLayers, readParams } from "./form.js";
+import { drawBoxes } from "./plots.js";
+import { SanityPanel, sanityBadge, sanityVerdict } from "./sanity.js";
+import { drawColorbar, overlayBlob, paintCard } from "./render.js";
+import { readLink, writeLink } from "./share.js";
+import { capitalize, estimate, formatCount, formatDuration, percent } from "./words.js";
+import { SyncZoom } from "./zoom.js";
 
 const DISPLAY_MAX = 960; // longest side of the image as drawn in the page (a 2000 x 1500 photo is drawn at 960 x 720)
-const JOB_PASSES = 512; // estimated forward+backward passes from which a request runs as a job
+const JOB_PASSES = 512; // passes per image from which a request runs as a job (progress and Cancel)
+const JOB_SECONDS = 10; // ... or an estimated time from which it does
 const POLL_MS = 300;
-const SANITY_POLL_MS = 1000;
-const METRICS_STEPS = 20; // the server's default K: 4(K-1)+1 = 77 forward passes per image
-const SVG_NS = "http://www.w3.org/2000/svg";
+const HEALTH_MS = Number(window.SALIENCY_HEALTH_MS) || 5000; // how often the header asks /readyz
+const HISTORY_KEEP = 6;
+const DEFAULT_DISPLAY = { cmap: COLORMAP_NAMES[0], view: "heat", top: 10, opacity: 0.8, photo: true };
 
 const $ = (selector, root = document) => root.querySelector(selector);
 const el = (tag, props = {}, ...children) => {
@@ -16,18 +27,25 @@ const el = (tag, props = {}, ...children) => {
   node.append(...children);
   return node;
 };
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 const state = {
   models: [],
   methods: [],
-  image: null, // {file, stem, width, height, display: ImageBitmap | null}
-  cards: new Map(), // method name -> card
-  sanityRuns: new Map(), // model name -> {active, job, jobId, error}: a sanity check this page follows
-  colormap: "jet",
-  opacity: 0.5,
+  timings: null, // GET /v1/timings: the server's recent seconds per pass
+  image: null, // {file, name, stem, width, height, display: ImageBitmap | null}
+  run: null, // the comparison on screen: {image, model, size, metrics, target, top, cards: Map name -> card}
+  history: [],
+  display: { ...DEFAULT_DISPLAY },
+  linkTarget: null, // the class a link named, for the next comparison
+  catalogLoaded: false,
 };
 
 const api = new Api(() => $("#api-key").value.trim());
+const zoom = new SyncZoom(showZoom);
+const sanity = new SanityPanel({
+  api, currentModel, models: () => state.models, setModels: (models) => { state.models = models; },
+});
 
 // ---------------------------------------------------------------------------------------------- start
 
@@ -36,15 +54,28 @@ async function start() {
   if (key) $("#api-key").value = key;
   $("#api-key").addEventListener("change", () => {
     sessionStorage.setItem("saliency-api-key", $("#api-key").value.trim());
-    if (!state.methods.length) loadCatalog();
+    if (!state.catalogLoaded) loadCatalog(readLink(location.hash));
   });
+  const link = readLink(location.hash);
   wireImageInput();
-  wireDisplayControls();
+  wireDisplay(link.display);
+  wireClasses();
   $("#run-form").addEventListener("submit", onRun);
+  $("#method-list").addEventListener("change", onFormChange);
+  $("#method-list").addEventListener("input", onFormChange);
   $("#model-select").addEventListener("change", onModelChange);
-  $("#sanity-run").addEventListener("click", () => currentModel() && runSanity(currentModel().name));
+  for (const id of ["#full-size", "#metrics"]) $(id).addEventListener("change", onFormChange);
+  $("#copy-link").addEventListener("click", copyLink);
+  $("#history-clear").addEventListener("click", () => {
+    state.history = [];
+    renderHistory();
+  });
+  if (link.target !== undefined) state.linkTarget = link.target;
+  if (link.size) $("#full-size").checked = link.size === "original";
+  if (link.metrics !== undefined) $("#metrics").checked = link.metrics;
   await waitReady();
-  await loadCatalog();
+  await loadCatalog(link);
+  watchHealth();
 }
 
 function setServerStatus(text, ok = true) {
@@ -53,22 +84,53 @@ function setServerStatus(text, ok = true) {
   node.dataset.ok = String(ok);
 }
 
+/** /readyz in words: null when ready. */
+async function readiness() {
+  try {
+    const response = await fetch("/readyz", { headers: { Accept: "application/json" }, cache: "no-store" });
+    const body = await response.json().catch(() => ({}));
+    if (response.ok) return null;
+    return { text: body.error ? `The server could not load its models: ${body.error}`
+                              : "The server is starting (loading models)…", ok: !body.error };
+  } catch (err) {
+    return { text: `Cannot reach the server (since ${new Date().toLocaleTimeString()}); retrying…`, ok: false };
+  }
+}
+
 async function waitReady() {
   for (;;) {
-    try {
-      const response = await fetch("/readyz", { headers: { Accept: "application/json" } });
-      const body = await response.json().catch(() => ({}));
-      if (response.ok) return;
-      setServerStatus(body.error ? `The server could not load its models: ${body.error}`
-                                 : "The server is starting (loading models)…", !body.error);
-    } catch (err) {
-      setServerStatus("Cannot reach the server; retrying…", false);
-    }
+    const problem = await readiness();
+    if (!problem) return;
+    setServerStatus(problem.text, problem.ok);
     await sleep(2000);
   }
 }
 
-async function loadCatalog() {
+/** The header follows the server: it says so within HEALTH_MS when the server stops, and again when it is
+ * back (the time of the first failed check stays in the line while it lasts). */
+async function watchHealth() {
+  let down = false;
+  for (;;) {
+    await sleep(HEALTH_MS);
+    const problem = await readiness();
+    if (problem) {
+      if (!down || problem.ok) setServerStatus(problem.text, problem.ok);
+      down = true;
+    } else if (down || !state.catalogLoaded) {
+      down = false;
+      if (state.catalogLoaded) setReady();
+      else await loadCatalog(readLink(location.hash));
+    }
+  }
+}
+
+function setReady() {
+  const ready = state.models.filter((m) => m.available);
+  const device = ready.length ? ready[0].device : "no device";
+  setServerStatus(`Ready: ${ready.length} model${ready.length === 1 ? "" : "s"} on ${device}`);
+}
+
+async function loadCatalog(link) {
   try {
     const [models, methods] = await Promise.all([api.get("/v1/models"), api.get("/v1/methods")]);
     state.models = models.data;
@@ -77,26 +139,35 @@ async function loadCatalog() {
     setServerStatus(err.message, false);
     return;
   }
-  const ready = state.models.filter((m) => m.available);
-  const device = ready.length ? ready[0].device : "no device";
-  setServerStatus(`Ready: ${ready.length} model${ready.length === 1 ? "" : "s"} on ${device}`);
-  buildModelSelect();
-  buildMethods();
-  updateRunButton();
+  state.catalogLoaded = true;
+  setReady();
+  buildModelSelect(link.model);
+  buildMethods(state.methods, link, currentModel());
+  onModelChange();
+  await refreshTimings();
+}
+
+async function refreshTimings() {
+  try {
+    state.timings = (await api.get("/v1/timings")).data;
+  } catch (err) {
+    state.timings = null; // a server without GET /v1/timings: passes only, no time
+  }
+  updateCosts();
 }
 
 // ---------------------------------------------------------------------------------------------- form
 
-function buildModelSelect() {
+function buildModelSelect(wanted) {
   const select = $("#model-select");
   select.replaceChildren();
   for (const m of state.models) {
+    const kind = m.task === "detection" ? " (detector)" : "";
     const option = el("option", { value: m.name, disabled: !m.available,
-                                  textContent: m.available ? m.name : `${m.name} (unavailable)` });
-    if (m.default) option.selected = true;
+                                  textContent: m.available ? `${m.name}${kind}` : `${m.name} (unavailable)` });
+    option.selected = wanted ? m.name === wanted && m.available : Boolean(m.default);
     select.append(option);
   }
-  onModelChange();
 }
 
 function currentModel() {
@@ -106,148 +177,83 @@ function currentModel() {
 function onModelChange() {
   const model = currentModel();
   const info = $("#model-info");
-  if (!model) {
-    info.textContent = "";
-    return;
-  }
-  info.textContent = model.available
-    ? `${model.description || model.architecture}; input ${model.input_size.join(" × ")}, ${model.num_classes} classes, on ${model.device}.`
-    : `Unavailable: ${model.reason}`;
+  info.textContent = !model ? ""
+    : model.available ? `${model.description || model.architecture}; input ${(model.input_size || []).join(" × ")}, `
+                        + `${model.num_classes} classes, on ${model.device}.`
+      : `Unavailable: ${model.reason}`;
   for (const select of document.querySelectorAll("select[data-param='layer']")) fillLayers(select, model);
-  renderSanity();
-}
-
-function fillLayers(select, model) {
-  const keep = select.value;
-  select.replaceChildren(el("option", { value: "", textContent: `default (${model.default_layer || "the card's"})` }));
-  for (const layer of model.layers || []) select.append(el("option", { value: layer, textContent: layer }));
-  select.value = (model.layers || []).includes(keep) ? keep : "";
-}
-
-function buildMethods() {
-  const box = $("#methods");
-  box.replaceChildren(el("legend", { textContent: "Methods" }), $("#sanity"));
-  const params = $("#params");
-  params.replaceChildren();
-  // Every fact about a method comes from GET /v1/methods (its class declares them); the first is checked.
-  for (const [index, method] of state.methods.entries()) {
-    const id = `method-${method.name}`;
-    const check = el("input", { type: "checkbox", id, value: method.name, name: "method",
-                                checked: index === 0 });
-    check.setAttribute("aria-describedby", `${id}-cost ${id}-sanity ${id}-sanity-reason`);
-    const option = el("div", { className: "method-option" }, check,
-                      el("div", { className: "method-name" }, el("label", { htmlFor: id, textContent: method.title }),
-                         el("span", { className: "badge", id: `${id}-sanity`, hidden: true })),
-                      el("p", { className: "hint", id: `${id}-cost`, textContent: `${method.name}: ${method.cost}` }),
-                      el("p", { className: "hint sanity-reason", id: `${id}-sanity-reason`, hidden: true }));
-    option.dataset.method = method.name;
-    box.append(option);
-    const fields = buildParams(method);
-    if (fields) {
-      fields.hidden = !check.checked;
-      params.append(fields);
-    }
-    check.addEventListener("change", () => {
-      if (fields) fields.hidden = !check.checked;
-      updateRunButton();
-    });
+  // Methods the model's self-test refused (GET /v1/models `methods_not_applicable`) cannot be ticked.
+  for (const option of document.querySelectorAll("#method-list .method-option")) {
+    const name = option.dataset.method;
+    const reason = model && model.methods && !model.methods.includes(name)
+      ? (model.methods_not_applicable || {})[name] || "does not apply to this model" : "";
+    const check = $("input[name='method']", option);
+    check.disabled = Boolean(reason);
+    if (reason) check.checked = false;
+    const note = $(".not-applicable", option);
+    note.hidden = !reason;
+    note.textContent = reason ? `Not for ${model.name}: ${reason}` : "";
+    option.dataset.applicable = String(!reason);
   }
-  box.addEventListener("change", updateRunButton);
-  renderSanity();
-}
-
-/** Nullable schemas (anyOf [X, null]) unwrap to X; the parameter may then be left empty. */
-function unwrap(spec) {
-  if (!spec.anyOf) return { ...spec, nullable: false };
-  const inner = spec.anyOf.find((s) => s.type !== "null") || {};
-  return { ...inner, ...spec, anyOf: undefined, type: inner.type, nullable: true };
-}
-
-function describeBounds(spec) {
-  const parts = [];
-  if (spec.default !== undefined && spec.default !== null) parts.push(`default ${spec.default}`);
-  const low = spec.minimum ?? spec.exclusiveMinimum;
-  const high = spec.maximum ?? spec.exclusiveMaximum;
-  if (low !== undefined || high !== undefined) {
-    const lo = low === undefined ? "" : `${spec.exclusiveMinimum !== undefined ? "> " : ""}${low}`;
-    const hi = high === undefined ? "" : `${spec.exclusiveMaximum !== undefined ? "< " : ""}${high}`;
-    parts.push(lo && hi ? `range ${lo} to ${hi}` : lo ? `at least ${lo}` : `at most ${hi}`);
-  }
-  return parts.join("; ");
-}
-
-function buildParams(method) {
-  const properties = (method.parameters && method.parameters.properties) || {};
-  const names = Object.keys(properties);
-  if (!names.length) return null;
-  const fields = el("fieldset", { id: `params-${method.name}` }, el("legend", { textContent: `${method.title} parameters` }));
-  fields.dataset.method = method.name;
-  for (const name of names) {
-    const spec = unwrap(properties[name]);
-    const id = `param-${method.name}-${name}`;
-    let control;
-    if (name === "layer") {
-      control = el("select", { id });
-      const model = currentModel();
-      if (model) fillLayers(control, model);
-    } else if (spec.enum) {
-      control = el("select", { id });
-      for (const value of spec.enum) control.append(el("option", { value, textContent: value,
-                                                                   selected: value === spec.default }));
-    } else if (spec.type === "integer" || spec.type === "number") {
-      control = el("input", { id, type: "number", inputMode: spec.type === "integer" ? "numeric" : "decimal" });
-      control.step = spec.type === "integer" ? "1" : "any";
-      if (spec.minimum !== undefined) control.min = spec.minimum;
-      if (spec.maximum !== undefined) control.max = spec.maximum;
-      if (spec.default !== undefined && spec.default !== null) control.value = spec.default;
-      else control.placeholder = "default";
-    } else {
-      control = el("input", { id, type: "text", placeholder: spec.default ?? "default" });
-      if (spec.maxLength) control.maxLength = spec.maxLength;
-    }
-    control.dataset.param = name;
-    control.dataset.spec = JSON.stringify(spec);
-    const hintId = `${id}-hint`;
-    control.setAttribute("aria-describedby", hintId);
-    const bounds = describeBounds(spec);
-    fields.append(el("div", { className: "param" }, el("label", { htmlFor: id, textContent: name }), control,
-                     el("p", { className: "hint", id: hintId,
-                               textContent: [spec.description, capitalize(bounds)].filter(Boolean).join(". ") })));
-  }
-  return fields;
-}
-
-/** The method's parameters as typed by the user; empty fields are left to the server's defaults. */
-function readParams(method) {
-  const fields = document.getElementById(`params-${method.name}`);
-  const params = {};
-  if (!fields) return params;
-  for (const control of fields.querySelectorAll("[data-param]")) {
-    const name = control.dataset.param;
-    const spec = JSON.parse(control.dataset.spec);
-    const value = control.value.trim();
-    if (value === "") continue;
-    if (control.type === "number") {
-      const number = Number(value);
-      const low = spec.exclusiveMinimum;
-      const high = spec.exclusiveMaximum;
-      if (!control.checkValidity() || !Number.isFinite(number) || (low !== undefined && number <= low)
-          || (high !== undefined && number >= high)) {
-        const bounds = describeBounds(spec);
-        throw new ApiError(`${method.title}: ${name} must be ${spec.type === "integer" ? "a whole number" : "a number"}`
-                           + `${bounds ? ` (${bounds})` : ""}.`, 0, "invalid_input");
-      }
-      params[name] = number;
-    } else {
-      params[name] = value;
-    }
-  }
-  return params;
+  sanity.render();
+  onFormChange();
 }
 
 function checkedMethods() {
-  return [...document.querySelectorAll("#methods input[name='method']:checked")]
-    .map((c) => state.methods.find((m) => m.name === c.value));
+  return ticked(state.methods);
+}
+
+function metricsPasses(method) {
+  return $("#metrics").checked ? method.metrics_forwards_at_defaults || 0 : 0;
+}
+
+function estimateFor(method, params) {
+  return estimate(method, params, { timings: state.timings, model: $("#model-select").value,
+                                    metricsPasses: metricsPasses(method) });
+}
+
+// Iterative methods always run as a job (progress and cancel); others once they are long.
+function runsAsJob(method, cost) {
+  return Boolean(method.iterative) || cost.passes >= JOB_PASSES || (cost.seconds ?? 0) >= JOB_SECONDS;
+}
+
+function onFormChange() {
+  updateCosts();
+  for (const method of state.methods) {
+    const summary = document.getElementById(`params-${method.name}-summary`);
+    if (!summary) continue;
+    const changed = Object.entries(changedParams(method));
+    summary.textContent = changed.length ? `Parameters: ${changed.map(([k, v]) => `${k} ${v}`).join(", ")}`
+                                         : "Parameters: defaults";
+  }
+  updateRunButton();
+  writeLinkNow();
+}
+
+/** Each method's cost before it runs: passes and, from the server's recent figures, the time. */
+function updateCosts() {
+  let passes = 0;
+  let seconds = 0;
+  let unknown = 0;
+  const checked = checkedMethods();
+  for (const method of state.methods) {
+    const line = document.getElementById(`method-${method.name}-cost`);
+    if (!line) continue;
+    const cost = estimateFor(method, readParams(method, false));
+    line.textContent = `${capitalize(cost.text)}${runsAsJob(method, cost) ? "; runs as a job (progress, Cancel)" : ""}.`;
+    if (checked.includes(method)) {
+      passes += cost.passes;
+      if (cost.seconds === null) unknown++;
+      else seconds += cost.seconds;
+    }
+  }
+  const total = $("#run-cost");
+  if (!checked.length) total.textContent = "";
+  else {
+    const time = unknown === checked.length ? "the time is not measured on this server yet"
+      : `about ${formatDuration(seconds)}${unknown ? " for those measured" : ""}`;
+    total.textContent = `${checked.length} method${checked.length === 1 ? "" : "s"}: ${formatCount(passes)} passes, ${time}.`;
+  }
 }
 
 function updateRunButton() {
@@ -260,145 +266,34 @@ function showFormError(message) {
   node.hidden = !message;
 }
 
-// ---------------------------------------------------------------------------------------------- sanity
+// ---------------------------------------------------------------------------------------------- link
 
-// GET /v1/models gives each model `sanity`: null before any report, else {status, job_id, methods: {name:
-// {verdict, reason}}}. A server without the sanity report sends no `sanity` at all: then nothing is shown.
-
-/** The verdict on `methodName` in `model`'s newest finished sanity report, or null. */
-function sanityVerdict(model, methodName) {
-  const methods = model && model.sanity && model.sanity.methods;
-  return (methods && methods[methodName]) || null;
+function linkSettings() {
+  const display = Object.fromEntries(Object.entries(state.display).filter(([k, v]) => v !== DEFAULT_DISPLAY[k])
+    .map(([k, v]) => [k, typeof v === "boolean" ? (v ? 1 : 0) : v]));
+  const methods = checkedMethods();
+  return {
+    model: $("#model-select").value || undefined, methods: methods.map((m) => m.name),
+    params: Object.fromEntries(methods.map((m) => [m.name, changedParams(m)])),
+    size: $("#full-size").checked ? "original" : "input", metrics: $("#metrics").checked, display,
+    target: state.run ? state.run.target : state.linkTarget,
+  };
 }
 
-function sanityBadge(badge, verdict) {
-  badge.hidden = !verdict;
-  if (!verdict) return;
-  const pass = verdict.verdict === "pass";
-  badge.textContent = pass ? "sanity: pass" : "sanity: fail";
-  badge.dataset.verdict = pass ? "pass" : "fail";
-  badge.title = verdict.reason || "";
+/** The address always holds the settings on screen, so it can be shared as it is. */
+function writeLinkNow() {
+  if (!state.catalogLoaded) return;
+  history.replaceState(null, "", writeLink(linkSettings()));
 }
 
-function renderSanity() {
-  const model = currentModel();
-  const supported = Boolean(model && model.available && "sanity" in model);
-  for (const option of document.querySelectorAll("#methods .method-option")) {
-    const verdict = supported ? sanityVerdict(model, option.dataset.method) : null;
-    sanityBadge($(".badge", option), verdict);
-    const reason = $(".sanity-reason", option);
-    reason.hidden = !verdict || verdict.verdict === "pass";
-    reason.textContent = reason.hidden ? "" : `Sanity check failed: ${verdict.reason || "no reason given"}`;
-  }
-  const box = $("#sanity");
-  box.hidden = !supported;
-  if (!supported) return;
-  const sanity = model.sanity;
-  const run = state.sanityRuns.get(model.name);
-  // A check started elsewhere (another tab, a script) and still going: follow it too.
-  if (sanity && ["queued", "running"].includes(sanity.status) && sanity.job_id
-      && !(run && (run.active || run.jobId === sanity.job_id))) {
-    followSanity(model.name, { id: sanity.job_id, status: sanity.status, progress: null });
-    return;
-  }
-  const active = Boolean(run && run.active);
-  const progress = $("#sanity-progress");
-  const button = $("#sanity-run");
-  let text;
-  if (active) {
-    const job = run.job;
-    const counts = job && job.progress && job.progress.total ? job.progress : null;
-    text = !job ? "Starting the sanity check…"
-      : job.status === "queued" ? "Sanity check queued…"
-      : `Sanity check running${counts ? `: ${counts.done} / ${counts.total} steps` : "…"}`;
-    progress.hidden = !counts;
-    if (counts) {
-      progress.max = Math.max(1, counts.total);
-      progress.value = Math.min(counts.done, progress.max);
-      progress.setAttribute("aria-valuetext", `${counts.done} of ${counts.total} steps`);
-    }
-  } else {
-    progress.hidden = true;
-    if (!sanity) text = `No sanity report yet for ${model.name}.`;
-    else if (sanity.status === "done") {
-      const verdicts = Object.values(sanity.methods || {});
-      const fails = verdicts.filter((v) => v.verdict !== "pass").length;
-      const passes = verdicts.length - fails;
-      text = `Sanity report for ${model.name}: ${passes} method${passes === 1 ? " passes" : "s pass"}, `
-           + `${fails} fail${fails === 1 ? "s" : ""}.`;
-    } else if (sanity.status === "failed") text = `The last sanity check of ${model.name} failed.`;
-    else if (sanity.status === "cancelled") text = `The last sanity check of ${model.name} was cancelled.`;
-    else text = `Sanity check of ${model.name}: ${sanity.status}.`;
-  }
-  $("#sanity-status").textContent = text;
-  // A finished report stands for these weights (the server keeps it per weights and seed): nothing to rerun.
-  button.hidden = active || Boolean(sanity && sanity.status === "done");
-  const error = $("#sanity-error");
-  error.textContent = (!active && run && run.error) || "";
-  error.hidden = !error.textContent;
-}
-
-/** POST /v1/models/{name}/sanity, then follow its job. */
-async function runSanity(name) {
-  const run = { active: true, job: null, jobId: null, error: null };
-  state.sanityRuns.set(name, run);
-  renderSanity();
+async function copyLink() {
+  writeLinkNow();
+  const status = $("#link-status");
   try {
-    const { data } = await api.postJson(`/v1/models/${encodeURIComponent(name)}/sanity`, {});
-    await pollSanity(name, run, data);
+    await navigator.clipboard.writeText(location.href);
+    status.textContent = "Link copied: it restores these settings, not the image.";
   } catch (err) {
-    run.error = err instanceof ApiError ? err.message : `Something went wrong in the page: ${err.message}`;
-  }
-  run.active = false;
-  renderSanity();
-}
-
-async function followSanity(name, job) {
-  const run = { active: true, job, jobId: job.id, error: null };
-  state.sanityRuns.set(name, run);
-  renderSanity();
-  try {
-    await pollSanity(name, run, (await api.get(`/v1/jobs/${encodeURIComponent(job.id)}`)).data);
-  } catch (err) {
-    run.error = err instanceof ApiError ? err.message : `Something went wrong in the page: ${err.message}`;
-  }
-  run.active = false;
-  renderSanity();
-}
-
-async function pollSanity(name, run, job) {
-  run.jobId = job.id;
-  for (;;) {
-    run.job = job;
-    renderSanity();
-    if (job.status === "succeeded" || job.status === "done") {
-      await refreshModels(name, job.result);
-      return;
-    }
-    if (job.status === "failed") {
-      const message = job.error && job.error.message ? job.error.message : "no details";
-      throw new ApiError(`The sanity check failed. ${capitalize(message)}${/[.!?]$/.test(message) ? "" : "."}`, 200);
-    }
-    if (job.status === "cancelled") {
-      run.error = "The sanity check was cancelled.";
-      await refreshModels(name, null);
-      return;
-    }
-    await sleep(SANITY_POLL_MS);
-    job = (await api.get(`/v1/jobs/${encodeURIComponent(job.id)}`)).data;
-  }
-}
-
-/** Reload GET /v1/models (keeping the form as it is); the finished report stands in if the list lags. */
-async function refreshModels(name, report) {
-  try {
-    state.models = (await api.get("/v1/models")).data;
-  } catch (err) { /* keep the list we have */ }
-  const model = state.models.find((m) => m.name === name);
-  if (model && report && report.methods && !(model.sanity && model.sanity.status === "done")) {
-    const methods = Object.fromEntries(Object.entries(report.methods)
-      .map(([method, r]) => [method, { verdict: r.verdict, reason: r.reason }]));
-    model.sanity = { status: "done", job_id: null, methods };
+    status.textContent = `Copy this link (it restores these settings, not the image): ${location.href}`;
   }
 }
 
@@ -429,14 +324,10 @@ function wireImageInput() {
   window.addEventListener("drop", (event) => event.preventDefault());
 }
 
-function fitWithin(width, height, longest) {
-  const scale = Math.min(1, longest / Math.max(width, height));
-  return [Math.max(1, Math.round(width * scale)), Math.max(1, Math.round(height * scale))];
-}
-
 async function useFile(file) {
   showFormError("");
-  const stem = (file.name || "image").replace(/\.[^.]*$/, "") || "image";
+  const name = file.name || "image";
+  const stem = name.replace(/\.[^.]*$/, "") || "image";
   let display = null;
   let width = 0;
   let height = 0;
@@ -450,7 +341,7 @@ async function useFile(file) {
   } catch (err) {
     display = null; // a format the server reads but this browser does not (TIFF): maps are shown alone
   }
-  state.image = { file, stem, width, height, display };
+  state.image = { file, name, stem, width, height, display };
   const preview = $("#preview");
   const info = $("#image-info");
   if (display) {
@@ -458,73 +349,152 @@ async function useFile(file) {
     preview.width = w;
     preview.height = h;
     preview.getContext("2d").drawImage(display, 0, 0, w, h);
-    preview.setAttribute("aria-label", `The chosen image, ${file.name}`);
+    preview.setAttribute("aria-label", `The chosen image, ${name}`);
     preview.hidden = false;
-    info.textContent = `${file.name}: ${width} × ${height} pixels, ${formatBytes(file.size)}`;
+    info.textContent = `${name}: ${width} × ${height} pixels, ${formatBytes(file.size)}`;
   } else {
     preview.hidden = true;
-    info.textContent = `${file.name} (${formatBytes(file.size)}): this browser cannot show it; the server may still read it.`;
+    info.textContent = `${name} (${formatBytes(file.size)}): this browser cannot show it; the server may still read it.`;
+  }
+  // The maps on screen were of the last image: they go to the history, and the comparison starts afresh.
+  if (state.run) {
+    archive(state.run);
+    state.run = null;
+    $("#results-empty").textContent = `New image ${name}: press Explain to compare the methods on it.`;
+    $("#results-empty").hidden = false;
   }
   updateRunButton();
 }
 
 // ---------------------------------------------------------------------------------------------- run
 
+function busy() {
+  return Boolean(state.run) && [...state.run.cards.values()].some((c) => c.node.dataset.state === "running");
+}
+
+/** The Explain button says what runs; it keeps its focus (it is never disabled while running). */
+function updateBusy() {
+  const button = $("#run-button");
+  const cards = state.run ? [...state.run.cards.values()] : [];
+  const running = cards.filter((c) => c.node.dataset.state === "running").length;
+  button.classList.toggle("busy", running > 0);
+  $("#results").setAttribute("aria-busy", String(running > 0));
+  if (running) {
+    button.setAttribute("aria-disabled", "true");
+    button.textContent = `Explaining… ${cards.length - running} of ${cards.length} done`;
+  } else {
+    button.removeAttribute("aria-disabled");
+    button.textContent = "Explain";
+  }
+}
+
 function onRun(event) {
   event.preventDefault();
+  if (busy()) return;
   showFormError("");
   if (!state.image) return showFormError("Choose an image first.");
   const methods = checkedMethods();
   if (!methods.length) return showFormError("Choose at least one method.");
-  const requests = [];
+  let requests;
   try {
-    for (const method of methods) requests.push([method, readParams(method)]);
+    requests = methods.map((method) => {
+      const params = readParams(method);
+      return { method, params, cost: estimateFor(method, params) };
+    });
   } catch (err) {
     return showFormError(err.message);
   }
-  for (const card of state.cards.values()) abandon(card);
-  state.cards.clear();
-  $("#cards").replaceChildren();
-  $("#results-empty").hidden = true;
-  const common = { model: $("#model-select").value, size: $("#full-size").checked ? "original" : "input",
-                   metrics: $("#metrics").checked, image: state.image };
-  for (const [method, params] of requests) {
-    const card = makeCard(method, { ...common, params });
-    state.cards.set(method.name, card);
-    $("#cards").append(card.node);
-    explain(card, null);
+  // Cheap methods first: their cards come first and their requests are queued first.
+  requests.sort((a, b) => a.cost.passes - b.cost.passes);
+  const common = { image: state.image, model: $("#model-select").value,
+                   size: $("#full-size").checked ? "original" : "input", metrics: $("#metrics").checked };
+  let run = state.run;
+  if (!(run && run.image === common.image && run.model === common.model && run.size === common.size
+        && run.metrics === common.metrics)) {
+    if (run) archive(run);
+    run = newRun(common);
   }
+  // Running again keeps each map whose request has not changed; the others (changed, failed, new) run.
+  const cards = new Map();
+  for (const { method, params, cost } of requests) {
+    const signature = JSON.stringify(params);
+    const old = run.cards.get(method.name);
+    if (old && old.signature === signature && ["done", "running"].includes(old.node.dataset.state)) {
+      cards.set(method.name, old);
+      continue;
+    }
+    if (old) dropCard(old);
+    cards.set(method.name, makeCard(run, method, params, signature, cost));
+  }
+  for (const [name, card] of run.cards) if (!cards.has(name)) dropCard(card);
+  run.cards = cards;
+  $("#cards").replaceChildren(run.photo, ...[...cards.values()].map((c) => c.node));
+  $("#results-empty").hidden = true;
+  for (const card of cards.values()) if (card.node.dataset.state !== "done" && card.node.dataset.state !== "running") explain(card, run.target);
+  updateBusy();
+  writeLinkNow();
+  scrollToResults();
 }
 
-// Passes per image: the product of the method's cost factors (parameters), as the server counts them.
-function estimatedPasses(method, params) {
-  const defaults = (method.parameters && method.parameters.properties) || {};
-  return (method.cost_factors || []).reduce((total, name) => {
-    const value = params[name] ?? unwrap(defaults[name] || {}).default ?? 1;
-    return total * Number(value);
-  }, 1);
+/** The results come into view (on a phone they are below the form); the focus stays where it was. */
+function scrollToResults() {
+  const heading = $("#results-heading");
+  const box = heading.getBoundingClientRect();
+  if (box.top >= 0 && box.bottom <= window.innerHeight) return;
+  const smooth = !window.matchMedia("(prefers-reduced-motion: reduce)").matches;
+  heading.scrollIntoView({ block: "start", behavior: smooth ? "smooth" : "auto" });
 }
 
-// Iterative methods always run as a job (progress and cancel); others once they are long.
-function runsAsJob(method, request) {
-  const metricsPasses = request.metrics ? 4 * (METRICS_STEPS - 1) + 1 : 0;
-  return method.iterative || estimatedPasses(method, request.params) + metricsPasses >= JOB_PASSES;
+let runs = 0;
+function newRun(common) {
+  const run = { ...common, id: ++runs, target: state.linkTarget ?? null, top: null, cards: new Map(), photo: null };
+  state.linkTarget = null;
+  state.run = run;
+  const node = $("#photo-template").content.firstElementChild.cloneNode(true);
+  const [w, h] = displaySize(run);
+  const base = $(".base", node);
+  [base.width, base.height] = [w, h];
+  if (run.image.display) base.getContext("2d").drawImage(run.image.display, 0, 0, w, h);
+  base.setAttribute("aria-label", `The photo ${run.image.name}`);
+  $(".card-context", node).textContent = `${run.image.name}, ${run.image.width} × ${run.image.height}`;
+  $(".viewport", node).setAttribute("aria-label", `The photo ${run.image.name}: + and − zoom every map, arrows move`);
+  zoom.add($(".viewport", node));
+  run.photo = node;
+  zoom.reset();
+  renderClasses();
+  renderContext();
+  return run;
 }
 
-function makeCard(method, request) {
+/** The size the maps are drawn at: the photo's as shown, or the model's input when the browser cannot show it. */
+function displaySize(run, result) {
+  if (run.image.display) return [run.image.display.width, run.image.display.height];
+  const model = state.models.find((m) => m.name === run.model);
+  if (result) return fitWithin(result.map.width, result.map.height, DISPLAY_MAX);
+  const [h, w] = (model && model.input_size) || [224, 224];
+  return [w, h];
+}
+
+function makeCard(run, method, params, signature, cost) {
   const node = $("#card-template").content.firstElementChild.cloneNode(true);
   node.dataset.method = method.name;
   node.setAttribute("aria-label", method.title);
   $(".card-title", node).textContent = method.title;
-  const card = { method, request, node, token: 0, jobId: null, map: null, gray: null, result: null };
+  const card = { run, method, params, signature, cost, node, token: 0, jobId: null, map: null, gray: null,
+                 signed: null, signedMap: null, result: null, detection: null, width: 0, height: 0 };
   $(".cancel", node).addEventListener("click", () => cancel(card));
+  $(".retry", node).addEventListener("click", () => explain(card, run.target));
   $(".download-overlay", node).addEventListener("click", () => downloadOverlay(card));
   $(".download-npy", node).addEventListener("click", () => downloadNpy(card));
-  $(".heat", node).style.opacity = state.opacity;
-  $(".base", node).setAttribute("aria-label", `${method.title} overlay (not computed yet)`);
-  $(".raw", node).setAttribute("aria-label", `${method.title} map (not computed yet)`);
+  const [w, h] = displaySize(run);
+  for (const canvas of node.querySelectorAll("canvas")) [canvas.width, canvas.height] = [w, h];
+  if (run.image.display) $(".base", node).getContext("2d").drawImage(run.image.display, 0, 0, w, h);
+  $(".heat", node).setAttribute("aria-label", `${method.title} map (not computed yet)`);
+  $(".viewport", node).setAttribute("aria-label", `${method.title} map: + and − zoom every map, arrows move`);
+  $(".card-context", node).textContent = cardContext(card);
+  zoom.add($(".viewport", node));
   // the verdict of the sanity report on this method, for the model it runs on
-  const verdict = sanityVerdict(state.models.find((m) => m.name === request.model), method.name);
+  const verdict = sanityVerdict(state.models.find((m) => m.name === run.model), method.name);
   const line = $(".card-sanity", node);
   if (verdict) {
     const badge = el("span", { className: "badge" });
@@ -536,56 +506,91 @@ function makeCard(method, request) {
   return card;
 }
 
+/** What a card shows, in one line: its image, its model and its class. */
+function cardContext(card) {
+  const { run, result } = card;
+  const what = result ? `class ${result.target} ${result.label} (${percent(result.probability)})`
+    : run.target === null ? "the top class" : `class ${run.target}`;
+  const box = card.detection !== null && result && result.detections ? `, box ${card.detection + 1}` : "";
+  return `${run.image.name} · ${run.model} · ${what}${box}`;
+}
+
+function renderContext() {
+  const run = state.run;
+  const node = $("#run-context");
+  if (!run) {
+    node.textContent = "";
+    return;
+  }
+  const top = run.top && (run.top.find((c) => c.index === explainedClass(run)) || null);
+  const what = top ? `class ${top.index} ${top.label}` : run.target === null ? "the top class" : `class ${run.target}`;
+  node.textContent = `${run.image.name} · ${run.model} · ${what}`;
+}
+
+function dropCard(card) {
+  abandon(card);
+  zoom.remove($(".viewport", card.node));
+  card.node.remove();
+  if (card.map) card.map.close();
+}
+
 function setCardState(card, phase, text) {
   card.node.dataset.state = phase;
   $(".card-status", card.node).textContent = text;
+  updateBusy();
 }
 
-function showCardError(card, message) {
-  const node = $(".card-error", card.node);
-  node.textContent = message || "";
-  node.hidden = !message;
+function showProblem(card, message) {
+  $(".card-error", card.node).textContent = message || "";
+  $(".card-problem", card.node).hidden = !message;
 }
 
 async function explain(card, target) {
   const token = ++card.token;
-  const { method, request } = card;
+  const { method, run, params } = card;
   const form = new FormData();
-  form.append("image", request.image.file, request.image.file.name || "image");
-  if (request.model) form.append("model", request.model);
-  form.append("outputs", request.metrics ? "png,npy,metrics" : "png,npy");
-  form.append("size", request.size);
+  form.append("image", run.image.file, run.image.name);
+  if (run.model) form.append("model", run.model);
+  // raw: the signed attribution, for the signed view (small for Grad-CAM, 3 x H x W floats for the gradients)
+  form.append("outputs", run.metrics ? "png,npy,raw,metrics" : "png,npy,raw");
+  form.append("size", run.size);
   if (target !== null && target !== undefined) form.append("target", String(target));
   // params.NAME: never taken for one of the request's own fields (Integrated Gradients' `method` for the job's)
-  for (const [name, value] of Object.entries(request.params)) form.append(`params.${name}`, String(value));
+  for (const [name, value] of Object.entries(params)) form.append(`params.${name}`, String(value));
 
-  showCardError("");
-  setCardState(card, "running", target === null ? "Running…" : `Explaining class ${target}…`);
+  showProblem(card, "");
+  setCardState(card, "running", target === null || target === undefined ? "Running…" : `Explaining class ${target}…`);
   $(".job", card.node).hidden = true;
-  for (const button of card.node.querySelectorAll(".top-k button, .downloads button")) button.disabled = true;
+  for (const button of card.node.querySelectorAll(".downloads button")) button.disabled = true;
   const started = performance.now();
   try {
-    const asJob = runsAsJob(method, request);
+    const asJob = runsAsJob(method, card.cost);
     if (asJob) form.append("method", method.name);
     const { status, data } = await api.post(asJob ? "/v1/jobs" : `/v1/explain/${method.name}`, form);
     if (token !== card.token) return;
     const body = status === 202 ? await followJob(card, token, data) : data;
     if (!body || token !== card.token) return;
     await showResult(card, body.results[0], performance.now() - started);
+    refreshTimingsSoon();
   } catch (err) {
     if (token !== card.token) return;
     setCardState(card, "error", "Failed");
-    showCardError(card, err instanceof ApiError ? err.message : `Something went wrong in the page: ${err.message}`);
+    showProblem(card, err instanceof ApiError ? err.message : `Something went wrong in the page: ${err.message}`);
     $(".job", card.node).hidden = true;
     restoreButtons(card);
   }
 }
 
+let timingsTimer = null;
+function refreshTimingsSoon() {
+  clearTimeout(timingsTimer);
+  timingsTimer = setTimeout(refreshTimings, 300);
+}
+
 /** Poll a job until it ends; returns its result, or null when cancelled or replaced. */
 async function followJob(card, token, job) {
   card.jobId = job.id;
-  const box = $(".job", card.node);
-  box.hidden = false;
+  $(".job", card.node).hidden = false;
   $(".cancel", card.node).disabled = false;
   for (;;) {
     updateProgress(card, job);
@@ -597,7 +602,7 @@ async function followJob(card, token, job) {
     if (job.status === "failed") {
       card.jobId = null;
       const message = job.error && job.error.message ? job.error.message : "no details";
-      throw new ApiError(`The job failed. ${message[0].toUpperCase()}${message.slice(1)}.`, 200, job.error?.code);
+      throw new ApiError(`The job failed. ${capitalize(message)}.`, 200, job.error?.code);
     }
     if (job.status === "cancelled") {
       card.jobId = null;
@@ -606,7 +611,9 @@ async function followJob(card, token, job) {
       restoreButtons(card);
       return null;
     }
-    setCardState(card, "running", job.status === "queued" ? "Queued…" : "Running…");
+    const { done, total } = job.progress;
+    const left = card.cost.seconds && total ? ` (about ${formatDuration(card.cost.seconds * (1 - done / total))} left)` : "";
+    setCardState(card, "running", job.status === "queued" ? "Queued…" : `Running…${left}`);
     await sleep(POLL_MS);
     if (token !== card.token) return null;
     job = (await api.get(`/v1/jobs/${job.id}`)).data;
@@ -619,8 +626,7 @@ function updateProgress(card, job) {
   const { done, total } = job.progress;
   bar.max = Math.max(1, total);
   bar.value = Math.min(done, bar.max);
-  const percent = total ? Math.round((100 * done) / total) : 0;
-  bar.setAttribute("aria-valuetext", `${percent}%`);
+  bar.setAttribute("aria-valuetext", `${total ? Math.round((100 * done) / total) : 0}%`);
   $(".job-count", card.node).textContent = `${done} / ${total} steps`;
 }
 
@@ -629,10 +635,9 @@ async function cancel(card) {
   $(".cancel", card.node).disabled = true;
   setCardState(card, "running", "Cancelling…");
   try {
-    const { data } = await api.delete(`/v1/jobs/${card.jobId}`);
-    updateProgress(card, data);
+    updateProgress(card, (await api.delete(`/v1/jobs/${card.jobId}`)).data);
   } catch (err) {
-    showCardError(card, err.message);
+    showProblem(card, err.message);
   }
 }
 
@@ -641,184 +646,254 @@ function abandon(card) {
   card.token++;
   if (card.jobId) api.delete(`/v1/jobs/${card.jobId}`).catch(() => {});
   card.jobId = null;
+  if (card.node.dataset.state === "running") card.node.dataset.state = "cancelled";
 }
 
 function restoreButtons(card) {
-  for (const button of card.node.querySelectorAll(".top-k button")) button.disabled = false;
   $(".download-overlay", card.node).disabled = !card.gray;
   $(".download-npy", card.node).disabled = !card.result?.map?.npy;
 }
 
 // ---------------------------------------------------------------------------------------------- results
 
-function base64Bytes(text) {
-  const binary = atob(text);
-  const bytes = new Uint8Array(binary.length);
-  for (let i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
-  return bytes;
-}
-
-/** The map scaled (bilinear) to width x height, as one byte per pixel. */
-function scaledGray(bitmap, width, height) {
-  const canvas = new OffscreenCanvas(width, height);
-  const ctx = canvas.getContext("2d", { willReadFrequently: true });
-  ctx.imageSmoothingEnabled = true;
-  ctx.imageSmoothingQuality = "high";
-  ctx.drawImage(bitmap, 0, 0, width, height);
-  const rgba = ctx.getImageData(0, 0, width, height).data;
-  const gray = new Uint8Array(width * height);
-  for (let i = 0, j = 0; i < gray.length; i++, j += 4) gray[i] = rgba[j];
-  return gray;
-}
-
 async function showResult(card, result, roundTripMs) {
-  const node = card.node;
-  const image = card.request.image;
+  const { node, run } = card;
   const bitmap = await createImageBitmap(new Blob([base64Bytes(result.map.png)], { type: "image/png" }));
-  const [w, h] = image.display ? [image.display.width, image.display.height]
-                               : fitWithin(result.map.width, result.map.height, DISPLAY_MAX);
+  const [w, h] = displaySize(run, result);
   if (card.map) card.map.close();
   card.map = bitmap;
   card.result = result;
+  card.detection = null;
+  [card.width, card.height] = [w, h];
   card.gray = scaledGray(bitmap, w, h);
+  card.signedMap = result.raw ? signedMap(parseNpy(base64Bytes(result.raw))) : null;
+  card.signed = card.signedMap && card.signedMap.signed ? signedAt(card.signedMap, w, h) : null;
+  for (const canvas of node.querySelectorAll("canvas")) {
+    if (canvas.width !== w || canvas.height !== h) [canvas.width, canvas.height] = [w, h];
+  }
+  if (run.image.display) $(".base", node).getContext("2d").drawImage(run.image.display, 0, 0, w, h);
+  paint(card);
+  $(".heat", node).setAttribute("aria-label", `${card.method.title} map for class ${result.label}`);
+  $(".card-context", node).textContent = cardContext(card);
 
-  const base = $(".base", node);
-  const heat = $(".heat", node);
-  const raw = $(".raw", node);
-  for (const canvas of [base, heat, raw]) [canvas.width, canvas.height] = [w, h];
-  const ctx = base.getContext("2d");
-  if (image.display) ctx.drawImage(image.display, 0, 0, w, h);
-  else ctx.clearRect(0, 0, w, h);
-  paintHeat(card);
-  const rawCtx = raw.getContext("2d");
-  rawCtx.imageSmoothingQuality = "high";
-  rawCtx.drawImage(bitmap, 0, 0, w, h);
-  base.setAttribute("aria-label", `${card.method.title} overlay for class ${result.label}`);
-  raw.setAttribute("aria-label", `${card.method.title} map for class ${result.label}, bright is important`);
-
-  renderPredictions(card, result);
-  $(".explained", node).textContent = `${result.label} (class ${result.target}), probability ${percent(result.probability)}`;
+  if (!run.top) run.top = result.top_k;
+  renderClasses();
+  renderContext();
   fillList($(".timing", node), [["queue", `${result.timing_ms.queue.toFixed(1)} ms`],
                                 ["compute", `${result.timing_ms.compute.toFixed(1)} ms`],
                                 ["round trip", `${roundTripMs.toFixed(0)} ms`],
                                 ["map", `${result.map.width} × ${result.map.height}`]]);
-  const diagnostics = Object.entries(result.diagnostics || {});
-  fillList($(".diagnostics", node), diagnostics.length ? diagnostics.map(([k, v]) => [k, formatValue(v)])
-                                                       : [["none", "this method reports none"]]);
-  renderMetrics(card, result.metrics);
+  renderDiagnostics(node, result.diagnostics, card.method.diagnostics);
+  renderMetrics(node, card.method, result.metrics);
+  renderDetections(card);
   restoreButtons(card);
-  base.dataset.rendered = "true";
+  $(".heat", node).dataset.rendered = "true";
   setCardState(card, "done", `Done in ${(roundTripMs / 1000).toFixed(1)} s`);
 }
 
-/** The per-map metrics in plain words, and the deletion curve against a random order as a small plot. */
-function renderMetrics(card, metrics) {
-  const box = $(".faithfulness", card.node);
-  box.hidden = !metrics;
-  if (!metrics) return;
-  const figure = (v) => (typeof v === "number" ? v.toFixed(2) : "?");
-  $(".deletion", box).textContent = `Deleting the top pixels first: class probability area ${figure(metrics.deletion_auc)} `
-    + `vs ${figure(metrics.deletion_auc_random)} for a random order (lower = more faithful)`;
-  $(".insertion", box).textContent = `Inserting the top pixels first: class probability area ${figure(metrics.insertion_auc)} `
-    + `vs ${figure(metrics.insertion_auc_random)} for a random order (higher = more faithful)`;
-  const stability = $(".stability", box);
-  stability.hidden = typeof metrics.stability !== "number";
-  stability.textContent = stability.hidden ? ""
-    : `Stability ${figure(metrics.stability)} (rank correlation of two halves of the samples)`;
-  $(".metric-settings", box).textContent = `${metrics.steps} steps; deleted pixels replaced by ${metrics.replacement}.`;
-  const curve = $(".curve", box);
-  curve.replaceChildren();
-  if (Array.isArray(metrics.deletion_curve) && metrics.deletion_curve.length > 1) {
-    curve.append(curvePlot(`curve-${card.method.name}`, metrics.deletion_curve, metrics.deletion_curve_random || [],
-      `Deletion curve of ${card.method.title}: the class probability as the top pixels are deleted first `
-      + `(area ${figure(metrics.deletion_auc)}) and in a random order (area ${figure(metrics.deletion_auc_random)})`));
+/** A detector's result (`detections: [{box: [x1, y1, x2, y2], label, score, map}]`, boxes in the photo's
+ * pixels): its boxes over the image, and one button per box; picking one shows that box's map. */
+function renderDetections(card) {
+  const detections = card.result && Array.isArray(card.result.detections) ? card.result.detections : [];
+  const layer = $(".boxes", card.node);
+  const list = $(".detections", card.node);
+  layer.hidden = list.hidden = !detections.length;
+  if (!detections.length) return;
+  const width = card.run.image.width || card.result.map.width;
+  const height = card.run.image.height || card.result.map.height;
+  const pick = (i) => selectDetection(card, i);
+  drawBoxes(layer, detections, width, height, card.detection, pick);
+  list.setAttribute("aria-label", `${card.method.title}: detections`);
+  list.replaceChildren(el("span", { className: "hint", textContent: "Boxes:" }), ...detections.map((d, i) => {
+    const button = el("button", { type: "button", textContent: `${d.label} ${percent(d.score, 0)}` });
+    button.dataset.index = i;
+    button.setAttribute("aria-pressed", String(i === card.detection));
+    button.addEventListener("click", () => pick(i));
+    return button;
+  }));
+}
+
+async function selectDetection(card, index) {
+  const detection = card.result.detections[index];
+  card.detection = index;
+  if (detection.map && detection.map.png) {
+    const bitmap = await createImageBitmap(new Blob([base64Bytes(detection.map.png)], { type: "image/png" }));
+    card.gray = scaledGray(bitmap, card.width, card.height);
+    bitmap.close();
+    card.signed = null; // a box's map comes without its signed attribution
+  }
+  paint(card);
+  renderDetections(card);
+  $(".card-context", card.node).textContent = cardContext(card);
+  const focus = card.node.querySelector(`.detections button[data-index='${index}']`);
+  if (focus) focus.focus();
+}
+
+// ---------------------------------------------------------------------------------------------- classes
+
+/** The class every map explains (null target: the model's top class). */
+function explainedClass(run) {
+  if (run.target !== null && run.target !== undefined) return run.target;
+  return run.top && run.top.length ? run.top[0].index : null;
+}
+
+function wireClasses() {
+  const input = $("#class-input");
+  const go = () => {
+    const model = state.run && state.models.find((m) => m.name === state.run.model);
+    const index = Number(input.value);
+    const most = model && model.num_classes ? model.num_classes - 1 : Infinity;
+    if (!Number.isInteger(index) || index < 0 || index > most) {
+      input.setCustomValidity(`A class index from 0 to ${most}.`);
+      input.reportValidity();
+      return;
+    }
+    input.setCustomValidity("");
+    chooseClass(index);
+  };
+  $("#class-go").addEventListener("click", go);
+  input.addEventListener("keydown", (event) => {
+    if (event.key === "Enter") {
+      event.preventDefault();
+      go();
+    }
+  });
+}
+
+/** One list for every map: the top-5 classes are the model's, the same whatever the method. The buttons are
+ * built once per comparison and only their pressed state changes, so a class chosen with the keyboard keeps
+ * the focus. */
+function renderClasses() {
+  const run = state.run;
+  const box = $("#classes");
+  box.hidden = !(run && run.top);
+  if (box.hidden) return;
+  const list = $("#top-k");
+  if (list.dataset.run !== String(run.id)) {
+    list.dataset.run = String(run.id);
+    list.replaceChildren(...run.top.map((c) => {
+      const button = el("button", { type: "button" },
+                        el("span", { className: "label", textContent: c.label }),
+                        el("span", { className: "prob", textContent: percent(c.probability) }),
+                        el("span", { className: "bar" }));
+      $(".bar", button).style.width = `${Math.max(1, c.probability * 100)}%`;
+      button.dataset.index = c.index;
+      button.addEventListener("click", () => chooseClass(c.index));
+      return el("li", {}, button);
+    }));
+    const model = state.models.find((m) => m.name === run.model);
+    if (model && model.num_classes) $("#class-input").max = model.num_classes - 1;
+  }
+  const explained = explainedClass(run);
+  for (const button of list.querySelectorAll("button")) {
+    const c = run.top.find((t) => String(t.index) === button.dataset.index);
+    const on = c.index === explained;
+    button.setAttribute("aria-pressed", String(on));
+    button.setAttribute("aria-label", `${c.label}, ${percent(c.probability)}${on ? ", explained by every map" : ", explain this class with every method"}`);
   }
 }
 
-function svg(tag, attributes = {}, ...children) {
-  const node = document.createElementNS(SVG_NS, tag);
-  for (const [name, value] of Object.entries(attributes)) node.setAttribute(name, String(value));
-  node.append(...children);
-  return node;
-}
-
-/** Two curves of K+1 probabilities over x = k/K, on axes 0-1, with a legend on the right. */
-function curvePlot(id, curve, random, title) {
-  const [width, height, left, top, plotW, plotH] = [280, 150, 30, 8, 160, 110];
-  const x = (t) => (left + t * plotW).toFixed(1);
-  const y = (p) => (top + (1 - Math.min(1, Math.max(0, p))) * plotH).toFixed(1);
-  const points = (values) => values.map((p, k) => `${x(k / (values.length - 1))},${y(p)}`).join(" ");
-  const bottom = top + plotH;
-  const text = (content, attributes) => svg("text", attributes, content);
-  const legend = (row, cls, label) => [
-    svg("line", { class: cls, x1: left + plotW + 12, x2: left + plotW + 32, y1: top + 10 + row * 18, y2: top + 10 + row * 18 }),
-    text(label, { x: left + plotW + 36, y: top + 14 + row * 18 })];
-  const plot = svg("svg", { class: "curve-plot", viewBox: `0 0 ${width} ${height}`, role: "img",
-                            "aria-labelledby": `${id}-title` },
-    svg("title", { id: `${id}-title` }, title),
-    svg("path", { class: "axis", d: `M${left},${top} V${bottom} H${left + plotW}` }),
-    text("1", { x: left - 5, y: top + 4, "text-anchor": "end" }),
-    text("0", { x: left - 5, y: bottom + 4, "text-anchor": "end" }),
-    text("0", { x: left, y: bottom + 14, "text-anchor": "middle" }),
-    text("1", { x: left + plotW, y: bottom + 14, "text-anchor": "middle" }),
-    text("fraction of pixels deleted", { x: left + plotW / 2, y: bottom + 26, "text-anchor": "middle" }),
-    text("probability", { x: 10, y: top + plotH / 2, "text-anchor": "middle",
-                          transform: `rotate(-90 10 ${top + plotH / 2})` }),
-    svg("polyline", { class: "curve-random", points: points(random) }),
-    svg("polyline", { class: "curve-map", points: points(curve) }),
-    ...legend(0, "curve-map", "top first"),
-    ...legend(1, "curve-random", "random"));
-  return plot;
-}
-
-function paintHeat(card) {
-  if (!card.gray) return;
-  const heat = $(".heat", card.node);
-  const ctx = heat.getContext("2d");
-  const pixels = ctx.createImageData(heat.width, heat.height);
-  colorize(card.gray, lookupTable(state.colormap), pixels.data);
-  ctx.putImageData(pixels, 0, 0);
-  heat.dataset.colormap = state.colormap;
-}
-
-function renderPredictions(card, result) {
-  const list = $(".top-k", card.node);
-  list.replaceChildren();
-  for (const c of result.top_k) {
-    const button = el("button", { type: "button" },
-                      el("span", { className: "label", textContent: c.label }),
-                      el("span", { className: "prob", textContent: percent(c.probability) }),
-                      el("span", { className: "bar" }));
-    $(".bar", button).style.width = `${Math.max(1, c.probability * 100)}%`;
-    button.dataset.index = c.index;
-    button.setAttribute("aria-pressed", String(c.index === result.target));
-    button.setAttribute("aria-label", `${c.label}, ${percent(c.probability)}${c.index === result.target ? ", explained" : ", explain this class"}`);
-    button.addEventListener("click", () => {
-      if (c.index !== card.result?.target) explain(card, c.index);
-    });
-    list.append(el("li", {}, button));
+function chooseClass(index) {
+  const run = state.run;
+  if (!run) return;
+  run.target = index;
+  for (const card of run.cards.values()) {
+    if (!(card.result && card.result.target === index && card.node.dataset.state === "done")) explain(card, index);
   }
-}
-
-function fillList(dl, pairs) {
-  dl.replaceChildren();
-  for (const [key, value] of pairs) dl.append(el("dt", { textContent: key }), el("dd", { textContent: value }));
+  renderClasses();
+  renderContext();
+  writeLinkNow();
 }
 
 // ---------------------------------------------------------------------------------------------- display
 
-function wireDisplayControls() {
+function wireDisplay(fromLink) {
   const select = $("#colormap-select");
-  const slider = $("#opacity");
-  select.addEventListener("change", () => {
-    state.colormap = select.value;
-    for (const card of state.cards.values()) paintHeat(card);
-  });
-  slider.addEventListener("input", () => {
-    state.opacity = Number(slider.value);
-    $("#opacity-value").textContent = percent(state.opacity, 0);
-    for (const card of state.cards.values()) $(".heat", card.node).style.opacity = state.opacity;
-  });
+  for (const name of COLORMAP_NAMES) select.append(el("option", { value: name, textContent: name }));
+  const d = state.display;
+  if (COLORMAP_NAMES.includes(fromLink.cmap)) d.cmap = fromLink.cmap;
+  if (["heat", "top", "signed"].includes(fromLink.view)) d.view = fromLink.view;
+  const top = Number(fromLink.top);
+  if (top >= 1 && top <= 50) d.top = Math.round(top);
+  const opacity = Number(fromLink.opacity);
+  if (fromLink.opacity !== undefined && opacity >= 0 && opacity <= 1) d.opacity = opacity;
+  if (fromLink.photo !== undefined) d.photo = fromLink.photo !== "0";
+  select.value = d.cmap;
+  $("#view-select").value = d.view;
+  $("#top-percent").value = d.top;
+  $("#opacity").value = d.opacity;
+  $("#photo-toggle").checked = d.photo;
+  const changed = () => {
+    d.cmap = select.value;
+    d.view = $("#view-select").value;
+    d.top = Number($("#top-percent").value);
+    d.opacity = Number($("#opacity").value);
+    d.photo = $("#photo-toggle").checked;
+    repaintAll();
+    writeLinkNow();
+  };
+  for (const id of ["#colormap-select", "#view-select", "#photo-toggle"]) $(id).addEventListener("change", changed);
+  for (const id of ["#top-percent", "#opacity"]) $(id).addEventListener("input", changed);
+  $("#zoom-in").addEventListener("click", () => zoom.zoomIn());
+  $("#zoom-out").addEventListener("click", () => zoom.zoomOut());
+  $("#zoom-reset").addEventListener("click", () => zoom.reset());
+  repaintAll();
+}
+
+function showZoom(view) {
+  $("#zoom-value").textContent = `${Math.round(view.z * 100)}%`;
+}
+
+function repaintAll() {
+  const d = state.display;
+  $("#top-control").hidden = d.view !== "top";
+  $("#top-value").textContent = `${d.top}%`;
+  $("#opacity-value").textContent = percent(d.opacity, 0);
+  $("#colormap-select").disabled = d.view === "signed"; // the signed view has its own diverging map
+  document.body.dataset.photo = String(d.photo);
+  drawColorbar(d);
+  if (state.run) for (const card of state.run.cards.values()) paint(card);
+}
+
+function paint(card) {
+  paintCard(card, state.display);
+}
+
+// ---------------------------------------------------------------------------------------------- history
+
+/** The comparison on screen goes into "Earlier results" as small pictures (what it showed, as it showed it);
+ * its work still under way is cancelled. */
+function archive(run) {
+  const done = [...run.cards.values()].filter((c) => c.node.dataset.state === "done");
+  if (done.length) {
+    const figures = done.map((card) => {
+      const [w, h] = fitWithin(card.width, card.height, 200);
+      const thumb = el("canvas", { width: w, height: h });
+      const ctx = thumb.getContext("2d");
+      if (state.display.photo && run.image.display) ctx.drawImage($(".base", card.node), 0, 0, w, h);
+      ctx.drawImage($(".heat", card.node), 0, 0, w, h);
+      thumb.setAttribute("role", "img");
+      thumb.setAttribute("aria-label", `${card.method.title} on ${run.image.name}, class ${card.result.label}`);
+      return el("figure", {}, thumb, el("figcaption", { textContent: `${card.method.title}: ${card.result.label}` }));
+    });
+    const top = run.top && run.top.find((c) => c.index === explainedClass(run));
+    state.history.unshift({ title: `${run.image.name} · ${run.model}${top ? ` · class ${top.index} ${top.label}` : ""}`,
+                            figures });
+    state.history.length = Math.min(state.history.length, HISTORY_KEEP);
+  }
+  for (const card of run.cards.values()) dropCard(card);
+  zoom.remove($(".viewport", run.photo));
+  $("#cards").replaceChildren();
+  if (state.run === run) state.run = null;
+  renderClasses();
+  renderContext();
+  renderHistory();
+}
+
+function renderHistory() {
+  $("#history").hidden = !state.history.length;
+  $("#history-list").replaceChildren(...state.history.map((entry) =>
+    el("li", {}, el("h3", { textContent: entry.title }), el("div", { className: "thumbs" }, ...entry.figures))));
 }
 
 // ---------------------------------------------------------------------------------------------- downloads
@@ -831,30 +906,15 @@ function save(blob, name) {
   setTimeout(() => URL.revokeObjectURL(link.href), 10000);
 }
 
-/** The overlay at the photo's full size, in the colour map and opacity on screen. */
+/** The overlay at the photo's full size, in the view, colours and opacity on screen. */
 async function downloadOverlay(card) {
-  const image = card.request.image;
   const button = $(".download-overlay", card.node);
   button.disabled = true;
   try {
-    let canvas;
-    if (image.display) {
-      const full = await createImageBitmap(image.file, { imageOrientation: "from-image" });
-      canvas = new OffscreenCanvas(full.width, full.height);
-      canvas.getContext("2d").drawImage(full, 0, 0);
-      full.close();
-    } else {
-      canvas = new OffscreenCanvas(card.result.map.width, card.result.map.height);
-    }
-    const ctx = canvas.getContext("2d");
-    const pixels = ctx.getImageData(0, 0, canvas.width, canvas.height);
-    blend(pixels.data, scaledGray(card.map, canvas.width, canvas.height), lookupTable(state.colormap),
-          image.display ? state.opacity : 1);
-    ctx.putImageData(pixels, 0, 0);
-    const blob = await canvas.convertToBlob({ type: "image/png" });
-    save(blob, `${image.stem}-${card.method.name}-${card.result.target}-overlay.png`);
+    const blob = await overlayBlob(card, state.display);
+    save(blob, `${card.run.image.stem}-${card.method.name}-${card.result.target}-overlay.png`);
   } catch (err) {
-    showCardError(card, `Could not make the overlay PNG: ${err.message}`);
+    showProblem(card, `Could not make the overlay PNG: ${err.message}`);
   } finally {
     button.disabled = false;
   }
@@ -863,31 +923,13 @@ async function downloadOverlay(card) {
 function downloadNpy(card) {
   const { map, target } = card.result;
   const blob = new Blob([base64Bytes(map.npy)], { type: "application/octet-stream" });
-  save(blob, `${card.request.image.stem}-${card.method.name}-${target}-map-${map.height}x${map.width}.npy`);
+  save(blob, `${card.run.image.stem}-${card.method.name}-${target}-map-${map.height}x${map.width}.npy`);
 }
 
 // ---------------------------------------------------------------------------------------------- helpers
 
-function capitalize(text) {
-  return text ? text[0].toUpperCase() + text.slice(1) : text;
-}
-
-function sleep(ms) {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-function percent(p, digits = 1) {
-  return `${(100 * p).toFixed(digits)}%`;
-}
-
 function formatBytes(n) {
   return n >= 1 << 20 ? `${(n / (1 << 20)).toFixed(1)} MB` : `${Math.max(1, Math.round(n / 1024))} kB`;
-}
-
-function formatValue(v) {
-  if (typeof v === "number") return Number.isInteger(v) ? String(v) : v.toPrecision(4);
-  if (typeof v === "boolean") return v ? "yes" : "no";
-  return typeof v === "object" ? JSON.stringify(v) : String(v);
 }
 
 start();
