@@ -75,11 +75,40 @@ class ImageResult(BaseModel):
     timing_ms: Timing
 
 
+class DetectionOut(BaseModel):
+    """One detection of a detector's answer, and its map ("why did the model put this box here?")."""
+
+    box: list[float] = Field(description="x1, y1, x2, y2 in pixels of the uploaded image")
+    label: str
+    label_index: int
+    score: float = Field(description="the detector's score of the box")
+    map: MapOut
+    diagnostics: dict[str, Any] = Field(default_factory=dict)
+
+
+class DetectionTiming(BaseModel):
+    compute: float
+
+
+class DetectionImageResult(BaseModel):
+    """One image's answer from a detection model (task detection): a map per detection explained."""
+
+    width: int = Field(description="of the uploaded image, in pixels (the boxes' frame)")
+    height: int
+    detections: list[DetectionOut] = Field(description="by score; empty when the detector finds nothing "
+                                                       "above score_threshold")
+    timing_ms: DetectionTiming
+
+
 class ExplainResponse(BaseModel):
     model: str
     method: str
+    task: Literal["classification", "detection"] = Field(
+        "classification", description="the model's task (GET /v1/models): classification answers one map "
+                                      "per image (ImageResult), detection one per detection "
+                                      "(DetectionImageResult); absent means classification")
     params: dict[str, Any]
-    results: list[ImageResult]
+    results: list[ImageResult] | list[DetectionImageResult]
 
 
 class JobProgress(BaseModel):

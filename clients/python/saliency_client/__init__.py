@@ -18,10 +18,19 @@ from .errors import (
     ValidationError,
 )
 from .regions import SalientRegion, salient_region
-from .results import Explanation, ImageExplanation, Job
+from .results import (
+    AnyExplanation,
+    Detection,
+    DetectionExplanation,
+    Explanation,
+    ImageDetections,
+    ImageExplanation,
+    Job,
+)
 
 __all__ = [
-    "Client", "AsyncClient", "Explanation", "ImageExplanation", "Job", "SalientRegion", "salient_region",
+    "Client", "AsyncClient", "Explanation", "ImageExplanation", "DetectionExplanation", "ImageDetections",
+    "Detection", "AnyExplanation", "Job", "SalientRegion", "salient_region",
     "SaliencyError", "APIConnectionError", "APITimeoutError", "APIStatusError", "BadRequestError",
     "AuthenticationError", "NotFoundError", "PayloadTooLargeError", "UnsupportedMediaTypeError",
     "ValidationError", "RateLimitError", "ServerError", "ServiceUnavailableError", "DeadlineExceededError",

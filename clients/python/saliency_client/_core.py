@@ -15,7 +15,7 @@ import httpx
 
 from . import errors
 from .images import ImageInput, as_list, b64, to_bytes
-from .results import Explanation, Job
+from .results import Job, from_wire
 from .schemas import ExplainRequest, ExplainResponse, JobOut, MethodOut, ModelOut, SanityReport, SanityRequest
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -98,7 +98,7 @@ class Core:
         deadline = None if timeout is None else time.monotonic() + timeout
         response = yield from self.request(Call("POST", f"/v1/explain/{method}", body), deadline)
         if response.status_code != 202:
-            return Explanation.from_wire(ExplainResponse.model_validate(response.json()))
+            return from_wire(ExplainResponse.model_validate(response.json()))
         # the server turned a slow call into a job: follow it, as the same call
         job = JobOut.model_validate(response.json())
         try:
@@ -132,7 +132,7 @@ class Core:
 
     def wait(self, job_id: str, progress: bool = False, timeout: float | None = None,
              first: Job | None = None, deadline: float | None = None) -> Flow:
-        """Poll until the job ends; its Explanation, or JobFailedError.
+        """Poll until the job ends; its Explanation (DetectionExplanation of a detector), or JobFailedError.
 
         `timeout` bounds the wait (seconds).
         """
@@ -140,7 +140,7 @@ class Core:
         if not isinstance(job.result, ExplainResponse):
             raise errors.SaliencyError(f"job {job_id} is a {job.method} job, not an explanation: its result "
                                        "is job(id).result")
-        return Explanation.from_wire(job.result)
+        return from_wire(job.result)
 
     def follow(self, job_id: str, progress: bool = False, timeout: float | None = None,
                first: Job | None = None, deadline: float | None = None) -> Flow:

@@ -1,6 +1,7 @@
 """`saliency`: explain images from a shell, list models and methods, read a model's sanity report.
 
     saliency explain cat.jpg --method gradcam --out cat_gradcam.png --npy cat_gradcam.npy --metrics
+    saliency explain photo.jpg --method drise --model mtcnn -p n_masks=500   # photo_drise_0.png, ... per box
     saliency sanity efficientnet_lite0
 """
 from __future__ import annotations
@@ -13,9 +14,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .client import Client
 from .errors import SaliencyError
+from .results import Detection, DetectionExplanation
 
 
 def _param(text: str) -> tuple[str, object]:
@@ -37,6 +40,59 @@ def _target_path(template: str | None, image: str, many: bool) -> Path | None:
     return Path(template.format(stem=Path(image).stem))
 
 
+def _detection_path(template: str, image: str, many: bool, index: int) -> Path:
+    """A detection's file: `{index}` in the template, else `_<index>` before its suffix (one file per box)."""
+    if "{index}" not in template:
+        stem, dot, suffix = template.rpartition(".")
+        template = f"{stem}_{{index}}.{suffix}" if dot and "/" not in suffix else f"{template}_{{index}}"
+    if many and "{stem}" not in template:
+        raise SystemExit("with several images, --out/--npy/--gray need a {stem} placeholder, "
+                         "e.g. {stem}_drise.png")
+    return Path(template.format(stem=Path(image).stem, index=index))
+
+
+def gray(d: Detection) -> Image.Image:
+    """The map as an 8-bit grayscale PNG: the service's own when asked (--gray), else rounded from the float
+    map as the service rounds it."""
+    if d.png is not None:
+        return d.png
+    assert d.map is not None  # every call asks for npy
+    return Image.fromarray(np.round(np.clip(d.map, 0, 1) * 255).astype(np.uint8))
+
+
+def report_detections(result: DetectionExplanation, args) -> None:
+    """A detector's answer: per detection its box, label and score, and its map written to files; with no
+    --out/--gray/--npy, the map as an 8-bit grayscale PNG, {stem}_{method}_{index}.png (made here from the
+    float map, which every answer holds, so the request is the same as a classifier's)."""
+    templates = {"out": args.out, "gray": args.gray, "npy": args.npy}
+    if not any(templates.values()):
+        templates["gray"] = "{stem}_" + result.method + "_{index}.png"
+    many = len(args.images) > 1
+    for image, found in zip(args.images, result, strict=False):
+        if not args.json and not args.quiet:
+            print(f"{image}: {len(found)} detection{'s' if len(found) != 1 else ''} by {result.model} "
+                  f"({result.method}), {found.width}x{found.height}")
+        for index, d in enumerate(found):
+            written = []
+            for key, save in (("out", lambda p, d=d: d.overlay.save(p)),
+                              ("gray", lambda p, d=d: gray(d).save(p)),
+                              ("npy", lambda p, d=d: np.save(p, d.map))):
+                template = templates[key]
+                if template:
+                    path = _detection_path(template, image, many, index)
+                    save(path)
+                    written.append(str(path))
+            box = [round(v, 1) for v in d.box]
+            if args.json:
+                print(json.dumps({"image": image, "model": result.model, "method": result.method,
+                                  "index": index, "box": list(d.box), "label": d.label,
+                                  "label_index": d.label_index, "score": d.score, "written": written,
+                                  "diagnostics": d.diagnostics}))
+            elif not args.quiet:
+                print(f"  [{index}] {d.label} score={d.score:.3f} box={box}"
+                      + (f" -> {', '.join(written)}" if written else ""))
+
+
 def cmd_explain(client: Client, args) -> int:
     outputs = ["npy"]
     if args.out:
@@ -56,6 +112,9 @@ def cmd_explain(client: Client, args) -> int:
     else:
         result = client.explain(args.images, args.method, model=args.model, targets=args.target,
                                 outputs=outputs, params=params, metrics=metrics)
+    if isinstance(result, DetectionExplanation):
+        report_detections(result, args)
+        return 0
     for image, r in zip(args.images, result, strict=False):
         written = []
         # each saver is called in this iteration; `r=r` binds it anyway (ruff B023)
@@ -170,8 +229,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("images", nargs="+", help="image files")
     e.add_argument("--method", "-m", default="gradcam")
     e.add_argument("--model")
-    e.add_argument("--target", type=int, help="class index (default: each image's top-1 class)")
-    e.add_argument("--out", "-o", help="overlay PNG to write ({stem} = the image's name)")
+    e.add_argument("--target", type=int, help="class index (default: each image's top-1 class); of a "
+                                              "detector, the index of the detection to explain")
+    e.add_argument("--out", "-o", help="overlay PNG to write ({stem} = the image's name; of a detector, one "
+                                       "per detection: {index}, else _0, _1, ... before the suffix)")
     e.add_argument("--gray", help="grayscale PNG of the map to write")
     e.add_argument("--npy", help="float32 map (.npy) to write")
     e.add_argument("-p", "--param", action="append", type=_param, metavar="NAME=VALUE",

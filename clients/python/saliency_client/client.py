@@ -11,7 +11,7 @@ import httpx
 from . import errors
 from ._core import DEFAULT_URL, Core, Flow, Sleep
 from .images import ImageInput
-from .results import Explanation, Job
+from .results import AnyExplanation, Job
 from .schemas import MethodOut, ModelOut, SanityReport, SanityRequest
 
 Images = ImageInput | Sequence[ImageInput]
@@ -99,12 +99,16 @@ class Client(_Base):
     def explain(self, images: Images, method: str = "gradcam", *, model: str | None = None,
                 targets: Targets = None, outputs: Sequence[str] | str = ("npy",), size: str = "original",
                 progress: bool = False, timeout: float | None = None, params: Mapping[str, Any] | None = None,
-                metrics: Mapping[str, Any] | None = None, **more: Any) -> Explanation:
+                metrics: Mapping[str, Any] | None = None, **more: Any) -> AnyExplanation:
         """Explain one image or a list. Method parameters are keyword arguments (n_steps=32, ...) or `params=`
         (the only way to pass IG's own `method`). `timeout` bounds the whole call in seconds, a job the server
         turned it into included (that job is then cancelled); None: no bound beyond each request's.
         `metrics`: the per-map metrics' parameters ({"steps": 20, "replacement": "blur"}), with "metrics" in
-        `outputs`; each result's `metrics` then holds the figures."""
+        `outputs`; each result's `metrics` then holds the figures.
+
+        A classifier's answer is an Explanation (a map per image); a detection model's (`drise`, or `gradcam`
+        of a torchvision detector) a DetectionExplanation: per image its detections, each with box, label,
+        score and map. Their `task` ("classification" or "detection") tells them apart."""
         return self._run(self._explain_flow(images, method, model, targets, outputs, size, progress, timeout,
                                             params, more, metrics))
 
@@ -119,7 +123,7 @@ class Client(_Base):
     def job(self, job_id: str) -> Job:
         return self._run(self._core.job(job_id))
 
-    def wait(self, job_id: str, *, progress: bool = False, timeout: float | None = None) -> Explanation:
+    def wait(self, job_id: str, *, progress: bool = False, timeout: float | None = None) -> AnyExplanation:
         """Poll a job until it ends (a tqdm bar when `progress`); JobFailedError when failed or cancelled."""
         return self._run(self._core.wait(job_id, progress=progress, timeout=timeout))
 
@@ -192,7 +196,7 @@ class AsyncClient(_Base):
                       targets: Targets = None, outputs: Sequence[str] | str = ("npy",),
                       size: str = "original", progress: bool = False, timeout: float | None = None,
                       params: Mapping[str, Any] | None = None, metrics: Mapping[str, Any] | None = None,
-                      **more: Any) -> Explanation:
+                      **more: Any) -> AnyExplanation:
         return await self._run(self._explain_flow(images, method, model, targets, outputs, size, progress,
                                                   timeout, params, more, metrics))
 
@@ -206,7 +210,8 @@ class AsyncClient(_Base):
     async def job(self, job_id: str) -> Job:
         return await self._run(self._core.job(job_id))
 
-    async def wait(self, job_id: str, *, progress: bool = False, timeout: float | None = None) -> Explanation:
+    async def wait(self, job_id: str, *, progress: bool = False,
+                   timeout: float | None = None) -> AnyExplanation:
         return await self._run(self._core.wait(job_id, progress=progress, timeout=timeout))
 
     async def cancel(self, job_id: str) -> Job:

@@ -60,11 +60,35 @@ class ImageResult(BaseModel):
     timing_ms: Timing
 
 
+class DetectionOut(BaseModel):
+    box: list[float]  # x1, y1, x2, y2 in pixels of the uploaded image
+    label: str
+    label_index: int
+    score: float
+    map: MapOut
+    diagnostics: dict[str, Any] = Field(default_factory=dict)
+
+
+class DetectionTiming(BaseModel):
+    compute: float
+
+
+class DetectionImageResult(BaseModel):
+    width: int  # of the uploaded image: the boxes' frame
+    height: int
+    detections: list[DetectionOut]
+    timing_ms: DetectionTiming
+
+
+Task = Literal["classification", "detection"]
+
+
 class ExplainResponse(BaseModel):
     model: str
     method: str
+    task: Task = "classification"  # a classifier's answer leaves it out
     params: dict[str, Any]
-    results: list[ImageResult]
+    results: list[ImageResult] | list[DetectionImageResult]
 
 
 class JobProgress(BaseModel):
@@ -137,6 +161,7 @@ class ModelOut(BaseModel):
     name: str
     architecture: str
     description: str = ""
+    task: Task = "classification"  # detection: an object detector (drise, per-box maps)
     available: bool
     reason: str | None = None
     device: str | None = None
@@ -173,6 +198,7 @@ class ErrorOut(BaseModel):
     error: ErrorBody
 
 
-WIRE_MODELS = (ExplainRequest, ClassScore, MapOut, Timing, ImageResult, ExplainResponse, JobProgress, JobOut,
+WIRE_MODELS = (ExplainRequest, ClassScore, MapOut, Timing, ImageResult, DetectionOut, DetectionTiming,
+               DetectionImageResult, ExplainResponse, JobProgress, JobOut,
                ModelOut, MethodOut, ErrorBody, ErrorOut, SanityLevel, SanityMethod, SanityReport,
                SanityRequest, SanitySummary, SelfTestOut)
