@@ -19,6 +19,12 @@ from pathlib import Path
 from .settings import Settings
 
 
+def _settings(args: argparse.Namespace) -> Settings:
+    """The server's settings, with the command's --models-dir and --device over them."""
+    overrides = {k: v for k, v in (("models_dir", args.models_dir), ("device", args.device)) if v is not None}
+    return Settings(**overrides)
+
+
 def check_model_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service check-model", description=__doc__)
     parser.add_argument("model", help="a card's name in the models directories, or a path to a card (.toml)")
@@ -30,8 +36,7 @@ def check_model_parser() -> argparse.ArgumentParser:
 
 def check_model(argv: list[str]) -> int:
     args = check_model_parser().parse_args(argv)
-    overrides = {k: v for k, v in (("models_dir", args.models_dir), ("device", args.device)) if v is not None}
-    settings = Settings(**overrides)
+    settings = _settings(args)
 
     from .selftest import describe, full_self_test  # torch: imported once the arguments are good
     from .zoo import resolve_device
@@ -100,8 +105,7 @@ def add_model_parser() -> argparse.ArgumentParser:
 
 def add_model(argv: list[str]) -> int:
     args = add_model_parser().parse_args(argv)
-    overrides = {k: v for k, v in (("models_dir", args.models_dir), ("device", args.device)) if v is not None}
-    settings = Settings(**overrides)
+    settings = _settings(args)
     from .zoo.cards import CardError
 
     try:

@@ -218,6 +218,19 @@ def png_bound(width: int, height: int, channels: int) -> int:
     return raw + raw // 1000 + _PNG_FIXED
 
 
+def map_bytes(width: int, height: int, outputs: Collection[str]) -> int:
+    """The most characters a width x height map takes in base64 in the answer, in the outputs asked for: 4
+    bytes a pixel as float32 .npy (+ its header), at most 1 as a gray PNG and 3 as an overlay PNG."""
+    total = 0
+    if "npy" in outputs:
+        total += b64_len(NPY_HEADER + 4 * width * height)
+    if "png" in outputs:
+        total += b64_len(png_bound(width, height, 1))
+    if "overlay" in outputs:
+        total += b64_len(png_bound(width, height, 3))
+    return total
+
+
 @dataclass(frozen=True)
 class AnswerBound:
     """An upper bound on the bytes of a call's answer as sent (its JSON: every map in base64), from what is
@@ -244,13 +257,7 @@ class AnswerBound:
 
     def image_bytes(self, index: int, outputs: Collection[str], size: str) -> int:
         width, height = self.map_size(index, size)
-        total = 0
-        if "npy" in outputs:
-            total += b64_len(NPY_HEADER + 4 * width * height)
-        if "png" in outputs:
-            total += b64_len(png_bound(width, height, 1))
-        if "overlay" in outputs:
-            total += b64_len(png_bound(width, height, 3))
+        total = map_bytes(width, height, outputs)
         if "metrics" in outputs:  # four curves of at most 101 points, 25 characters each, and their figures
             total += 4 * 101 * 25 + 1024
         if "raw" in outputs:

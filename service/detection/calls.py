@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from .. import imaging
 from ..errors import Cancelled, InvalidInput, TooLarge, as_service_error, describe_validation
 from ..jobs import Job
-from ..pipeline import NPY_HEADER, CallRequest, b64_len, check_counts, png_bound
+from ..pipeline import CallRequest, check_counts, map_bytes
 from ..settings import Settings
 from .explain import DETECTION_METHODS, DetectionMap, explain_image
 from .params import DetectionParams, DriseParams
@@ -80,16 +80,7 @@ def decode(settings: Settings, detector: LoadedDetector, blobs: list[bytes]) -> 
     return out
 
 
-def map_bytes(width: int, height: int, outputs: list[str]) -> int:
-    """The most bytes one detection's map can take in the answer (pipeline.AnswerBound's per-map bound)."""
-    total = 2048  # the detection's box, label, score and diagnostics
-    if "npy" in outputs:
-        total += b64_len(NPY_HEADER + 4 * width * height)
-    if "png" in outputs:
-        total += b64_len(png_bound(width, height, 1))
-    if "overlay" in outputs:
-        total += b64_len(png_bound(width, height, 3))
-    return total
+_DETECTION = 2048  # a detection's entry besides its map: box, label, score, diagnostics
 
 
 def check_answer(settings: Settings, detector: LoadedDetector, params: DetectionParams,
@@ -101,7 +92,7 @@ def check_answer(settings: Settings, detector: LoadedDetector, params: Detection
 
     def bound(at: str, outputs: list[str], per_image: int) -> int:
         sizes = dims if at == "original" else [_explained(w, h, detector.max_side) for w, h in dims]
-        return sum(per_image * map_bytes(w, h, outputs) for w, h in sizes)
+        return sum(per_image * (_DETECTION + map_bytes(w, h, outputs)) for w, h in sizes)
 
     limit, n = settings.max_response_bytes, params.max_detections
     if bound(request.size, outputs, n) <= limit:
