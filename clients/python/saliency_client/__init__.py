@@ -17,7 +17,7 @@ from .errors import (
     UnsupportedMediaTypeError,
     ValidationError,
 )
-from .regions import SalientRegion, salient_region
+from .regions import SalientRegion, salient_region, salient_region_in_box
 from .results import (
     AnyExplanation,
     Detection,
@@ -31,6 +31,7 @@ from .results import (
 __all__ = [
     "Client", "AsyncClient", "Explanation", "ImageExplanation", "DetectionExplanation", "ImageDetections",
     "Detection", "AnyExplanation", "Job", "SalientRegion", "salient_region",
+    "salient_region_in_box",
     "SaliencyError", "APIConnectionError", "APITimeoutError", "APIStatusError", "BadRequestError",
     "AuthenticationError", "NotFoundError", "PayloadTooLargeError", "UnsupportedMediaTypeError",
     "ValidationError", "RateLimitError", "ServerError", "ServiceUnavailableError", "DeadlineExceededError",

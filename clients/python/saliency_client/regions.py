@@ -76,3 +76,28 @@ def salient_region(heat: np.ndarray, threshold: float = 0.5) -> SalientRegion:
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
     return SalientRegion(mask=mask, box=box, peak=peak)
+
+
+def salient_region_in_box(heat: np.ndarray, box: tuple[float, float, float, float] | list[float],
+                          threshold: float = 0.5) -> SalientRegion:
+    """The most salient region of a detection's map within its box: salient_region of the box's crop, placed
+    back in the whole map (the mask is False outside the box; `box` is the region's, `peak` the crop's).
+
+    `box` is (x1, y1, x2, y2) in the map's pixels, rounded outward to whole pixels and clipped to the map (at
+    least one pixel). Why within the box: a labeling tool's mask of a detection's label belongs on the object;
+    the evidence D-RISE finds outside the box (context) stays in the float map (Label Studio's brush,
+    FiftyOne's Heatmap), which this does not replace.
+    """
+    heat = np.asarray(heat, dtype=np.float32)
+    if heat.ndim != 2 or heat.size == 0:
+        raise ValueError(f"a saliency map must be a non-empty HxW array, not {heat.shape}")
+    h, w = heat.shape
+    x1 = min(max(int(np.floor(box[0])), 0), w - 1)
+    y1 = min(max(int(np.floor(box[1])), 0), h - 1)
+    x2 = max(min(int(np.ceil(box[2])), w), x1 + 1)
+    y2 = max(min(int(np.ceil(box[3])), h), y1 + 1)
+    inner = salient_region(heat[y1:y2, x1:x2], threshold)
+    mask = np.zeros(heat.shape, dtype=bool)
+    mask[y1:y2, x1:x2] = inner.mask
+    bx1, by1, bx2, by2 = inner.box
+    return SalientRegion(mask=mask, box=(bx1 + x1, by1 + y1, bx2 + x1, by2 + y1), peak=inner.peak)
