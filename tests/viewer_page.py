@@ -71,12 +71,14 @@ def canvas_stats(page, selector: str) -> dict:
 
 
 def save_screenshot(page, path: Path, **options) -> Path:
-    """A PNG screenshot; re-encoded with a 256-colour palette when it would pass SCREENSHOT_LIMIT."""
+    """A PNG screenshot; re-encoded with a 256-colour palette, dithered (plain quantising bands the colour
+    bar), when it would pass SCREENSHOT_LIMIT."""
     path.parent.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(path), **options)
     if path.stat().st_size > SCREENSHOT_LIMIT:
         image = Image.open(path).convert("RGB")
+        palette = image.quantize(256, method=Image.Quantize.MEDIANCUT)
         buffer = io.BytesIO()
-        image.quantize(256, method=Image.Quantize.MEDIANCUT).save(buffer, "PNG", optimize=True)
+        image.quantize(palette=palette, dither=Image.Dither.FLOYDSTEINBERG).save(buffer, "PNG", optimize=True)
         path.write_bytes(buffer.getvalue())
     return path

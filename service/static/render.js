@@ -46,9 +46,12 @@ function paintPixels(out, gray, signed, width, height, photo, d) {
 
 /** Draw the card's map on its heat canvas in the view `d`; say so when the signed view has no sign to show. */
 export function paintCard(card, d) {
-  if (!card.gray) return;
   const heat = $(".heat", card.node);
   const ctx = heat.getContext("2d");
+  if (!card.gray) {
+    ctx.clearRect(0, 0, heat.width, heat.height);
+    return;
+  }
   const pixels = ctx.createImageData(heat.width, heat.height);
   const photo = d.photo && Boolean(card.run.image.display);
   paintPixels(pixels.data, card.gray, card.signed, heat.width, heat.height, photo, d);
@@ -74,26 +77,16 @@ export async function overlayBlob(card, d) {
     if (photo) canvas.getContext("2d").drawImage(full, 0, 0);
     full.close();
   } else {
-    canvas = new OffscreenCanvas(card.result.map.width, card.result.map.height);
+    canvas = new OffscreenCanvas(card.shown.width, card.shown.height);
   }
   const { width, height } = canvas;
   const ctx = canvas.getContext("2d");
   const pixels = ctx.getImageData(0, 0, width, height);
   const over = new Uint8ClampedArray(pixels.data.length);
   const signed = card.signed && card.signedMap ? signedAt(card.signedMap, width, height) : null;
-  const gray = card.detection === null ? scaledGray(card.map, width, height) : resampleGray(card, width, height);
+  const gray = scaledGray(card.map, width, height);
   paintPixels(over, gray, signed, width, height, photo, d);
   compositeOver(pixels.data, over);
   ctx.putImageData(pixels, 0, 0);
   return canvas.convertToBlob({ type: "image/png" });
-}
-
-/** A box's map (held at the display size) at another size. */
-function resampleGray(card, width, height) {
-  const canvas = new OffscreenCanvas(card.width, card.height);
-  const ctx = canvas.getContext("2d");
-  const pixels = ctx.createImageData(card.width, card.height);
-  for (let i = 0; i < card.gray.length; i++) pixels.data.set([card.gray[i], card.gray[i], card.gray[i], 255], 4 * i);
-  ctx.putImageData(pixels, 0, 0);
-  return scaledGray(canvas, width, height);
 }

@@ -252,7 +252,8 @@ function updateCosts() {
   else {
     const time = unknown === checked.length ? "the time is not measured on this server yet"
       : `about ${formatDuration(seconds)}${unknown ? " for those measured" : ""}`;
-    total.textContent = `${checked.length} method${checked.length === 1 ? "" : "s"}: ${formatCount(passes)} passes, ${time}.`;
+    total.textContent = `${checked.length} method${checked.length === 1 ? "" : "s"}: ${formatCount(passes)} `
+                      + `pass${passes === 1 ? "" : "es"}, ${time}.`;
   }
 }
 
@@ -440,7 +441,9 @@ function onRun(event) {
 function scrollToResults() {
   const heading = $("#results-heading");
   const box = heading.getBoundingClientRect();
-  if (box.top >= 0 && box.bottom <= window.innerHeight) return;
+  const header = $(".top");
+  const covered = getComputedStyle(header).position === "sticky" ? header.offsetHeight : 0; // wide screens
+  if (box.top >= covered && box.bottom <= window.innerHeight) return;
   const smooth = !window.matchMedia("(prefers-reduced-motion: reduce)").matches;
   heading.scrollIntoView({ block: "start", behavior: smooth ? "smooth" : "auto" });
 }
@@ -466,11 +469,11 @@ function newRun(common) {
   return run;
 }
 
-/** The size the maps are drawn at: the photo's as shown, or the model's input when the browser cannot show it. */
-function displaySize(run, result) {
+/** The size the maps are drawn at: the photo's as shown, or the map's when the browser cannot show the photo. */
+function displaySize(run, shown) {
   if (run.image.display) return [run.image.display.width, run.image.display.height];
   const model = state.models.find((m) => m.name === run.model);
-  if (result) return fitWithin(result.map.width, result.map.height, DISPLAY_MAX);
+  if (shown) return fitWithin(shown.width, shown.height, DISPLAY_MAX);
   const [h, w] = (model && model.input_size) || [224, 224];
   return [w, h];
 }
@@ -481,7 +484,7 @@ function makeCard(run, method, params, signature, cost) {
   node.setAttribute("aria-label", method.title);
   $(".card-title", node).textContent = method.title;
   const card = { run, method, params, signature, cost, node, token: 0, jobId: null, map: null, gray: null,
-                 signed: null, signedMap: null, result: null, detection: null, width: 0, height: 0 };
+                 signed: null, signedMap: null, result: null, shown: null, detection: null, width: 0, height: 0 };
   $(".cancel", node).addEventListener("click", () => cancel(card));
   $(".retry", node).addEventListener("click", () => explain(card, run.target));
   $(".download-overlay", node).addEventListener("click", () => downloadOverlay(card));
@@ -506,13 +509,19 @@ function makeCard(run, method, params, signature, cost) {
   return card;
 }
 
-/** What a card shows, in one line: its image, its model and its class. */
+/** What a card shows, in one line: its image, its model and its class (a detector's: its box). */
 function cardContext(card) {
   const { run, result } = card;
-  const what = result ? `class ${result.target} ${result.label} (${percent(result.probability)})`
-    : run.target === null ? "the top class" : `class ${run.target}`;
-  const box = card.detection !== null && result && result.detections ? `, box ${card.detection + 1}` : "";
-  return `${run.image.name} · ${run.model} · ${what}${box}`;
+  let what;
+  if (result && Array.isArray(result.detections) && (card.detection !== null || !result.map)) {
+    const d = result.detections[card.detection];
+    what = d ? `box ${card.detection + 1} of ${result.detections.length}: ${d.label} (${percent(d.score)})`
+      : "no detections";
+  } else {
+    what = result ? `class ${result.target} ${result.label} (${percent(result.probability)})`
+      : run.target === null ? "the top class" : `class ${run.target}`;
+  }
+  return `${run.image.name} · ${run.model} · ${what}`;
 }
 
 function renderContext() {
@@ -651,21 +660,33 @@ function abandon(card) {
 
 function restoreButtons(card) {
   $(".download-overlay", card.node).disabled = !card.gray;
-  $(".download-npy", card.node).disabled = !card.result?.map?.npy;
+  $(".download-npy", card.node).disabled = !card.shown?.npy;
 }
 
 // ---------------------------------------------------------------------------------------------- results
 
+/** Show `shown` (a map of the API: the result's, or one detection's) on the card: its 8-bit PNG scaled to
+ * the photo as drawn. No map (a detector that found nothing): the photo alone. */
+async function showMap(card, shown) {
+  if (card.map) card.map.close();
+  card.map = card.gray = null;
+  card.shown = shown || null;
+  if (shown && shown.png) {
+    card.map = await createImageBitmap(new Blob([base64Bytes(shown.png)], { type: "image/png" }));
+    card.gray = scaledGray(card.map, card.width, card.height);
+  }
+}
+
 async function showResult(card, result, roundTripMs) {
   const { node, run } = card;
-  const bitmap = await createImageBitmap(new Blob([base64Bytes(result.map.png)], { type: "image/png" }));
-  const [w, h] = displaySize(run, result);
-  if (card.map) card.map.close();
-  card.map = bitmap;
+  // A detector's result (docs/detection.md) has no map of its own: the first detection's is shown.
+  const detections = Array.isArray(result.detections) ? result.detections : null;
   card.result = result;
-  card.detection = null;
+  card.detection = !result.map && detections && detections.length ? 0 : null;
+  const shown = result.map || (card.detection === null ? null : detections[0].map);
+  const [w, h] = displaySize(run, shown);
   [card.width, card.height] = [w, h];
-  card.gray = scaledGray(bitmap, w, h);
+  await showMap(card, shown);
   card.signedMap = result.raw ? signedMap(parseNpy(base64Bytes(result.raw))) : null;
   card.signed = card.signedMap && card.signedMap.signed ? signedAt(card.signedMap, w, h) : null;
   for (const canvas of node.querySelectorAll("canvas")) {
@@ -673,16 +694,17 @@ async function showResult(card, result, roundTripMs) {
   }
   if (run.image.display) $(".base", node).getContext("2d").drawImage(run.image.display, 0, 0, w, h);
   paint(card);
-  $(".heat", node).setAttribute("aria-label", `${card.method.title} map for class ${result.label}`);
+  $(".heat", node).setAttribute("aria-label", `${card.method.title} map, ${cardContext(card)}`);
   $(".card-context", node).textContent = cardContext(card);
 
-  if (!run.top) run.top = result.top_k;
+  if (!run.top && result.top_k) run.top = result.top_k;
   renderClasses();
   renderContext();
-  fillList($(".timing", node), [["queue", `${result.timing_ms.queue.toFixed(1)} ms`],
-                                ["compute", `${result.timing_ms.compute.toFixed(1)} ms`],
+  const timing = result.timing_ms || {};
+  const ms = (v) => (typeof v === "number" ? `${v.toFixed(1)} ms` : "—");
+  fillList($(".timing", node), [["queue", ms(timing.queue)], ["compute", ms(timing.compute)],
                                 ["round trip", `${roundTripMs.toFixed(0)} ms`],
-                                ["map", `${result.map.width} × ${result.map.height}`]]);
+                                ["map", shown ? `${shown.width} × ${shown.height}` : "none"]]);
   renderDiagnostics(node, result.diagnostics, card.method.diagnostics);
   renderMetrics(node, card.method, result.metrics);
   renderDetections(card);
@@ -697,10 +719,12 @@ function renderDetections(card) {
   const detections = card.result && Array.isArray(card.result.detections) ? card.result.detections : [];
   const layer = $(".boxes", card.node);
   const list = $(".detections", card.node);
-  layer.hidden = list.hidden = !detections.length;
+  layer.toggleAttribute("hidden", !detections.length); // an <svg> has no `hidden` property, only the attribute
+  list.hidden = !detections.length;
   if (!detections.length) return;
-  const width = card.run.image.width || card.result.map.width;
-  const height = card.run.image.height || card.result.map.height;
+  // Boxes are in the upload's pixels; a photo the browser cannot decode has no size here: the results' own.
+  const width = card.run.image.width || card.result.width || (card.shown && card.shown.width);
+  const height = card.run.image.height || card.result.height || (card.shown && card.shown.height);
   const pick = (i) => selectDetection(card, i);
   drawBoxes(layer, detections, width, height, card.detection, pick);
   list.setAttribute("aria-label", `${card.method.title}: detections`);
@@ -714,15 +738,11 @@ function renderDetections(card) {
 }
 
 async function selectDetection(card, index) {
-  const detection = card.result.detections[index];
   card.detection = index;
-  if (detection.map && detection.map.png) {
-    const bitmap = await createImageBitmap(new Blob([base64Bytes(detection.map.png)], { type: "image/png" }));
-    card.gray = scaledGray(bitmap, card.width, card.height);
-    bitmap.close();
-    card.signed = null; // a box's map comes without its signed attribution
-  }
+  await showMap(card, card.result.detections[index].map);
+  card.signed = null; // a box's map comes without its signed attribution
   paint(card);
+  restoreButtons(card);
   renderDetections(card);
   $(".card-context", card.node).textContent = cardContext(card);
   const focus = card.node.querySelector(`.detections button[data-index='${index}']`);
@@ -873,8 +893,9 @@ function archive(run) {
       if (state.display.photo && run.image.display) ctx.drawImage($(".base", card.node), 0, 0, w, h);
       ctx.drawImage($(".heat", card.node), 0, 0, w, h);
       thumb.setAttribute("role", "img");
-      thumb.setAttribute("aria-label", `${card.method.title} on ${run.image.name}, class ${card.result.label}`);
-      return el("figure", {}, thumb, el("figcaption", { textContent: `${card.method.title}: ${card.result.label}` }));
+      const what = card.result.label ?? cardContext(card).split(" · ").pop();
+      thumb.setAttribute("aria-label", `${card.method.title} on ${run.image.name}, ${what}`);
+      return el("figure", {}, thumb, el("figcaption", { textContent: `${card.method.title}: ${what}` }));
     });
     const top = run.top && run.top.find((c) => c.index === explainedClass(run));
     state.history.unshift({ title: `${run.image.name} · ${run.model}${top ? ` · class ${top.index} ${top.label}` : ""}`,
@@ -912,7 +933,7 @@ async function downloadOverlay(card) {
   button.disabled = true;
   try {
     const blob = await overlayBlob(card, state.display);
-    save(blob, `${card.run.image.stem}-${card.method.name}-${card.result.target}-overlay.png`);
+    save(blob, `${card.run.image.stem}-${card.method.name}-${shownName(card)}-overlay.png`);
   } catch (err) {
     showProblem(card, `Could not make the overlay PNG: ${err.message}`);
   } finally {
@@ -920,10 +941,15 @@ async function downloadOverlay(card) {
   }
 }
 
+/** The files' names say what they show: the class, or the box. */
+function shownName(card) {
+  return card.detection === null ? String(card.result.target) : `box${card.detection + 1}`;
+}
+
 function downloadNpy(card) {
-  const { map, target } = card.result;
+  const map = card.shown;
   const blob = new Blob([base64Bytes(map.npy)], { type: "application/octet-stream" });
-  save(blob, `${card.run.image.stem}-${card.method.name}-${target}-map-${map.height}x${map.width}.npy`);
+  save(blob, `${card.run.image.stem}-${card.method.name}-${shownName(card)}-map-${map.height}x${map.width}.npy`);
 }
 
 // ---------------------------------------------------------------------------------------------- helpers
