@@ -6,9 +6,9 @@ side at most the detector's `max_side` (D-RISE runs N masked copies of that imag
 upload's pixels: boxes scaled back, maps resized to the upload (or left at the image explained with
 `size=input`). Each map is encoded as a classifier's is (npy, png, overlay).
 
-The detection calls run one at a time on their own thread, beside the classifier lanes: a D-RISE call is N
-forwards of the detector, and they are batched `chunk` masked images per forward within the call.
-Cross-request batching with the lanes' scheduler is not done yet (docs/detection.md).
+The detection calls run on threads of their own, beside the classifier lanes; a D-RISE call is N forwards of
+the detector, which go through the D-RISE lane (lane.py): `chunk` masked images per forward, those of
+concurrent calls on images of one size with the same masks batched together.
 """
 from __future__ import annotations
 
@@ -28,11 +28,16 @@ from ..jobs import Job
 from ..pipeline import CallRequest, check_counts, map_bytes
 from ..settings import Settings
 from .explain import DETECTION_METHODS, DetectionMap, explain_image
+from .lane import DriseLane
 from .params import DetectionParams, DriseParams
 from .zoo import LoadedDetector
 
 CHUNK = 32  # masked images per detector forward: the pass budget of a detection call
-_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detect")
+# A thread per call in flight (its first forward, target choice, encoding); D-RISE's forwards go through the
+# one lane, which batches those of concurrent calls (lane.py).
+CALLS_IN_FLIGHT = 4
+_EXECUTOR = ThreadPoolExecutor(max_workers=CALLS_IN_FLIGHT, thread_name_prefix="detect")
+LANE = DriseLane(CHUNK)
 
 
 def resolve_params(method: str, detector: LoadedDetector, raw: dict[str, Any]) -> DetectionParams:
@@ -161,7 +166,8 @@ def run(settings: Settings, detector: LoadedDetector, method: str, params: Detec
     for index, ((image, size), target) in enumerate(zip(images, targets, strict=True)):
         started = time.monotonic()
         maps = explain_image(detector, method, image, params, target, size, chunk=CHUNK,
-                             on_progress=job.progress_for(index), should_stop=job.cancel_event.is_set)
+                             on_progress=job.progress_for(index), should_stop=job.cancel_event.is_set,
+                             run_drise=LANE.run)
         job.progress_for(index)(steps(method, params), steps(method, params))
         results.append({"width": size[0], "height": size[1],
                         "detections": [encode_detection(m, image, size, outputs, request.size) for m in maps],

@@ -88,20 +88,31 @@ def _subset(found: Detections, indices: list[int]) -> Detections:
 Progress = Callable[[int, int], None]
 
 
+# D-RISE of one image: (detector, image, targets, settings, early stop, progress, should_stop) -> (maps, info)
+DriseRunner = Callable[[LoadedDetector, torch.Tensor, Detections, DriseSettings, "EarlyStop | None",
+                        "Progress | None", Callable[[], bool]], tuple[torch.Tensor, dict[str, Any]]]
+
+
 def explain_image(detector: LoadedDetector, method: str, image: torch.Tensor, params: DetectionParams,
                   target: int | None, size: tuple[int, int], *, chunk: int,
-                  on_progress: Progress | None = None,
-                  should_stop: Callable[[], bool] | None = None) -> list[DetectionMap]:
-    """The maps of one image (3, H, W) in [0, 1]; `size` the upload's (width, height)."""
+                  on_progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
+                  run_drise: DriseRunner | None = None) -> list[DetectionMap]:
+    """The maps of one image (3, H, W) in [0, 1]; `size` the upload's (width, height). `run_drise`: where
+    D-RISE's forwards run (the service's lane, lane.py, batching them with other calls'); default here."""
     scale = image.shape[-1] / size[0]
     found = detector.detect(image[None].to(detector.device))[0]
     targets, _ = select(found, params, detector, target, size, scale)
     if method == "drise":
         assert isinstance(params, DriseParams)
         settings = DriseSettings(params.n_masks, params.grid_size, params.keep_prob, params.seed)
-        maps, info = drise(detector.detect, image.to(detector.device), targets, detector.num_classes,
-                           settings, chunk=chunk, early_stop=EarlyStop() if params.early_stop else None,
-                           on_progress=on_progress, should_stop=should_stop)
+        early_stop = EarlyStop() if params.early_stop else None
+        if run_drise is not None:
+            maps, info = run_drise(detector, image.to(detector.device), targets, settings, early_stop,
+                                   on_progress, should_stop or (lambda: False))
+        else:
+            maps, info = drise(detector.detect, image.to(detector.device), targets, detector.num_classes,
+                               settings, chunk=chunk, early_stop=early_stop, on_progress=on_progress,
+                               should_stop=should_stop)
         extra = [{"n_masks": info["n_masks"], "stopped_early": info.get("stopped_early", False),
                   "weight_sum": float(info["weight_sum"][k])} for k in range(len(targets))]
     elif method == "gradcam":
