@@ -51,6 +51,7 @@ import datetime
 import json
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,7 +70,8 @@ from service.detection.base import Detections  # noqa: E402
 from service.detection.drise import DriseSettings, drise  # noqa: E402
 
 PHOTO = ROOT / "service" / "evidence" / "photos" / "astronaut.jpg"
-SIDES = {"planted": 224, "mtcnn": 160}  # MTCNN costs ~50 ms a forward here at 160 px; 224 doubles the run
+# MTCNN costs ~25-50 ms a forward here at 160 px (what the masks leave decides how much of its cascade runs)
+SIDES = {"planted": 224, "mtcnn": 160, "frcnn": 224}
 
 
 def photo(side: int) -> torch.Tensor:
@@ -94,15 +96,54 @@ class Planted:
         return [Detections(self.box.clone(), torch.zeros(1, dtype=torch.long), s[None]) for s in scores]
 
 
-def detector(name: str, image: torch.Tensor):
+class RandomFasterRCNN:
+    """torchvision's fasterrcnn_mobilenet_v3_large_320_fpn with seeded random weights, every box kept (score
+    threshold 0): a dense CNN detector whose cost does not depend on what the masks leave (fixed proposals),
+    for timing only (its detections mean nothing, so its maps are not compared)."""
+
+    num_classes = 91
+
+    def __init__(self) -> None:
+        import torchvision
+
+        torch.manual_seed(0)
+        self.model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+            weights=None, weights_backbone=None, num_classes=self.num_classes, box_score_thresh=0.0).eval()
+
+    def __call__(self, images: torch.Tensor) -> list[Detections]:
+        with torch.no_grad():
+            out = self.model(list(images))
+        return [Detections(o["boxes"], o["labels"], o["scores"]) for o in out]
+
+
+class Timed:
+    """The detector with a clock: what the forwards cost, apart from what D-RISE costs around them."""
+
+    def __init__(self, detect):
+        self.detect, self.wall, self.cpu, self.images = detect, 0.0, 0.0, 0
+
+    def __call__(self, images: torch.Tensor) -> list[Detections]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = self.detect(images)
+        self.wall += time.perf_counter() - wall
+        self.cpu += time.process_time() - cpu
+        self.images += images.shape[0]
+        return out
+
+
+def detector(name: str, image: torch.Tensor) -> tuple[Any, int]:
+    """(detect, number of classes)."""
     if name == "planted":
-        return Planted(image)
+        return Planted(image), 1
+    if name == "frcnn":
+        return RandomFasterRCNN(), RandomFasterRCNN.num_classes
     from service.detection.mtcnn import MtcnnDetector
 
-    return MtcnnDetector.from_package(torch.device("cpu"))
+    return MtcnnDetector.from_package(torch.device("cpu")), 1
 
 
-def peer_map(detect, image: torch.Tensor, target: Detections, n: int, grid: int, seed: int) -> torch.Tensor:
+def peer_map(detect, num_classes: int, image: torch.Tensor, target: Detections, n: int, grid: int,
+             seed: int) -> torch.Tensor:
     from vision_explanation_methods.explanations import drise as peer
     from vision_explanation_methods.explanations.common import (
         DetectionRecord,
@@ -110,9 +151,9 @@ def peer_map(detect, image: torch.Tensor, target: Detections, n: int, grid: int,
     )
 
     def record(d: Detections) -> DetectionRecord:
-        # one class: the class vector is (1,) per detection, cosine 1; objectness is the score
+        # the class vectors ours uses (one-hot labels: one class gives cosine 1); objectness is the score
         return DetectionRecord(bounding_boxes=d.boxes, objectness_scores=d.scores,
-                               class_scores=d.class_vectors(1))
+                               class_scores=d.class_vectors(num_classes))
 
     class Wrapper(GeneralObjectDetectionModelWrapper):
         def predict(self, x: torch.Tensor) -> list[DetectionRecord]:
@@ -126,27 +167,31 @@ def peer_map(detect, image: torch.Tensor, target: Detections, n: int, grid: int,
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
     image = photo(SIDES[spec["detector"]])
-    detect = detector(spec["detector"], image)
+    inner, num_classes = detector(spec["detector"], image)
     with torch.no_grad():
-        found = detect(image[None])[0]
+        found = inner(image[None])[0]
     if len(found) == 0:
         raise SystemExit(f"{spec['detector']}: no detection on the clean image")
     best = int(found.scores.argmax())
     target = Detections(found.boxes[best:best + 1], found.labels[best:best + 1], found.scores[best:best + 1])
+    detect = Timed(inner)
+    if spec["impl"] == "peer":  # its import (pandas) before the clock
+        import vision_explanation_methods.explanations.drise  # noqa: F401
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     wall, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         if spec["impl"] == "ours":
             settings = DriseSettings(spec["n"], spec["grid"], 0.5, spec["seed"])
-            maps, info = drise(detect, image, target, 1, settings, chunk=spec["chunk"])
+            maps, info = drise(detect, image, target, num_classes, settings, chunk=spec["chunk"])
             heat, raw = maps[0], info["raw"][0]
         else:
-            heat = peer_map(detect, image, target, spec["n"], spec["grid"], spec["seed"])
+            heat = peer_map(detect, num_classes, image, target, spec["n"], spec["grid"], spec["seed"])
             raw = torch.full_like(heat, float("nan"))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.save(torch.stack([heat.float(), raw.float()]), spec["out"])
-    return {"wall": wall, "cpu": cpu, "peak_mb": (after - before) / 1024, "box": target.boxes[0].tolist(),
+    return {"wall": wall, "cpu": cpu, "detector_cpu": detect.cpu, "forwards": detect.images,
+            "peak_mb": (after - before) / 1024, "box": target.boxes[0].tolist(),
             "score": float(target.scores[0])}
 
 
@@ -165,7 +210,7 @@ def corr(a: torch.Tensor, b: torch.Tensor) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--detectors", default="planted,mtcnn")
+    ap.add_argument("--detectors", default="planted,mtcnn", help="planted, mtcnn, frcnn (timing only)")
     ap.add_argument("--n", type=int, default=1000, help="masks per image, both sides (the service's default)")
     ap.add_argument("--grid", type=int, default=16)
     ap.add_argument("--chunks", default="32,1", help="ours: masked images per detector call (the first is "
@@ -177,6 +222,7 @@ def main() -> None:
                     help="masks of the peer's own reference, planted detector only (0: none); its memory "
                          "is ~N x 3 x H x W floats")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=1, help="rounds of the timed runs at N (medians)")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -186,46 +232,83 @@ def main() -> None:
           f"{torch.__version__}, threads {args.threads}, N={args.n}, grid {args.grid}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.detectors.split(","):
-            side = SIDES[name]
-            base = {"detector": name, "grid": args.grid, "threads": args.threads}
-            rows: list[tuple[str, dict[str, Any], torch.Tensor]] = []
+            compare = name != "frcnn"  # random weights: time only
+            rows = measure_all(name, args, chunks, compare, Path(tmp))
+            print_table(rows, chunks, compare)
 
-            def measure(label: str, rows=rows, base=base, **spec: Any) -> None:
-                out = str(Path(tmp) / f"{base['detector']}-{len(rows)}.pt")
-                result = run({**base, **spec, "out": out})
-                rows.append((label, result, torch.load(out)))
-                print(f"  {label}: {result['wall']:.2f} s wall, {result['cpu']:.2f} s CPU, "
-                      f"+{result['peak_mb']:.0f} MB peak", flush=True)
 
-            print(f"\n{name} detector, {side} x {side} px")
-            for c in chunks:
-                measure(f"ours, chunk {c}", impl="ours", n=args.n, seed=0, chunk=c)
-            measure("peer", impl="peer", n=args.n, seed=0, chunk=1)
-            measure(f"reference: ours N={args.ref_n}", impl="ours", n=args.ref_n, seed=1, chunk=chunks[0])
-            ref, ref_raw = rows[-1][2]
-            peer_ref = None
-            if args.peer_ref_n and name == "planted":
-                measure(f"reference: peer N={args.peer_ref_n}", impl="peer", n=args.peer_ref_n, seed=1,
-                        chunk=1)
-                peer_ref = rows[-1][2][0]
-            for n in (int(v) for v in args.curve.split(",") if v):
-                measure(f"ours N={n}, chunk {chunks[0]}", impl="ours", n=n, seed=0, chunk=chunks[0])
-            first = rows[0][1]
-            print(f"target box {[round(v, 1) for v in first['box']]}, score {first['score']:.3f}\n")
-            head = ("| run | s per image (wall / CPU) | peer / this (wall / CPU) | peak MB "
-                    "| corr with ours ref | raw sum: corr with ref's |")
-            head += " corr with peer ref |" if peer_ref is not None else ""
-            print(head)
-            print("|---|---:|---:|---:|---:|---:|" + ("---:|" if peer_ref is not None else ""))
-            peer = rows[len(chunks)][1]
-            for label, result, (heat, raw) in rows:
-                raw_corr = "" if torch.isnan(raw).any() else f"{corr(raw, ref_raw):.3f}"
-                line = (f"| {label} | {result['wall']:.2f} / {result['cpu']:.2f} | "
-                        f"{peer['wall'] / result['wall']:.1f}x / {peer['cpu'] / result['cpu']:.1f}x | "
-                        f"{result['peak_mb']:.0f} | {corr(heat, ref):.3f} | {raw_corr} |")
-                if peer_ref is not None:
-                    line += f" {corr(heat, peer_ref):.3f} |"
-                print(line)
+Row = tuple[str, dict[str, Any], torch.Tensor]
+
+
+def measure_all(name: str, args: argparse.Namespace, chunks: list[int], compare: bool,
+                tmp: Path) -> list[Row]:
+    base = {"detector": name, "grid": args.grid, "threads": args.threads}
+    rows: list[Row] = []
+
+    def measure(label: str, **spec: Any) -> None:
+        out = str(tmp / f"{name}-{len(rows)}.pt")
+        result = run({**base, **spec, "out": out})
+        rows.append((label, result, torch.load(out)))
+        report(label, result)
+
+    def report(label: str, result: dict[str, Any]) -> None:
+        print(f"  {label}: {result['wall']:.2f} s wall, {result['cpu']:.2f} s CPU "
+              f"({result['detector_cpu']:.2f} s in the detector), +{result['peak_mb']:.0f} MB peak",
+              flush=True)
+
+    print(f"\n{name} detector, {SIDES[name]} x {SIDES[name]} px")
+    # the timed runs at N take turns, round after round, so a change in the machine's other load falls on
+    # all of them alike; each one's median over the rounds
+    timed = [(f"ours, chunk {c}", {"impl": "ours", "chunk": c}) for c in chunks]
+    timed.append(("peer", {"impl": "peer", "chunk": 1}))
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in timed}
+    for _ in range(args.repeats):
+        for label, spec in timed:
+            result = run({**base, **spec, "n": args.n, "seed": 0, "out": str(tmp / f"{name}-{label}.pt")})
+            runs[label].append(result)
+            report(label, result)
+    for label, _ in timed:
+        results = runs[label]
+        median = {k: statistics.median(r[k] for r in results) for k in ("wall", "cpu", "detector_cpu")}
+        rows.append((label, {**results[0], **median, "peak_mb": max(r["peak_mb"] for r in results)},
+                     torch.load(tmp / f"{name}-{label}.pt")))
+    if compare:
+        measure(f"reference: ours N={args.ref_n}", impl="ours", n=args.ref_n, seed=1, chunk=chunks[0])
+        if args.peer_ref_n and name == "planted":
+            measure(f"reference: peer N={args.peer_ref_n}", impl="peer", n=args.peer_ref_n, seed=1, chunk=1)
+        for n in (int(v) for v in args.curve.split(",") if v):
+            measure(f"ours N={n}, chunk {chunks[0]}", impl="ours", n=n, seed=0, chunk=chunks[0])
+    first = rows[0][1]
+    print(f"target box {[round(v, 1) for v in first['box']]}, score {first['score']:.3f}\n")
+    return rows
+
+
+def print_table(rows: list[Row], chunks: list[int], compare: bool) -> None:
+    """Times are per image. "rest": the CPU time outside the detector's forwards (masks, masked copies,
+    weights, sums; the peer's record conversions too)."""
+    peer = rows[len(chunks)][1]
+    refs = {label.split(":")[1].split()[0]: heat for label, _, heat in rows if label.startswith("reference")}
+    head = ("| run | s wall / CPU | detector CPU s (ms a forward) | rest CPU s | peer / this: CPU, rest CPU "
+            "| peak MB |")
+    rule = "|---|---:|---:|---:|---:|---:|"
+    if compare:
+        head += " corr, ours ref | raw sum: corr, ours ref's |"
+        head += " corr, peer ref |" if "peer" in refs else ""
+        rule += "---:|---:|" + ("---:|" if "peer" in refs else "")
+    print(head)
+    print(rule)
+    for label, r, (heat, raw) in rows:
+        rest, peer_rest = r["cpu"] - r["detector_cpu"], peer["cpu"] - peer["detector_cpu"]
+        line = (f"| {label} | {r['wall']:.2f} / {r['cpu']:.2f} | {r['detector_cpu']:.2f} "
+                f"({1e3 * r['detector_cpu'] / max(r['forwards'], 1):.1f}) | {rest:.2f} | "
+                f"{peer['cpu'] / r['cpu']:.1f}x, {peer_rest / max(rest, 1e-9):.1f}x | {r['peak_mb']:.0f} |")
+        if compare:
+            ours_ref, ours_raw = refs["ours"]
+            raw_corr = "" if torch.isnan(raw).any() else f"{corr(raw, ours_raw):.3f}"
+            line += f" {corr(heat, ours_ref):.3f} | {raw_corr} |"
+            if "peer" in refs:
+                line += f" {corr(heat, refs['peer'][0]):.3f} |"
+        print(line)
 
 
 if __name__ == "__main__":

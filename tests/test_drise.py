@@ -221,6 +221,20 @@ def inner(coords: torch.Tensor, size: int, cell: int, s: int) -> torch.Tensor:
     return (coords >= margin) & (coords < size - margin)
 
 
+@pytest.mark.parametrize("size, grid", [((H, W), 6), ((37, 101), 16), ((64, 64), 64), ((5, 3), 2)])
+def test_masks_are_the_upsampled_grid_cropped(size, grid):
+    """The separable products give torch's bilinear interpolate to (s + 1) x cell, cropped at the shift."""
+    sampler = MaskSampler(size, DriseSettings(n_masks=16, grid=grid, seed=4))
+    grids, dy, dx = sampler.grids(0, 16)
+    cell = (math.ceil(size[0] / grid), math.ceil(size[1] / grid))
+    up = F.interpolate(grids[:, None].float(), size=((grid + 1) * cell[0], (grid + 1) * cell[1]),
+                       mode="bilinear", align_corners=False)[:, 0]
+    expected = torch.stack([up[i, y:y + size[0], x:x + size[1]]
+                            for i, (y, x) in enumerate(zip(dy.tolist(), dx.tolist(), strict=True))])
+    assert bool((dy < cell[0]).all() and (dx < cell[1]).all())
+    torch.testing.assert_close(sampler.masks(0, 16), expected, atol=1e-5, rtol=0)
+
+
 def test_masks_do_not_depend_on_the_range_asked():
     settings = DriseSettings(n_masks=600, grid=16, p=0.5, seed=1)
     sampler = MaskSampler((H, W), settings)
