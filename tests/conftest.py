@@ -23,13 +23,15 @@ def _seed():
     np.random.seed(0)
 
 
+# The shipped cards the suite was written against (lite1/2 in test_lite_models, detectors in test_detection_*)
+SUITE_MODELS = ["efficientnet_lite0", "tiny_cnn", "resnet50"]
+
+
 @pytest.fixture(scope="session")
 def registry():
     from service.zoo import ModelRegistry
 
-    # the shipped cards the suite is written against; efficientnet_lite1/2 load in tests/test_lite_models.py
-    shipped = {"efficientnet_lite0", "tiny_cnn", "resnet50"}
-    return ModelRegistry.from_dir(MODELS, torch.device("cpu"), only=shipped)
+    return ModelRegistry.from_dir(MODELS, torch.device("cpu"), only=set(SUITE_MODELS))
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from service.imaging import decode_image, overlay, resize_map
 from service.methods import METHODS
 from service.settings import Settings
 from service.zoo import ModelRegistry
-from tests.conftest import MODELS
+from tests.conftest import MODELS, SUITE_MODELS
 from tests.server import running_server
 
 QUICK = {"integrated-gradients": {"n_steps": 8}, "smoothgrad": {"n_samples": 4},
@@ -51,7 +51,9 @@ def server(request, registry):
         return
     settings = Settings(max_wait_ms=20, cache_bytes=0)  # every call computes
     if request.param == "process":
-        with running_server(settings.model_copy(update={"worker": "process"})) as (base, app):
+        # the children load the suite's models, as the embedded engine's registry holds
+        with running_server(settings.model_copy(update={"worker": "process", "models": SUITE_MODELS})) as (
+                base, app):
             yield base, app
         return
     with running_server(settings, registry) as (base, app):
