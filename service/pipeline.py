@@ -349,6 +349,6 @@ def encode_result(call: Call, index: int, result: ImageExplanation, queue_ms: fl
 
 
 def response_body(call: Call, results: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"model": call.model.name, "method": call.method.name, "params": call.params.model_dump(),
-            "results": results}
+    return {"model": call.model.name, "method": call.method.name, "task": "classification",
+            "params": call.params.model_dump(), "results": results}
 

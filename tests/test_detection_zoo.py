@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import service.detection.zoo  # noqa: F401  (registers the detectors' loader with the zoo)
 from service.settings import Settings
 from service.zoo import ModelRegistry
 from service.zoo.cards import CardError, read_card

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from ..zoo.cards import ModelCard
 
 
 @dataclass(frozen=True)
@@ -45,3 +48,29 @@ class Detections:
 
 
 DetectFn = Callable[[torch.Tensor], list[Detections]]
+
+
+# the longest side an image is explained at: D-RISE runs N masked copies of it through the detector
+MAX_SIDE = 640
+
+
+@dataclass(eq=False)
+class LoadedDetector:
+    card: ModelCard
+    detect: DetectFn  # (B, 3, H, W) in [0, 1] -> list[Detections], boxes in pixels of that input
+    labels: tuple[str, ...]
+    device: torch.device
+    module: torch.nn.Module | None = None  # the differentiable model, where per-box gradients apply
+    cam_layer: str | None = None  # its default Grad-CAM layer (the backbone's feature map)
+    max_side: int = MAX_SIDE
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def facts(self) -> dict[str, Any]:
+        return {"task": "detection", "num_classes": self.num_classes, "default_layer": self.cam_layer}

@@ -27,7 +27,7 @@ from ..errors import Cancelled, InvalidInput, TooLarge, as_service_error, descri
 from ..jobs import Job
 from ..pipeline import CallRequest, check_counts, map_bytes
 from ..settings import Settings
-from .explain import DETECTION_METHODS, DetectionMap, explain_image
+from .explain import BOX_GRADCAM, DETECTION_METHODS, DetectionMap, explain_image
 from .lane import DriseLane
 from .params import DetectionParams, DriseParams
 from .zoo import LoadedDetector
@@ -44,7 +44,7 @@ def resolve_params(method: str, detector: LoadedDetector, raw: dict[str, Any]) -
     if method not in DETECTION_METHODS:
         raise InvalidInput(f"method {method!r} does not apply to {detector.name}, an object detector: its "
                            f"methods are {sorted(DETECTION_METHODS)}", code="method_not_applicable")
-    if method == "gradcam" and detector.module is None:
+    if method == BOX_GRADCAM and detector.module is None:
         raise InvalidInput(f"gradcam needs the detector's graph; {detector.name} is explained as a black box "
                            "(drise)", code="method_not_applicable")
     try:

@@ -14,14 +14,17 @@ from typing import Any
 import torch
 
 from ..errors import InvalidInput, quote
+from ..methods.gradcam import GradCAM
 from .base import Detections
 from .drise import DriseSettings, EarlyStop, box_iou, drise
 from .params import BoxGradcamParams, DetectionParams, DriseParams
 from .zoo import LoadedDetector
 
 MATCH_IOU = 0.5
-DETECTION_METHODS: dict[str, type[DetectionParams]] = {"drise": DriseParams, "gradcam": BoxGradcamParams}
-DETECTION_ONLY = {"drise"}  # the methods a classifier does not take
+DRISE = "drise"
+BOX_GRADCAM = GradCAM.name  # Grad-CAM asked of a detector: per box
+DETECTION_METHODS: dict[str, type[DetectionParams]] = {DRISE: DriseParams, BOX_GRADCAM: BoxGradcamParams}
+DETECTION_ONLY = {DRISE}  # the methods a classifier does not take
 
 
 @dataclass
@@ -102,7 +105,7 @@ def explain_image(detector: LoadedDetector, method: str, image: torch.Tensor, pa
     scale = image.shape[-1] / size[0]
     found = detector.detect(image[None].to(detector.device))[0]
     targets, _ = select(found, params, detector, target, size, scale)
-    if method == "drise":
+    if method == DRISE:
         assert isinstance(params, DriseParams)
         settings = DriseSettings(params.n_masks, params.grid_size, params.keep_prob, params.seed)
         early_stop = EarlyStop() if params.early_stop else None
@@ -115,7 +118,7 @@ def explain_image(detector: LoadedDetector, method: str, image: torch.Tensor, pa
                                should_stop=should_stop)
         extra = [{"n_masks": info["n_masks"], "stopped_early": info.get("stopped_early", False),
                   "weight_sum": float(info["weight_sum"][k])} for k in range(len(targets))]
-    elif method == "gradcam":
+    elif method == BOX_GRADCAM:
         assert isinstance(params, BoxGradcamParams) and detector.module is not None
         from .torchvision_detectors import torchvision_box_gradcam
 

@@ -33,9 +33,8 @@ from ..methods.hooks import get_layer
 from ..zoo.cards import CardError, ModelCard
 from ..zoo.labels import load_labels
 from ..zoo.weights import apply_state_dict, read_state_dict, resolve_weights
-from .base import Detections
+from .base import Detections, LoadedDetector
 from .box_gradcam import Backward, BoxCamInfo, box_gradcam
-from .zoo import LoadedDetector
 
 # The detectors served, by torchvision's builder name ("torchvision:NAME" in a card).
 DETECTORS = (

@@ -9,40 +9,14 @@ Architectures:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from ..zoo.cards import CardError, ModelCard
+from ..zoo.registry import register_task_loader
 from ..zoo.weights import WeightsMissing, _inside, package_file
-from .base import DetectFn
-
-# the longest side an image is explained at: D-RISE runs N masked copies of it through the detector
-MAX_SIDE = 640
-
-
-@dataclass(eq=False)
-class LoadedDetector:
-    card: ModelCard
-    detect: DetectFn  # (B, 3, H, W) in [0, 1] -> list[Detections], boxes in pixels of that input
-    labels: tuple[str, ...]
-    device: torch.device
-    module: torch.nn.Module | None = None  # the differentiable model, where per-box gradients apply
-    cam_layer: str | None = None  # its default Grad-CAM layer (the backbone's feature map)
-    max_side: int = MAX_SIDE
-
-    @property
-    def name(self) -> str:
-        return self.card.name
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.labels)
-
-    def facts(self) -> dict[str, Any]:
-        return {"task": "detection", "num_classes": self.num_classes, "default_layer": self.cam_layer}
+from .base import LoadedDetector
 
 
 def weights_folder(card: ModelCard, models_dir: Path) -> Path:
@@ -77,3 +51,6 @@ def load_detector(card: ModelCard, models_dir: Path, device: torch.device) -> Lo
         return load_torchvision_detector(card, models_dir, device)
     raise CardError(card.name, f"unknown detection architecture {card.architecture!r} (builtin:mtcnn or a "
                                "torchvision detector)")
+
+
+register_task_loader("detection", load_detector)

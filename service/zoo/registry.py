@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,10 +20,17 @@ from .preprocess import Preprocessor
 from .reshape import ReshapeTransform, StageMaps, identity, swin_tokens
 from .weights import WeightsMissing, apply_state_dict, read_state_dict, resolve_weights
 
-if TYPE_CHECKING:  # the detection package imports the zoo's cards and weights
-    from ..detection.zoo import LoadedDetector
-
 log = logging.getLogger(__name__)
+
+# Loaders of the cards of other tasks than classification, (card, models_dir, device) -> the loaded model,
+# registered by the package that serves the task (service/detection/zoo.py: "detection"), as timm registers
+# its models next to their definitions: the zoo reads cards and weights, and imports none of those packages.
+TaskLoader = Callable[[ModelCard, Path, torch.device], Any]
+TASK_LOADERS: dict[str, TaskLoader] = {}
+
+
+def register_task_loader(task: str, loader: TaskLoader) -> None:
+    TASK_LOADERS[task] = loader
 
 
 @dataclass(eq=False)
@@ -203,7 +210,8 @@ def _why_not(module: nn.Module, layer: str, size: tuple[int, int], reshape: Resh
 class ModelRegistry:
     models: dict[str, LoadedModel] = field(default_factory=dict)  # the classifiers
     unavailable: dict[str, UnavailableModel] = field(default_factory=dict)
-    detectors: dict[str, LoadedDetector] = field(default_factory=dict)  # cards with task = "detection"
+    # cards of task "detection": service.detection.zoo.LoadedDetector (loaded by the task's registered loader)
+    detectors: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dir(cls, models_dir: Path | Sequence[Path], device: torch.device, only: set[str] | None = None,
@@ -218,10 +226,12 @@ class ModelRegistry:
                 if only is not None and card.name not in only:
                     continue
                 try:
-                    if card.task == "detection":
-                        from ..detection.zoo import load_detector
-
-                        registry.detectors[card.name] = load_detector(card, found.base, device)
+                    if card.task != "classification":
+                        loader = TASK_LOADERS.get(card.task)
+                        if loader is None:
+                            raise CardError(card.name, f"no loader for task {card.task!r} in this process "
+                                                       "(service.detection registers the detectors')")
+                        registry.detectors[card.name] = loader(card, found.base, device)
                         log.info("loaded detector %s on %s", card.name, device)
                         continue
                     registry.models[card.name] = load_model(card, found.base, device, fold_norms)
