@@ -106,6 +106,12 @@ def page(browser, server):
 @pytest.mark.slow
 @pytest.mark.browser
 def test_gradcam_and_ig_on_chelsea_render_overlays_and_predict_a_cat(page, chelsea, tmp_path):
+    # the note on a parameter several methods share (precision: 60 words) is in the form once
+    form = page.text_content("#run-form")
+    assert form.count("fp32, bf16 or fp16") == 1 and page.is_visible("#shared-notes")
+    # a method the model's self-test refused cannot be ticked, and says why
+    assert page.is_disabled("#method-attention-relevance")
+    assert page.text_content("#method-attention-relevance-na").startswith("Not for efficientnet_lite0: ")
     photo = save_jpeg(chelsea, tmp_path / "chelsea.jpg")
     page.set_input_files("#image-input", str(photo))
     page.wait_for_selector("#preview:not([hidden])")

@@ -2,8 +2,9 @@
 one class picker, one colour bar and one zoom; the rendering (heat with opacity following the value, top x %,
 signed); results in view and a busy Explain; a busy server (a 429 and a 504 for one method each, the others
 shown, retry per card, Explain again keeps what succeeded); the cost before running; the history; the link;
-the phone; the health line; a detector's boxes. Screenshots: docs/viewer/compare-1280.png,
-compare-1280-signed.png and compare-phone.png (looked at, and committed: each under 400 kB)."""
+the phone; the health line; a detector's boxes. Screenshots: artifacts/viewer-compare-*.png;
+with SALIENCY_UPDATE_SCREENSHOTS=1, docs/viewer/compare-1280.png, compare-1280-signed.png and
+compare-phone.png (look at them, then commit them: each under 400 kB)."""
 from __future__ import annotations
 
 import base64
@@ -18,10 +19,10 @@ from service.settings import Settings
 from tests.server import running_server
 from tests.viewer_page import (
     ARTIFACTS,
-    DOCS,
     STATUS,
     canvas_stats,
     card,
+    docs_screenshot,
     open_viewer,
     save_jpeg,
     save_screenshot,
@@ -395,12 +396,12 @@ def test_desktop_1280_by_800_screenshot(browser, server, photo):
         assert tops[0] == tops[1] == tops[2], tops
         settle_scroll(page)
         page.evaluate("window.scrollTo(0, 0)")
-        path = save_screenshot(page, DOCS / "compare-1280.png")
+        path = save_screenshot(page, docs_screenshot("compare-1280.png"))
         assert Image.open(path).size == (1280, 800)
         # the fine-grained maps' row, signed
         page.select_option("#view-select", "signed")
         page.eval_on_selector(card("smoothgrad"), "c => window.scrollTo(0, c.offsetTop - 150)")
-        save_screenshot(page, DOCS / "compare-1280-signed.png")
+        save_screenshot(page, docs_screenshot("compare-1280-signed.png"))
         assert page.errors == []
     finally:
         context.close()
@@ -423,7 +424,7 @@ def test_the_phone_layout_is_one_column_with_no_horizontal_scroll(browser, serve
         assert page.is_hidden(".photo-card")  # the photo is under the maps already
         settle_scroll(page)
         page.evaluate("document.querySelector('#results-heading').scrollIntoView()")
-        path = save_screenshot(page, DOCS / "compare-phone.png")
+        path = save_screenshot(page, docs_screenshot("compare-phone.png"))
         assert Image.open(path).size == (390, 844)
         save_screenshot(page, ARTIFACTS / "viewer-phone-full.png", full_page=True)
         assert page.errors == []

@@ -3,6 +3,7 @@ canvas, set a parameter folded under its method."""
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 from PIL import Image
@@ -10,7 +11,7 @@ from PIL import Image
 from tests.conftest import ROOT
 
 ARTIFACTS = ROOT / "artifacts"
-DOCS = ROOT / "docs" / "viewer"  # the screenshots the README's Viewer section shows
+DOCS = ROOT / "docs" / "viewer"  # the screenshots the README's Viewer section shows (committed)
 TIMEOUT_MS = 120_000  # CPU inference on a shared machine
 STATUS = "document.querySelector('#server-status').textContent"
 SCREENSHOT_LIMIT = 400_000  # bytes: a committed screenshot stays small
@@ -68,6 +69,14 @@ def canvas_stats(page, selector: str) -> dict:
         return {width: c.width, height: c.height, mean, std: Math.sqrt(Math.max(0, s2 / n - mean * mean)),
                 clear: clear / n, alpha: a / n, opacity: getComputedStyle(c).opacity};
     }""")
+
+
+def docs_screenshot(name: str) -> Path:
+    """Where a screenshot of the docs goes: artifacts/ on an ordinary run (a test run leaves the checkout
+    clean), docs/viewer/ with SALIENCY_UPDATE_SCREENSHOTS=1 (then look at them and commit them)."""
+    if os.environ.get("SALIENCY_UPDATE_SCREENSHOTS") == "1":
+        return DOCS / name
+    return ARTIFACTS / f"viewer-{name}"
 
 
 def save_screenshot(page, path: Path, **options) -> Path:
