@@ -4,6 +4,8 @@ time and peak memory per image, and each map's correlation with a high-N referen
 
     .venv/bin/python -m pip install --no-deps vision-explanation-methods==0.1.1   # the peer (see below)
     .venv/bin/python bench/drise.py                         # planted and MTCNN detectors, N=1000, s=16
+    .venv/bin/python bench/drise.py --detectors planted --repeats 5   # the method's own cost, 5 rounds
+    .venv/bin/python bench/drise.py --detectors frcnn --n 200         # a dense CNN detector, time only
     .venv/bin/python bench/drise.py --detectors planted --n 500 --ref-n 2000 --peer-ref-n 0
 
 The peer installs with --no-deps: its `explanations/drise.py` imports only torch, torchvision, PIL, pandas
@@ -33,16 +35,23 @@ service's `DetectFn`):
   (vectorised, microseconds a batch): what each implementation itself costs around a detector;
 - mtcnn: the MTCNN face detector with its real weights (facenet-pytorch's wheel, the service's card
   `models/mtcnn.toml`) on the astronaut photo's face: a real detector's forwards, which dominate on a CPU.
-  A torchvision Faster R-CNN with random weights was not used: its detections (if any pass the threshold)
-  mean nothing, so the maps would compare noise.
+  A cascade: what a forward costs depends on how many candidates survive its first stages, so on what the
+  masks leave of the face. The peer's blocky masks leave less of it (fewer detections), so its forwards
+  are cheaper and its weights mostly zero: compare the detector's and the rest's CPU time apart, and the
+  maps' correlations.
+- frcnn: torchvision's fasterrcnn_mobilenet_v3_large_320_fpn with seeded random weights, every box kept:
+  a dense CNN whose cost does not depend on the masks, for timing only (random weights: its maps mean
+  nothing and are not compared). What batching buys a CNN detector on this CPU.
 
 Each measured call runs in its own subprocess (fresh peak RSS; --threads intra-op threads, 1 by default: on
 a machine shared with other jobs a second OpenMP thread mostly waits, see docs/benchmarks.md "Per-map
 metrics"); the time is wall clock and process CPU time of the D-RISE call alone (the detector built and the
-target found before the clock starts). Correlation: Pearson over the pixels of the displayed maps against a
-reference map of --ref-n masks computed by ours with another seed (so ours at N shares no mask with it), and
-against the peer's own at --peer-ref-n masks where given. "raw sum": ours' sum_i w_i M_i (the paper's formula,
-not centred) against the reference's, which shows what the centring buys at a given N.
+target found before the clock starts), and apart, the CPU time inside the detector's calls; with --repeats
+the timed runs at N take turns round after round and the table gives their medians. Correlation: Pearson
+over the pixels of the displayed maps against a reference map of --ref-n masks computed by ours with another
+seed (so ours at N shares no mask with it), and against the peer's own at --peer-ref-n masks where given.
+"raw sum": ours' sum_i w_i M_i (the paper's formula, not centred) against the reference's, which shows what
+the centring buys at a given N.
 """
 from __future__ import annotations
 
@@ -70,7 +79,7 @@ from service.detection.base import Detections  # noqa: E402
 from service.detection.drise import DriseSettings, drise  # noqa: E402
 
 PHOTO = ROOT / "service" / "evidence" / "photos" / "astronaut.jpg"
-# MTCNN costs ~25-50 ms a forward here at 160 px (what the masks leave decides how much of its cascade runs)
+# MTCNN at 160 px: its forwards are the run's cost (the 5000-mask reference is thousands of them)
 SIDES = {"planted": 224, "mtcnn": 160, "frcnn": 224}
 
 
