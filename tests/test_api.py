@@ -229,7 +229,8 @@ def test_catalog(server):
     assert lite["folded_batchnorms"] == 49  # every BatchNorm of the model (service/zoo/fold.py)
     assert not models["resnet50"]["available"] and "weights" in models["resnet50"]["reason"]
     methods = {m["name"]: m for m in httpx.get(f"{base}/v1/methods").json()}
-    assert set(methods) == set(METHODS)
+    assert set(methods) == set(METHODS) | {"drise"}  # and the detectors' D-RISE
+    assert methods["drise"]["tasks"] == ["detection"] and "detection" in methods["gradcam"]["tasks"]
     ig = methods["integrated-gradients"]["parameters"]["properties"]["n_steps"]
     assert ig["default"] == 50 and ig["minimum"] == 1 and ig["maximum"] == 1024
 

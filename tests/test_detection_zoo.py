@@ -91,6 +91,14 @@ def test_a_detector_is_listed_as_one_and_refuses_the_classifier_methods(astronau
         assert listed["mtcnn"]["task"] == "detection" and listed["mtcnn"]["available"]
         assert listed["mtcnn"]["num_classes"] == 1
         assert listed["tiny_cnn"]["task"] == "classification"
+        assert listed["mtcnn"]["methods"] == ["drise"]  # a black box: no per-box gradients
+        assert listed["mtcnn"]["methods_not_applicable"]["gradcam"] == ("mtcnn is an object detector: its "
+                                                                        "methods are drise")
+        assert "drise" not in listed["tiny_cnn"]["methods"]
+        assert "object detectors" in listed["tiny_cnn"]["methods_not_applicable"]["drise"]
+        methods = {m["name"]: m for m in httpx.get(f"{base}/v1/methods", timeout=30).json()}
+        assert methods["drise"]["tasks"] == ["detection"] and methods["drise"]["passes_at_defaults"] == 1000
+        assert methods["drise"]["parameters"]["properties"]["n_masks"]["maximum"] == 10_000
         files = [("image", ("a.png", png(astronaut), "image/png"))]
         r = httpx.post(f"{base}/v1/explain/smoothgrad", files=files, data={"model": "mtcnn"}, timeout=60)
         assert r.status_code == 422 and r.json()["error"]["code"] == "method_not_applicable", r.text

@@ -229,6 +229,13 @@ class ModelOut(BaseModel):
     self_test: SelfTestOut | None = None
 
 
+Task = Literal["classification", "detection"]
+
+
+def _classification() -> list[Task]:
+    return ["classification"]
+
+
 class MethodOut(BaseModel):
     name: str
     title: str
@@ -243,7 +250,9 @@ class MethodOut(BaseModel):
     parameters: dict[str, Any] = Field(description="JSON schema of the parameters (types, defaults, bounds)")
     metrics_forwards_at_defaults: int = Field(
         description="forward passes (no backward) per image that outputs=metrics adds at the default steps: "
-                    "4 (K - 1) + 1 for K steps (metrics_steps)")
+                    "4 (K - 1) + 1 for K steps (metrics_steps); 0 where the metrics do not apply (detectors)")
+    tasks: list[Task] = Field(default_factory=_classification,
+                              description="the models it explains, by their task (GET /v1/models `task`)")
 
 
 class ErrorBody(BaseModel):

@@ -25,6 +25,18 @@ DRISE = "drise"
 BOX_GRADCAM = GradCAM.name  # Grad-CAM asked of a detector: per box
 DETECTION_METHODS: dict[str, type[DetectionParams]] = {DRISE: DriseParams, BOX_GRADCAM: BoxGradcamParams}
 DETECTION_ONLY = {DRISE}  # the methods a classifier does not take
+# D-RISE's facts for GET /v1/methods (the classifier methods declare theirs on their classes)
+DRISE_FACTS = {
+    "title": "D-RISE (Petsiuk et al. 2021)", "cost": "n_masks forwards of the detector (no backward)",
+    "cost_factors": ["n_masks"], "iterative": True,
+    "diagnostics": {"n_masks": "masks used (fewer than asked when early_stop stopped the image)",
+                    "stopped_early": "early_stop ended it once the map stopped changing",
+                    "weight_sum": "the masks' summed weights for this detection (0: no mask kept it)"}}
+
+
+def detector_methods(detector: LoadedDetector) -> list[str]:
+    """The methods a detector takes: D-RISE always, per-box Grad-CAM where its graph is there."""
+    return [DRISE] + ([BOX_GRADCAM] if detector.module is not None else [])
 
 
 @dataclass

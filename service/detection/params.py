@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-MAX_MASKS = 10_000
+from .drise import DEFAULT_GRID, DEFAULT_MASKS, MAX_GRID, MAX_MASKS, MIN_GRID, MIN_MASKS
 
 
 class DetectionParams(BaseModel):
@@ -48,9 +48,10 @@ class DriseParams(DetectionParams):
     """D-RISE (Petsiuk et al. 2021): the defaults are the paper's grid and keep probability; 1,000 masks
     rather than its 5,000 (bench/drise.py: the map's correlation with a high-N reference against the cost)."""
 
-    n_masks: int = Field(1000, ge=16, le=MAX_MASKS, description="random masks (the cost: forwards of the "
-                                                                "detector per image)")
-    grid_size: int = Field(16, ge=2, le=64, description="the masks' coarse grid, s x s cells")
+    n_masks: int = Field(DEFAULT_MASKS, ge=MIN_MASKS, le=MAX_MASKS,
+                         description="random masks (the cost: forwards of the detector per image)")
+    grid_size: int = Field(DEFAULT_GRID, ge=MIN_GRID, le=MAX_GRID,
+                           description="the masks' coarse grid, s x s cells")
     keep_prob: float = Field(0.5, gt=0.0, lt=1.0, description="probability that a cell is kept")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="the masks' random seed (same seed, same map)")
     early_stop: bool = Field(False, description="stop once the map stops changing (the masks used are "

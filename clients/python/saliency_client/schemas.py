@@ -177,6 +177,10 @@ class ModelOut(BaseModel):
     self_test: SelfTestOut | None = None
 
 
+def _classification() -> list[Task]:
+    return ["classification"]
+
+
 class MethodOut(BaseModel):
     name: str
     title: str
@@ -187,6 +191,8 @@ class MethodOut(BaseModel):
     diagnostics: dict[str, str] = Field(default_factory=dict)  # each result's diagnostics: name -> meaning
     parameters: dict[str, Any]
     metrics_forwards_at_defaults: int  # forward passes per image that outputs=metrics adds (4 (K - 1) + 1)
+    # the models it explains, by task: classification, detection (GET /v1/models `task`)
+    tasks: list[Task] = Field(default_factory=_classification)
 
 
 class ErrorBody(BaseModel):
