@@ -59,6 +59,8 @@ test: lint $(VENV)/.tools $(VENV)/.ray $(VENV)/.hf
 
 bench: venv
 	$(PY) -m pip install --quiet -e '.[bench]'
+	@# D-RISE's peer (bench/drise.py), without its pins: what it imports is the service's own stack
+	$(PY) -m pip install --quiet --no-deps vision-explanation-methods==0.1.1
 	$(PY) bench/methods.py
 
 clean:
