@@ -64,8 +64,9 @@ def wait(base: str, job_id: str) -> dict:
     raise AssertionError(f"job {job_id} did not finish")
 
 
-def test_the_face_boxs_map_peaks_inside_the_box(server, astronaut):
-    r = post(server, astronaut, n_masks=300, outputs="npy,overlay")
+def test_the_face_boxs_map_peaks_inside_the_box(server):
+    half = png(np.asarray(Image.fromarray(data.astronaut()).resize((256, 256), Image.Resampling.LANCZOS)))
+    r = post(server, half, n_masks=300, outputs="npy,overlay")  # at half size: MTCNN's forwards are the cost
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == "mtcnn" and body["method"] == "drise" and body["task"] == "detection"
@@ -73,9 +74,9 @@ def test_the_face_boxs_map_peaks_inside_the_box(server, astronaut):
     [face] = result["detections"]
     assert face["label"] == "face" and face["score"] > 0.99
     x1, y1, x2, y2 = face["box"]
-    assert 170 < x1 < x2 < 280 and 50 < y1 < y2 < 190  # pixels of the 512 x 512 upload
+    assert 85 < x1 < x2 < 140 and 25 < y1 < y2 < 95  # pixels of the 256 x 256 upload
     heat = decode_npy(pybase64.b64decode(face["map"]["npy"]))
-    assert heat.shape == (512, 512) and face["map"]["overlay"]
+    assert heat.shape == (256, 256) and face["map"]["overlay"]
     row, col = np.unravel_index(int(heat.argmax()), heat.shape)
     assert x1 <= col <= x2 and y1 <= row <= y2
     inside = heat[int(y1):int(y2), int(x1):int(x2)].mean()
