@@ -84,3 +84,29 @@ def browser():
             yield browser
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """A real Label Studio (.venv/tools) for tests/test_labelstudio*.py, started once for the session: its
+    first start runs the migrations, which took over 300 s on the project's shared 2-core machine loaded."""
+    import secrets
+    import time
+
+    from tests.integrations.tools import PYTHON, process, require_tools
+    from tests.server import free_port
+
+    require_tools()
+    data, port, token = tmp_path_factory.mktemp("label-studio"), free_port(), secrets.token_hex(20)
+    env = {"LABEL_STUDIO_USERNAME": "admin@example.com", "LABEL_STUDIO_PASSWORD": secrets.token_hex(8),
+           "LABEL_STUDIO_USER_TOKEN": token, "LABEL_STUDIO_BASE_DATA_DIR": str(data),
+           "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",  # 1.23 turns `Token` auth off by default
+           # test only: let it call a backend on 127.0.0.1 (its SSRF guard refuses loopback by default)
+           "ML_BLOCK_LOCAL_IP": "false", "USE_DEFAULT_BANNED_SUBNETS": "false", "DJANGO_DB": "sqlite"}
+    url = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
+    with process([str(PYTHON.with_name("label-studio")), "start", "--no-browser", "--host", "127.0.0.1",
+                  "--port", str(port), "--data-dir", str(data)], env, data / "label-studio.log",
+                 f"{url}/health", 900):
+        print(f"Label Studio up in {time.monotonic() - started:.1f}s")
+        yield url, token

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import secrets
 import subprocess
 import time
 
@@ -17,7 +16,7 @@ from saliency_client import Client, salient_region
 from service.evidence.curves import forwards_per_image, perturbation_curves, random_order
 from service.methods import Explainee
 from service.settings import Settings
-from tests.integrations.tools import PYTHON, ROOT, process, require_tools, run_inner_pytest
+from tests.integrations.tools import PYTHON, ROOT, process, run_inner_pytest
 from tests.server import free_port, running_server
 
 pytestmark = pytest.mark.integration
@@ -33,24 +32,6 @@ LABEL_CONFIG = """<View>
 def saliency(registry):
     with running_server(Settings(max_wait_ms=5), registry) as (base, _):
         yield base
-
-
-@pytest.fixture(scope="module")
-def label_studio(tmp_path_factory):
-    require_tools()
-    data, port, token = tmp_path_factory.mktemp("label-studio"), free_port(), secrets.token_hex(20)
-    env = {"LABEL_STUDIO_USERNAME": "admin@example.com", "LABEL_STUDIO_PASSWORD": secrets.token_hex(8),
-           "LABEL_STUDIO_USER_TOKEN": token, "LABEL_STUDIO_BASE_DATA_DIR": str(data),
-           "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",  # 1.23 turns `Token` auth off by default
-           # test only: let it call a backend on 127.0.0.1 (its SSRF guard refuses loopback by default)
-           "ML_BLOCK_LOCAL_IP": "false", "USE_DEFAULT_BANNED_SUBNETS": "false", "DJANGO_DB": "sqlite"}
-    url = f"http://127.0.0.1:{port}"
-    started = time.monotonic()
-    with process([str(PYTHON.with_name("label-studio")), "start", "--no-browser", "--host", "127.0.0.1",
-                  "--port", str(port), "--data-dir", str(data)], env, data / "label-studio.log",
-                 f"{url}/health", 300):
-        print(f"Label Studio up in {time.monotonic() - started:.1f}s")
-        yield url, token
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ label) and the relation between them, as sent."""
 from __future__ import annotations
 
 import json
-import secrets
 import subprocess
 import time
 
@@ -18,7 +17,7 @@ from PIL import Image
 from service.settings import Settings
 from service.zoo import ModelRegistry
 from tests.conftest import MODELS
-from tests.integrations.tools import PYTHON, ROOT, process, require_tools, run_inner_pytest
+from tests.integrations.tools import PYTHON, ROOT, process, run_inner_pytest
 from tests.server import free_port, running_server
 
 pytestmark = pytest.mark.integration
@@ -38,24 +37,6 @@ def saliency():
     registry = ModelRegistry.from_dir(MODELS, torch.device("cpu"), only={"mtcnn", "tiny_cnn"})
     with running_server(Settings(default_model="tiny_cnn"), registry) as (base, _):
         yield base
-
-
-@pytest.fixture(scope="module")
-def label_studio(tmp_path_factory):
-    """A real Label Studio, as tests/test_labelstudio.py starts it, given longer to start: its first start
-    runs the migrations, which took over 300 s on this project's shared 2-core machine under load."""
-    require_tools()
-    data_dir, port, token = tmp_path_factory.mktemp("label-studio"), free_port(), secrets.token_hex(20)
-    env = {"LABEL_STUDIO_USERNAME": "admin@example.com", "LABEL_STUDIO_PASSWORD": secrets.token_hex(8),
-           "LABEL_STUDIO_USER_TOKEN": token, "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
-           "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",  # 1.23 turns `Token` auth off by default
-           # test only: let it call a backend on 127.0.0.1 (its SSRF guard refuses loopback by default)
-           "ML_BLOCK_LOCAL_IP": "false", "USE_DEFAULT_BANNED_SUBNETS": "false", "DJANGO_DB": "sqlite"}
-    url = f"http://127.0.0.1:{port}"
-    with process([str(PYTHON.with_name("label-studio")), "start", "--no-browser", "--host", "127.0.0.1",
-                  "--port", str(port), "--data-dir", str(data_dir)], env, data_dir / "label-studio.log",
-                 f"{url}/health", 900):
-        yield url, token
 
 
 @pytest.fixture(scope="module")
