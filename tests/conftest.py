@@ -110,3 +110,16 @@ def label_studio(tmp_path_factory):
                  f"{url}/health", 900):
         print(f"Label Studio up in {time.monotonic() - started:.1f}s")
         yield url, token
+
+
+@pytest.fixture(scope="session")
+def detector_server():
+    """A server with the MTCNN face detector beside the tiny classifier (the default), for the detection
+    tests of the API, the client and the labeling tools, started once."""
+    from service.settings import Settings
+    from service.zoo import ModelRegistry
+    from tests.server import running_server
+
+    registry = ModelRegistry.from_dir(MODELS, torch.device("cpu"), only={"mtcnn", "tiny_cnn"})
+    with running_server(Settings(default_model="tiny_cnn"), registry) as (base, _):
+        yield base

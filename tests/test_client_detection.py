@@ -12,7 +12,6 @@ import httpx
 import numpy as np
 import pybase64
 import pytest
-import torch
 from PIL import Image
 
 from saliency_client import (
@@ -27,10 +26,6 @@ from saliency_client import (
 from saliency_client.cli import main
 from saliency_client.schemas import ExplainResponse
 from service.imaging import decode_npy
-from service.settings import Settings
-from service.zoo import ModelRegistry
-from tests.conftest import MODELS
-from tests.server import running_server
 
 pytest.importorskip("facenet_pytorch", reason="facenet-pytorch: make venv installs it (--no-deps)")
 data = pytest.importorskip("skimage.data")
@@ -39,10 +34,8 @@ N_MASKS = 32  # enough for the map to peak on the face (test_detection_api.py us
 
 
 @pytest.fixture(scope="module")
-def server():
-    registry = ModelRegistry.from_dir(MODELS, torch.device("cpu"), only={"mtcnn", "tiny_cnn"})
-    with running_server(Settings(default_model="tiny_cnn"), registry) as (base, _):
-        yield base
+def server(detector_server):
+    return detector_server
 
 
 @pytest.fixture(scope="module")

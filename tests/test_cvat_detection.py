@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from cvat_sdk import models
 from cvat_sdk.auto_annotation.driver import _AnnotationMapper, _DetectionFunctionContextImpl
@@ -22,10 +21,6 @@ from PIL import Image
 
 from saliency_client import Client, DetectionExplanation, salient_region_in_box
 from saliency_cvat import function, nuclio_handler
-from service.settings import Settings
-from service.zoo import ModelRegistry
-from tests.conftest import MODELS
-from tests.server import running_server
 
 pytest.importorskip("facenet_pytorch", reason="facenet-pytorch: make venv installs it (--no-deps)")
 data = pytest.importorskip("skimage.data")
@@ -35,10 +30,8 @@ FUNCTION_YAML = Path(__file__).resolve().parents[1] / "clients" / "cvat" / "nucl
 
 
 @pytest.fixture(scope="module")
-def server():
-    registry = ModelRegistry.from_dir(MODELS, torch.device("cpu"), only={"mtcnn", "tiny_cnn"})
-    with running_server(Settings(default_model="tiny_cnn"), registry) as (base, _):
-        yield base
+def server(detector_server):
+    return detector_server
 
 
 @pytest.fixture(scope="module")

@@ -33,10 +33,8 @@ def png(image: np.ndarray) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server():
-    registry = ModelRegistry.from_dir(MODELS, torch.device("cpu"), only={"mtcnn", "tiny_cnn"})
-    with running_server(Settings(default_model="tiny_cnn"), registry) as (base, _):
-        yield base
+def server(detector_server):
+    return detector_server
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,10 @@ import time
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from service.settings import Settings
-from service.zoo import ModelRegistry
-from tests.conftest import MODELS
 from tests.integrations.tools import PYTHON, ROOT, process, run_inner_pytest
-from tests.server import free_port, running_server
+from tests.server import free_port
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("facenet_pytorch", reason="facenet-pytorch: make venv installs it (--no-deps)")
@@ -33,10 +29,8 @@ FACES = """<View>
 
 
 @pytest.fixture(scope="module")
-def saliency():
-    registry = ModelRegistry.from_dir(MODELS, torch.device("cpu"), only={"mtcnn", "tiny_cnn"})
-    with running_server(Settings(default_model="tiny_cnn"), registry) as (base, _):
-        yield base
+def saliency(detector_server):
+    return detector_server
 
 
 @pytest.fixture(scope="module")
