@@ -112,12 +112,13 @@ class RandomFasterRCNN:
 
     num_classes = 91
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
         import torchvision
 
         torch.manual_seed(0)
         self.model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
-            weights=None, weights_backbone=None, num_classes=self.num_classes, box_score_thresh=0.0).eval()
+            weights=None, weights_backbone=None, num_classes=self.num_classes, box_score_thresh=0.0)
+        self.model = self.model.eval().to(device)
 
     def __call__(self, images: torch.Tensor) -> list[Detections]:
         with torch.no_grad():
@@ -126,29 +127,38 @@ class RandomFasterRCNN:
 
 
 class Timed:
-    """The detector with a clock: what the forwards cost, apart from what D-RISE costs around them."""
+    """The detector with a clock: what the forwards cost, apart from what D-RISE costs around them (on a GPU
+    the clock waits for the device, so its wall time is the forwards' own)."""
 
-    def __init__(self, detect):
+    def __init__(self, detect, device: torch.device):
         self.detect, self.wall, self.cpu, self.images = detect, 0.0, 0.0, 0
+        self.device = device
 
     def __call__(self, images: torch.Tensor) -> list[Detections]:
+        sync(self.device)
         wall, cpu = time.perf_counter(), time.process_time()
         out = self.detect(images)
+        sync(self.device)
         self.wall += time.perf_counter() - wall
         self.cpu += time.process_time() - cpu
         self.images += images.shape[0]
         return out
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def detector(name: str, image: torch.Tensor) -> tuple[Any, int]:
-    """(detect, number of classes)."""
+    """(detect, number of classes), on the image's device."""
     if name == "planted":
         return Planted(image), 1
     if name == "frcnn":
-        return RandomFasterRCNN(), RandomFasterRCNN.num_classes
+        return RandomFasterRCNN(image.device), RandomFasterRCNN.num_classes
     from service.detection.mtcnn import MtcnnDetector
 
-    return MtcnnDetector.from_package(torch.device("cpu")), 1
+    return MtcnnDetector.from_package(image.device), 1
 
 
 def peer_map(detect, num_classes: int, image: torch.Tensor, target: Detections, n: int, grid: int,
@@ -169,13 +179,15 @@ def peer_map(detect, num_classes: int, image: torch.Tensor, target: Detections, 
             return [record(d) for d in detect(x)]
 
     torch.manual_seed(seed)  # the peer draws its masks and crops from torch's global generator
-    out = peer.DRISE_saliency(Wrapper(), image[None], [record(target)], n, (grid, grid), device="cpu")
+    out = peer.DRISE_saliency(Wrapper(), image[None], [record(target)], n, (grid, grid),
+                              device=str(image.device))
     return out[0][0]["detection"][0]  # (3, H, W), the channels equal
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(spec["threads"])
-    image = photo(SIDES[spec["detector"]])
+    device = torch.device(spec["device"])
+    image = photo(SIDES[spec["detector"]]).to(device)
     inner, num_classes = detector(spec["detector"], image)
     with torch.no_grad():
         found = inner(image[None])[0]
@@ -183,10 +195,13 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         raise SystemExit(f"{spec['detector']}: no detection on the clean image")
     best = int(found.scores.argmax())
     target = Detections(found.boxes[best:best + 1], found.labels[best:best + 1], found.scores[best:best + 1])
-    detect = Timed(inner)
+    detect = Timed(inner, device)
     if spec["impl"] == "peer":  # its import (pandas) before the clock
         import vision_explanation_methods.explanations.drise  # noqa: F401
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
     wall, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         if spec["impl"] == "ours":
@@ -196,11 +211,14 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         else:
             heat = peer_map(detect, num_classes, image, target, spec["n"], spec["grid"], spec["seed"])
             raw = torch.full_like(heat, float("nan"))
+    sync(device)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    torch.save(torch.stack([heat.float(), raw.float()]), spec["out"])
-    return {"wall": wall, "cpu": cpu, "detector_cpu": detect.cpu, "forwards": detect.images,
-            "peak_mb": (after - before) / 1024, "box": target.boxes[0].tolist(),
+    gpu_mb = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    torch.save(torch.stack([heat.float(), raw.float()]).cpu(), spec["out"])
+    return {"wall": wall, "cpu": cpu, "detector_cpu": detect.cpu, "detector_wall": detect.wall,
+            "forwards": detect.images, "peak_mb": (after - before) / 1024, "gpu_peak_mb": gpu_mb,
+            "box": target.boxes[0].tolist(),
             "score": float(target.scores[0])}
 
 
@@ -231,14 +249,17 @@ def main() -> None:
                     help="masks of the peer's own reference, planted detector only (0: none); its memory "
                          "is ~N x 3 x H x W floats")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: the detector, the masks and the sums on it "
+                                                    "(both sides); on a GPU compare the wall times")
     ap.add_argument("--repeats", type=int, default=1, help="rounds of the timed runs at N (medians)")
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     chunks = [int(c) for c in args.chunks.split(",")]
+    where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
     print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, torch "
-          f"{torch.__version__}, threads {args.threads}, N={args.n}, grid {args.grid}")
+          f"{torch.__version__}, threads {args.threads}, N={args.n}, grid {args.grid}, device {where}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.detectors.split(","):
             compare = name != "frcnn"  # random weights: time only
@@ -251,7 +272,7 @@ Row = tuple[str, dict[str, Any], torch.Tensor]
 
 def measure_all(name: str, args: argparse.Namespace, chunks: list[int], compare: bool,
                 tmp: Path) -> list[Row]:
-    base = {"detector": name, "grid": args.grid, "threads": args.threads}
+    base = {"detector": name, "grid": args.grid, "threads": args.threads, "device": args.device}
     rows: list[Row] = []
 
     def measure(label: str, **spec: Any) -> None:
@@ -261,9 +282,10 @@ def measure_all(name: str, args: argparse.Namespace, chunks: list[int], compare:
         report(label, result)
 
     def report(label: str, result: dict[str, Any]) -> None:
-        print(f"  {label}: {result['wall']:.2f} s wall, {result['cpu']:.2f} s CPU "
-              f"({result['detector_cpu']:.2f} s in the detector), +{result['peak_mb']:.0f} MB peak",
-              flush=True)
+        gpu = f", {result['gpu_peak_mb']:.0f} MB GPU peak" if result["gpu_peak_mb"] else ""
+        print(f"  {label}: {result['wall']:.2f} s wall ({result['detector_wall']:.2f} s in the detector), "
+              f"{result['cpu']:.2f} s CPU ({result['detector_cpu']:.2f} s in the detector), "
+              f"+{result['peak_mb']:.0f} MB peak{gpu}", flush=True)
 
     print(f"\n{name} detector, {SIDES[name]} x {SIDES[name]} px")
     # the timed runs at N take turns, round after round, so a change in the machine's other load falls on
@@ -278,7 +300,8 @@ def measure_all(name: str, args: argparse.Namespace, chunks: list[int], compare:
             report(label, result)
     for label, _ in timed:
         results = runs[label]
-        median = {k: statistics.median(r[k] for r in results) for k in ("wall", "cpu", "detector_cpu")}
+        keys = ("wall", "cpu", "detector_cpu", "detector_wall")
+        median = {k: statistics.median(r[k] for r in results) for k in keys}
         rows.append((label, {**results[0], **median, "peak_mb": max(r["peak_mb"] for r in results)},
                      torch.load(tmp / f"{name}-{label}.pt")))
     if compare:
@@ -298,8 +321,8 @@ def print_table(rows: list[Row], chunks: list[int], compare: bool) -> None:
     peer = rows[len(chunks)][1]
     refs = {label.split(":")[1].split()[0]: heat for label, _, heat in rows if label.startswith("reference")}
     head = ("| run | s wall / CPU | detector CPU s (ms a forward) | rest CPU s | peer / this: CPU, rest CPU "
-            "| peak MB |")
-    rule = "|---|---:|---:|---:|---:|---:|"
+            "| peer / this: wall | detector wall s | peak MB (GPU MB) |")
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|"
     if compare:
         head += " corr, ours ref | raw sum: corr, ours ref's |"
         head += " corr, peer ref |" if "peer" in refs else ""
@@ -308,9 +331,11 @@ def print_table(rows: list[Row], chunks: list[int], compare: bool) -> None:
     print(rule)
     for label, r, (heat, raw) in rows:
         rest, peer_rest = r["cpu"] - r["detector_cpu"], peer["cpu"] - peer["detector_cpu"]
+        gpu = f" ({r['gpu_peak_mb']:.0f})" if r["gpu_peak_mb"] else ""
         line = (f"| {label} | {r['wall']:.2f} / {r['cpu']:.2f} | {r['detector_cpu']:.2f} "
                 f"({1e3 * r['detector_cpu'] / max(r['forwards'], 1):.1f}) | {rest:.2f} | "
-                f"{peer['cpu'] / r['cpu']:.1f}x, {peer_rest / max(rest, 1e-9):.1f}x | {r['peak_mb']:.0f} |")
+                f"{peer['cpu'] / r['cpu']:.1f}x, {peer_rest / max(rest, 1e-9):.1f}x | "
+                f"{peer['wall'] / r['wall']:.1f}x | {r['detector_wall']:.2f} | {r['peak_mb']:.0f}{gpu} |")
         if compare:
             ours_ref, ours_raw = refs["ours"]
             raw_corr = "" if torch.isnan(raw).any() else f"{corr(raw, ours_raw):.3f}"

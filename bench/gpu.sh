@@ -11,6 +11,7 @@
 #   bash bench/gpu.sh moreau     # MoreauGrad 200 x 32 on ResNet-50 at batch 8: fp32, and fp16 (whole pass)
 #   bash bench/gpu.sh fold       # BatchNorm folding: folded vs as built; IG/SmoothGrad vs Captum, fp32 and bf16
 #   bash bench/gpu.sh profile    # the warmed server at 16 clients under py-spy: on a CPU and holding the GIL
+#   bash bench/gpu.sh warm       # one short lease: padding and warm-up measured (first pass, service), D-RISE
 #
 # On the lent GPU machine (Python 3.12 with torch, no registry), first install the wheels that
 # ../shared/gpu/fetch-wheels.sh put in .whl (it prints the line); the stages only need `python3`. Beyond its
@@ -83,6 +84,17 @@ case ${1:-limit} in
     stage firstpass 120 $py bench/firstpass.py --device cuda --sizes 1,2,3,5,8,13,16
     stage service_warm 330 $py bench/service.py --device cuda --scale 10 --methods gradcam \
       --clients 1,4,16,16 --workers thread,process
+    ;;
+  warm)  # one call (a 15-minute lease): the padding and per-size warm-up, unmeasured on a GPU since they landed
+    # (the first pass per size; the warmed server at 1 and 16 clients, thread worker), then D-RISE against
+    # vision-explanation-methods on the GPU (issue 27; carry its wheel: pip download --no-deps
+    # vision-explanation-methods==0.1.1 facenet-pytorch==2.6.0)
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$out/gpu.txt" 2>&1
+    stage firstpass 90 $py bench/firstpass.py --device cuda --sizes 1,2,3,5,8,13,16
+    stage service_warm 240 $py bench/service.py --device cuda --scale 10 --methods gradcam --clients 1,16,16 \
+      --workers thread
+    stage drise 190 $py bench/drise.py --device cuda --detectors planted,frcnn,mtcnn --chunks 64,1 --curve '' \
+      --threads 4
     ;;
   service2)  # the issue's service table with both workers, IG included
     stage service_both 400 $py bench/service.py --device cuda --ig-steps 50 --scale 10 --workers thread,process
