@@ -23,6 +23,7 @@ from .backends.base import Backend, CallItem
 from .budget import PixelBudget
 from .cache import ResultCache
 from .detection import calls as detection_calls
+from .detection.budget import calibrate_detectors
 from .detection.explain import DETECTION_ONLY
 from .engine import ImageExplanation
 from .errors import (
@@ -83,6 +84,7 @@ class Runtime:
     def _boot(self) -> None:
         try:
             self.registry = self.backend.boot()
+            calibrate_detectors(self.registry.detectors, self.settings)
             if self.settings.self_test_at_load:  # before ready: which methods apply to which model
                 self.self_tests = {name: quick_self_test(model)
                                    for name, model in self.registry.models.items()}

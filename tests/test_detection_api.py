@@ -125,6 +125,16 @@ def test_methods_and_tasks_that_do_not_go_together_are_a_422(server, astronaut):
     assert r.status_code == 422 and "black box" in r.json()["error"]["message"]
 
 
+def test_the_detector_lists_its_pass_budget_from_the_settings(server):
+    # the server runs the default settings on the CPU: cpu_pass_batch within max_pass_batch (budget.py)
+    from service.settings import Settings
+
+    models = {m["name"]: m for m in httpx.get(f"{server}/v1/models", timeout=30).json()}
+    defaults = Settings()
+    assert models["mtcnn"]["pass_batch"] == min(defaults.cpu_pass_batch, defaults.max_pass_batch)
+    assert models["tiny_cnn"]["pass_batch"] is None
+
+
 def test_drise_runs_as_a_job_with_progress(server, astronaut):
     files = [("image", ("a.png", astronaut, "image/png"))]
     r = httpx.post(f"{server}/v1/jobs", files=files, data={"model": "mtcnn", "method": "drise",

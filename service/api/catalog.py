@@ -40,6 +40,7 @@ def _detector(detector: LoadedDetector) -> ModelOut:
     return ModelOut(name=detector.name, architecture=detector.card.architecture, task="detection",
                     description=detector.card.description, available=True, device=str(detector.device),
                     num_classes=detector.num_classes, default_layer=detector.cam_layer, methods=takes,
+                    pass_batch=detector.pass_batch,
                     methods_not_applicable={m: why for m in [*METHODS, *DETECTION_ONLY] if m not in takes})
 
 

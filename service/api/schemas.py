@@ -216,6 +216,9 @@ class ModelOut(BaseModel):
     num_classes: int | None = None
     default_layer: str | None = None
     layers: list[str] = Field(default_factory=list, description="layers usable by Grad-CAM")
+    pass_batch: int | None = Field(None, description="a detector's pass budget: most masked images per "
+                                                     "forward of D-RISE, from measured memory on a GPU, "
+                                                     "the cpu_pass_batch setting on a CPU")
     default: bool = False
     folded_batchnorms: int = Field(0, description="BatchNorms folded into the convolutions before them at "
                                                   "load (the same function; setting fold_batchnorm)")

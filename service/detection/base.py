@@ -52,6 +52,9 @@ DetectFn = Callable[[torch.Tensor], list[Detections]]
 
 # the longest side an image is explained at: D-RISE runs N masked copies of it through the detector
 MAX_SIDE = 640
+# images per detector forward until the server sets the detector's own (budget.py: the cpu_pass_batch
+# default on a CPU, measured memory on a GPU)
+DEFAULT_PASS_BATCH = 8
 
 
 @dataclass(eq=False)
@@ -63,6 +66,7 @@ class LoadedDetector:
     module: torch.nn.Module | None = None  # the differentiable model, where per-box gradients apply
     cam_layer: str | None = None  # its default Grad-CAM layer (the backbone's feature map)
     max_side: int = MAX_SIDE
+    pass_batch: int = DEFAULT_PASS_BATCH  # most images per forward: D-RISE's masked copies (budget.py)
 
     @property
     def name(self) -> str:
@@ -73,4 +77,5 @@ class LoadedDetector:
         return len(self.labels)
 
     def facts(self) -> dict[str, Any]:
-        return {"task": "detection", "num_classes": self.num_classes, "default_layer": self.cam_layer}
+        return {"task": "detection", "num_classes": self.num_classes, "default_layer": self.cam_layer,
+                "pass_batch": self.pass_batch}

@@ -7,8 +7,9 @@ upload's pixels: boxes scaled back, maps resized to the upload (or left at the i
 `size=input`). Each map is encoded as a classifier's is (npy, png, overlay).
 
 The detection calls run on threads of their own, beside the classifier lanes; a D-RISE call is N forwards of
-the detector, which go through the D-RISE lane (lane.py): `chunk` masked images per forward, those of
-concurrent calls on images of one size with the same masks batched together.
+the detector, which go through the D-RISE lane (lane.py): the detector's pass budget of masked images per
+forward (budget.py, set at start-up), those of concurrent calls on images of one size with the same masks
+batched together.
 """
 from __future__ import annotations
 
@@ -32,12 +33,11 @@ from .lane import DriseLane
 from .params import DetectionParams, DriseParams
 from .zoo import LoadedDetector
 
-CHUNK = 32  # masked images per detector forward: the pass budget of a detection call
 # A thread per call in flight (its first forward, target choice, encoding); D-RISE's forwards go through the
 # one lane, which batches those of concurrent calls (lane.py).
 CALLS_IN_FLIGHT = 4
 _EXECUTOR = ThreadPoolExecutor(max_workers=CALLS_IN_FLIGHT, thread_name_prefix="detect")
-LANE = DriseLane(CHUNK)
+LANE = DriseLane()
 
 
 def resolve_params(method: str, detector: LoadedDetector, raw: dict[str, Any]) -> DetectionParams:
@@ -165,7 +165,7 @@ def run(settings: Settings, detector: LoadedDetector, method: str, params: Detec
     results = []
     for index, ((image, size), target) in enumerate(zip(images, targets, strict=True)):
         started = time.monotonic()
-        maps = explain_image(detector, method, image, params, target, size, chunk=CHUNK,
+        maps = explain_image(detector, method, image, params, target, size, chunk=detector.pass_batch,
                              on_progress=job.progress_for(index), should_stop=job.cancel_event.is_set,
                              run_drise=LANE.run)
         job.progress_for(index)(steps(method, params), steps(method, params))

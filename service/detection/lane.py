@@ -4,7 +4,8 @@ Every detection call explains its images on a thread of its own (calls.py); the 
 through this one lane, whose single thread owns the detector while they run. When it is free it takes the
 oldest waiting image, and with it every waiting image it can share forwards with: same detector, same image
 size and the same masks (n_masks, grid, p, seed, early stop), so `drise_batch` runs them as one batch of
-images, `chunk` masked images per forward. A mask depends only on (seed, index) (drise.py), so an image's map
+images, the detector's pass budget of masked images per forward (`pass_batch`, budget.py; `chunk` overrides
+it). A mask depends only on (seed, index) (drise.py), so an image's map
 is the same whether it ran alone or beside others.
 
 A caller that stops waiting (cancelled, hung up) does not stop the others of its batch: the batch stops
@@ -48,7 +49,7 @@ class Work:
 class DriseLane:
     """`run(...)`: D-RISE of one image, batched with whatever compatible work waits beside it."""
 
-    def __init__(self, chunk: int, max_images: int = 8):
+    def __init__(self, chunk: int | None = None, max_images: int = 8):
         self.chunk, self.max_images = chunk, max_images
         self._waiting: list[Work] = []
         self._ready = threading.Condition()
@@ -61,7 +62,7 @@ class DriseLane:
         """Blocks until the image's maps are done; Cancelled as soon as `cancelled()` says so."""
         if not len(targets):  # nothing to explain: no forward, as drise() does
             return drise_batch(detector.detect, image[None], [targets], detector.num_classes, settings,
-                               chunk=self.chunk)[0]
+                               chunk=self.chunk or detector.pass_batch)[0]
         work = Work(detector, image, targets, settings, early_stop, progress, cancelled)
         with self._ready:
             self._waiting.append(work)
@@ -106,7 +107,8 @@ class DriseLane:
             try:
                 results = drise_batch(first.detector.detect, torch.stack([w.image for w in group]),
                                       [w.targets for w in group], first.detector.num_classes, first.settings,
-                                      chunk=self.chunk, early_stop=first.early_stop, on_progress=progress,
+                                      chunk=self.chunk or first.detector.pass_batch,
+                                      early_stop=first.early_stop, on_progress=progress,
                                       should_stop=every_caller_gone)
             except BaseException as exc:  # noqa: BLE001 - handed to every caller of the batch
                 for work in group:

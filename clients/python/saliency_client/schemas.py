@@ -169,6 +169,7 @@ class ModelOut(BaseModel):
     num_classes: int | None = None
     default_layer: str | None = None
     layers: list[str] = Field(default_factory=list)
+    pass_batch: int | None = None  # a detector's most masked images per D-RISE forward
     default: bool = False
     folded_batchnorms: int = 0
     sanity: SanitySummary | None = None  # its sanity report's verdicts; None: never asked for
