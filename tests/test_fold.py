@@ -189,3 +189,20 @@ def test_folding_keeps_a_randomised_batchnorm_exact_in_float32():
     x = torch.randn(4, 3, *card.preprocess.input_size)
     with torch.no_grad():
         assert torch.allclose(folded(x), module(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_logit_check_runs_the_convolutions_without_tf32():
+    """On a GPU cuDNN runs float32 convolutions as TF32 by default, whose rounding (~1e-3) is above the check's
+    bound: the check turns it off for its two forwards only (an H200 refused every fold before)."""
+    card = read_card(MODELS / "tiny_cnn.toml")
+    module = load_model(card, MODELS, CPU, fold_norms=False).module
+    seen: list[bool] = []
+    module.register_forward_pre_hook(lambda _m, _i: seen.append(torch.backends.cudnn.allow_tf32))
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        _, count = fold_batchnorms(module, torch.randn(2, 3, *card.preprocess.input_size))
+        assert torch.backends.cudnn.allow_tf32 is True  # restored for serving
+    finally:
+        torch.backends.cudnn.allow_tf32 = before
+    assert count == 2 and seen and not any(seen[-2:])
