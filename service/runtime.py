@@ -143,7 +143,7 @@ class Runtime:
                 raise NotAcceptable(f"{detector.name} is an object detector, answered with a map per "
                                     "detection: accept application/json")
             return await detection_calls.start(self.settings, detector, method_name, request, self.job_book,
-                                               hold=hold)
+                                               hold=hold, record=self.timings.record)
         if method_name in DETECTION_ONLY:
             name = request.model or self.settings.default_model
             raise InvalidInput(f"{method_name} explains object detectors; model {name!r} is a classifier "

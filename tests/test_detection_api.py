@@ -135,6 +135,17 @@ def test_the_detector_lists_its_pass_budget_from_the_settings(server):
     assert models["tiny_cnn"]["pass_batch"] is None
 
 
+def test_a_detection_answer_adds_to_the_servers_timings(server, astronaut):
+    # the viewer estimates a run before it is sent as n_masks x seconds per pass (GET /v1/timings)
+    r = post(server, astronaut, n_masks=16)
+    assert r.status_code == 200 and r.json()["results"][0]["detections"]
+    timings = httpx.get(f"{server}/v1/timings", timeout=30).json()
+    rates = {(x["model"], x["method"]): x for x in timings["rates"]}
+    drise = rates[("mtcnn", "drise")]
+    assert drise["images"] >= 1 and drise["seconds_per_pass"] > 0
+    assert ("tiny_cnn", "drise") not in rates
+
+
 def test_drise_runs_as_a_job_with_progress(server, astronaut):
     files = [("image", ("a.png", astronaut, "image/png"))]
     r = httpx.post(f"{server}/v1/jobs", files=files, data={"model": "mtcnn", "method": "drise",

@@ -192,8 +192,8 @@ def test_folding_keeps_a_randomised_batchnorm_exact_in_float32():
 
 
 def test_the_logit_check_runs_the_convolutions_without_tf32():
-    """On a GPU cuDNN runs float32 convolutions as TF32 by default, whose rounding (~1e-3) is above the check's
-    bound: the check turns it off for its two forwards only (an H200 refused every fold before)."""
+    """On a GPU cuDNN runs float32 convolutions as TF32 by default, whose rounding (~1e-3) is above the
+    check's bound: the check turns it off for its two forwards only (an H200 refused every fold before)."""
     card = read_card(MODELS / "tiny_cnn.toml")
     module = load_model(card, MODELS, CPU, fold_norms=False).module
     seen: list[bool] = []

@@ -62,3 +62,20 @@ def test_timings_are_in_the_schema_and_need_the_key(server, registry):
     with running_server(Settings(api_key=key), registry) as (base, _):
         assert httpx.get(f"{base}/v1/timings").status_code == 401
         assert httpx.get(f"{base}/v1/timings", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_a_detection_image_counts_the_masks_it_used():
+    """D-RISE's passes are the masks run (shared by the image's detections; fewer where early stop ended it),
+    per-box Grad-CAM's one backward; an image with no detection ran none beyond its first forward."""
+    import torch
+
+    from service.detection.calls import passes_run
+    from service.detection.explain import BOX_GRADCAM, DRISE, DetectionMap
+
+    def found(n_masks: int) -> DetectionMap:
+        return DetectionMap([0, 0, 1, 1], 0, "face", 0.9, torch.zeros(2, 2), {"n_masks": n_masks})
+
+    assert passes_run(DRISE, [found(500), found(500)]) == 500
+    assert passes_run(DRISE, [found(250)]) == 250
+    assert passes_run(DRISE, []) == 0 and passes_run(BOX_GRADCAM, []) == 0
+    assert passes_run(BOX_GRADCAM, [found(0), found(0)]) == 1

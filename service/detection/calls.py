@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -56,6 +57,22 @@ def resolve_params(method: str, detector: LoadedDetector, raw: dict[str, Any]) -
 
 def steps(method: str, params: DetectionParams) -> int:
     return params.n_masks if isinstance(params, DriseParams) else 1
+
+
+# (model, method, passes, seconds): the server's recent seconds per pass (service/timings.py), from which the
+# viewer estimates a run before it is sent
+RecordTiming = Callable[[str, str, int, float], None]
+
+
+def passes_run(method: str, maps: list[DetectionMap]) -> int:
+    """The passes an image's maps took beyond its first forward: D-RISE's masks (fewer than asked where early
+    stop ended them; the detections share them), one backward for per-box Grad-CAM; none without a
+    detection."""
+    if not maps:
+        return 0
+    if method == BOX_GRADCAM:
+        return 1
+    return max(int(m.diagnostics.get("n_masks", 0)) for m in maps)
 
 
 Decoded = list[tuple[torch.Tensor, tuple[int, int]]]  # each image (3, H, W) in [0, 1], its upload's size
@@ -156,7 +173,8 @@ def encode_detection(found: DetectionMap, image: torch.Tensor, size: tuple[int, 
 
 
 def run(settings: Settings, detector: LoadedDetector, method: str, params: DetectionParams,
-        request: CallRequest, job: Job, images: Decoded) -> dict[str, Any]:
+        request: CallRequest, job: Job, images: Decoded,
+        record: RecordTiming | None = None) -> dict[str, Any]:
     """The whole call, on the detection thread."""
     outputs = request.outputs or ["npy"]
     targets = request.targets or [None] * len(images)
@@ -169,6 +187,8 @@ def run(settings: Settings, detector: LoadedDetector, method: str, params: Detec
                              on_progress=job.progress_for(index), should_stop=job.cancel_event.is_set,
                              run_drise=LANE.run)
         job.progress_for(index)(steps(method, params), steps(method, params))
+        if record is not None:
+            record(detector.name, method, passes_run(method, maps), time.monotonic() - started)
         results.append({"width": size[0], "height": size[1],
                         "detections": [encode_detection(m, image, size, outputs, request.size) for m in maps],
                         "timing_ms": {"compute": round(1000 * (time.monotonic() - started), 3)}})
@@ -177,7 +197,7 @@ def run(settings: Settings, detector: LoadedDetector, method: str, params: Detec
 
 
 async def start(settings: Settings, detector: LoadedDetector, method: str, request: CallRequest, job_book,
-                *, hold: bool) -> Job:
+                *, hold: bool, record: RecordTiming | None = None) -> Job:
     """Validate and decode (in a request thread), then run on the detection thread; the job's task awaits
     it and records the outcome."""
     params = resolve_params(method, detector, request.params)
@@ -196,7 +216,7 @@ async def start(settings: Settings, detector: LoadedDetector, method: str, reque
     async def complete() -> dict[str, Any]:
         try:
             body = await loop.run_in_executor(_EXECUTOR, run, settings, detector, method, params, request,
-                                              job, images)
+                                              job, images, record)
             job.status, job.result = "succeeded", body
             return body
         except BaseException as exc:
