@@ -62,7 +62,10 @@ def ray_server():
 
     start_ray()
     try:
-        with running_ray_server(Settings(max_wait_ms=20, cache_bytes=0)) as server:  # every call computes
+        # every call computes (no cache); the suite's models only: each card is an explainer replica, and
+        # the ingress loads and self-tests every card too
+        settings = Settings(max_wait_ms=20, cache_bytes=0, models=SUITE_MODELS)
+        with running_ray_server(settings) as server:
             yield server
     finally:
         ray.shutdown()
