@@ -149,20 +149,25 @@ def test_numpy_preprocessing_equals_normalising_the_pixels(default_model, chelse
             and torch.equal(default_model.preprocess(chelsea), got[0]))
 
 
+def card_filter(model) -> Image.Resampling:
+    """Pillow's filter of the card's interpolation, applied in one step over the whole image (the oracle)."""
+    return Image.Resampling[model.card.preprocess.interpolation.upper()]
+
+
 def test_a_large_photo_is_resized_within_two_levels_of_the_full_filter(default_model):
     # The preprocessor shrinks big uploads in whole-factor blocks first (reducing_gap); the oracle is Pillow's
-    # full bilinear filter over the whole image.
+    # full filter (the card's interpolation) over the whole image.
     rng = np.random.default_rng(5)
     small = Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))
     photo = small.resize((2400, 1800), Image.Resampling.BICUBIC)
     got = np.asarray(default_model.preprocess._resized(photo), dtype=np.int16)
-    full = np.asarray(photo.resize((224, 224), Image.Resampling.BILINEAR), dtype=np.int16)
+    full = np.asarray(photo.resize((224, 224), card_filter(default_model)), dtype=np.int16)
     assert got.shape == (224, 224, 3) and np.abs(got - full).max() <= 2 and np.abs(got - full).mean() < 0.25
 
 
 def test_a_large_jpeg_decoded_reduced_gives_the_model_input_within_two_levels(default_model):
     """Decoding a 12 MP JPEG at 1/4 scale (imaging.decode_upload) against the whole decode and Pillow's full
-    bilinear filter over it: the model sees nearly the same pixels."""
+    filter (the card's interpolation) over it: the model sees nearly the same pixels."""
     from service.imaging import decode_image, decode_upload
 
     rng = np.random.default_rng(6)
@@ -174,5 +179,5 @@ def test_a_large_jpeg_decoded_reduced_gives_the_model_input_within_two_levels(de
     assert upload.image.size == (1008, 756) and upload.size == (4032, 3024)
     got = np.asarray(default_model.preprocess._resized(upload.image), dtype=np.int16)
     whole = decode_image(buffer.getvalue(), **limits)
-    full = np.asarray(whole.resize((224, 224), Image.Resampling.BILINEAR), dtype=np.int16)
+    full = np.asarray(whole.resize((224, 224), card_filter(default_model)), dtype=np.int16)
     assert np.abs(got - full).max() <= 2 and np.abs(got - full).mean() < 0.25
