@@ -143,7 +143,9 @@ class Runtime:
                 raise NotAcceptable(f"{detector.name} is an object detector, answered with a map per "
                                     "detection: accept application/json")
             return await detection_calls.start(self.settings, detector, method_name, request, self.job_book,
-                                               hold=hold, record=self.timings.record)
+                                               hold=hold, record=self.timings.record,
+                                               pixels=self.pixels_in_flight,
+                                               seconds_per_pass=self.timings.seconds_per_pass)
         if method_name in DETECTION_ONLY:
             name = request.model or self.settings.default_model
             raise InvalidInput(f"{method_name} explains object detectors; model {name!r} is a classifier "

@@ -37,6 +37,12 @@ class RecentTimings:
         with self._lock:
             self._recent.setdefault((model, method), deque(maxlen=self._keep)).append((passes, seconds))
 
+    def seconds_per_pass(self, model: str, method: str) -> float | None:
+        """The recent figure for one model and method; None before its first answer."""
+        with self._lock:
+            values = list(self._recent.get((model, method), ()))
+        return sum(s for _, s in values) / sum(p for p, _ in values) if values else None
+
     def rates(self) -> list[PassRate]:
         with self._lock:
             recent = {key: list(values) for key, values in self._recent.items()}

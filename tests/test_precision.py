@@ -95,7 +95,8 @@ def test_fp16_moreaugrad_with_many_draws_runs_whole_pass_and_keeps_the_map(regis
     """Whole-pass fp16 flips ReLU6 masks as bf16 does, but fewer, and MoreauGrad averages them out over its
     draws: with enough of them the forward runs in fp16 too (the GPU's fast path) and the map still agrees.
     Here the routing and the ops on the tiny model (fp16 has no fast CPU kernels: on the default model this
-    took minutes on 2 cores); the default model's map at 20 x 4 on a GPU: test_autocast_matches_fp32_on_gpu."""
+    took minutes on 2 cores); the default model's map at 20 x 4 on a GPU:
+    test_autocast_matches_fp32_on_gpu."""
     assert 4 * 2 < WHOLE_PASS_FP16_MIN_DRAWS <= 20 * 4
     params = {name: METHODS["moreaugrad"].Params(precision=name, **MANY_DRAWS) for name in ("fp32", "fp16")}
     moreaugrad, smoothgrad = METHODS["moreaugrad"], METHODS["smoothgrad"]

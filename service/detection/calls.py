@@ -25,10 +25,12 @@ import torch
 from pydantic import ValidationError
 
 from .. import imaging
-from ..errors import Cancelled, InvalidInput, TooLarge, as_service_error, describe_validation
+from ..budget import PixelBudget
+from ..errors import Busy, Cancelled, InvalidInput, TooLarge, as_service_error, describe_validation
 from ..jobs import Job
 from ..pipeline import CallRequest, check_counts, map_bytes
 from ..settings import Settings
+from .admission import DetectionAdmission, SecondsPerPass
 from .explain import BOX_GRADCAM, DETECTION_METHODS, DetectionMap, explain_image
 from .lane import DriseLane
 from .params import DetectionParams, DriseParams
@@ -39,6 +41,7 @@ from .zoo import LoadedDetector
 CALLS_IN_FLIGHT = 4
 _EXECUTOR = ThreadPoolExecutor(max_workers=CALLS_IN_FLIGHT, thread_name_prefix="detect")
 LANE = DriseLane()
+ADMITTED = DetectionAdmission()
 
 
 def resolve_params(method: str, detector: LoadedDetector, raw: dict[str, Any]) -> DetectionParams:
@@ -197,9 +200,11 @@ def run(settings: Settings, detector: LoadedDetector, method: str, params: Detec
 
 
 async def start(settings: Settings, detector: LoadedDetector, method: str, request: CallRequest, job_book,
-                *, hold: bool, record: RecordTiming | None = None) -> Job:
-    """Validate and decode (in a request thread), then run on the detection thread; the job's task awaits
-    it and records the outcome."""
+                *, hold: bool, record: RecordTiming | None = None, pixels: PixelBudget | None = None,
+                seconds_per_pass: SecondsPerPass | None = None) -> Job:
+    """Validate and decode (in a request thread), admit (admission.py: Busy when the detection calls
+    admitted, or the pixels in flight, are at their limits), then run on a detection thread; the job's task
+    awaits it and records the outcome."""
     params = resolve_params(method, detector, request.params)
     check_counts(settings, len(request.blobs), request.targets)
     cost = steps(method, params) * len(request.blobs)
@@ -209,14 +214,40 @@ async def start(settings: Settings, detector: LoadedDetector, method: str, reque
     check_answer(settings, detector, params, request)
     loop = asyncio.get_running_loop()
     images = await loop.run_in_executor(None, decode, settings, detector, request.blobs)
+    held = sum(width * height for _, (width, height) in images)  # the uploads' pixels, as a classifier's call
+    if pixels is not None and not pixels.hold(held):
+        raise Busy(f"the calls in flight hold {pixels.held} pixels of images and this one {held}; the limit "
+                   f"is {settings.max_pixels_in_flight}: retry shortly", retry_after=1.0)
+    passes = steps(method, params) * len(images)
+
+    def release() -> None:
+        ADMITTED.release(detector.name, method, len(images), passes)
+        if pixels is not None:
+            pixels.release(held)
+
+    try:
+        ADMITTED.admit(detector.name, method, len(images), passes, settings.max_queue,
+                       seconds_per_pass or (lambda _model, _method: None))
+    except Busy:
+        if pixels is not None:
+            pixels.release(held)
+        raise
     job = Job(method=method, model=detector.name, total=[steps(method, params)] * len(images))
     if hold:
-        await job_book.hold(job)
+        try:
+            await job_book.hold(job)
+        except BaseException:
+            release()
+            raise
+
+    # Submitted at once, and the call counted out when this future is done: it ran, failed, or was cancelled
+    # before a thread took it (a running one runs on until its job's cancel event stops it)
+    running = _EXECUTOR.submit(run, settings, detector, method, params, request, job, images, record)
+    running.add_done_callback(lambda _: release())
 
     async def complete() -> dict[str, Any]:
         try:
-            body = await loop.run_in_executor(_EXECUTOR, run, settings, detector, method, params, request,
-                                              job, images, record)
+            body = await asyncio.wrap_future(running)
             job.status, job.result = "succeeded", body
             return body
         except BaseException as exc:
@@ -232,4 +263,5 @@ async def start(settings: Settings, detector: LoadedDetector, method: str, reque
 
     job.task = asyncio.create_task(complete())
     job.task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    job.task.add_done_callback(lambda _: running.cancel())  # not yet taken by a thread: never runs
     return job
