@@ -240,8 +240,10 @@ def main() -> None:
     ap.add_argument("--detectors", default="planted,mtcnn", help="planted, mtcnn, frcnn (timing only)")
     ap.add_argument("--n", type=int, default=1000, help="masks per image, both sides (the service's default)")
     ap.add_argument("--grid", type=int, default=16)
-    ap.add_argument("--chunks", default="32,1", help="ours: masked images per detector call (the first is "
-                                                     "the one the ratio is taken at)")
+    ap.add_argument("--chunks", default=None,
+                    help="ours: masked images per detector call, the first the one the ratio is taken at "
+                         "(default: the service's pass budget on a CPU, cpu_pass_batch, then 1; 64,1 on "
+                         "a GPU)")
     ap.add_argument("--ref-n", type=int, default=5000, help="masks of the reference (ours, another seed)")
     ap.add_argument("--curve", default="250,500,2000", help="ours at these N too (the first chunk): how the "
                                                             "correlation grows with N ('' for none)")
@@ -256,6 +258,10 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
+    if args.chunks is None:
+        from service.settings import Settings
+
+        args.chunks = "64,1" if args.device.startswith("cuda") else f"{Settings().cpu_pass_batch},1"
     chunks = [int(c) for c in args.chunks.split(",")]
     where = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
     print(f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, {platform.node()}, torch "
