@@ -23,6 +23,7 @@ from .backends.base import Backend, CallItem
 from .budget import PixelBudget
 from .cache import ResultCache
 from .detection import calls as detection_calls
+from .detection.admission import DetectionAdmission
 from .detection.budget import calibrate_detectors
 from .detection.explain import DETECTION_ONLY
 from .engine import ImageExplanation
@@ -69,6 +70,7 @@ class Runtime:
         self.default_error: str | None = None  # why the default model is not served (not ready while set)
         self.self_tests: dict[str, SelfTest] = {}  # per model, its quick self-test at load
         self.timings = RecentTimings()  # seconds per pass of recent answers (GET /v1/timings)
+        self.detection_calls = DetectionAdmission()  # detection calls admitted and not yet answered
         self._loaded = threading.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -143,7 +145,8 @@ class Runtime:
                 raise NotAcceptable(f"{detector.name} is an object detector, answered with a map per "
                                     "detection: accept application/json")
             return await detection_calls.start(self.settings, detector, method_name, request, self.job_book,
-                                               hold=hold, record=self.timings.record,
+                                               hold=hold, admission=self.detection_calls,
+                                               record=self.timings.record,
                                                pixels=self.pixels_in_flight,
                                                seconds_per_pass=self.timings.seconds_per_pass)
         if method_name in DETECTION_ONLY:

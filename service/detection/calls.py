@@ -41,7 +41,6 @@ from .zoo import LoadedDetector
 CALLS_IN_FLIGHT = 4
 _EXECUTOR = ThreadPoolExecutor(max_workers=CALLS_IN_FLIGHT, thread_name_prefix="detect")
 LANE = DriseLane()
-ADMITTED = DetectionAdmission()
 
 
 def resolve_params(method: str, detector: LoadedDetector, raw: dict[str, Any]) -> DetectionParams:
@@ -200,8 +199,8 @@ def run(settings: Settings, detector: LoadedDetector, method: str, params: Detec
 
 
 async def start(settings: Settings, detector: LoadedDetector, method: str, request: CallRequest, job_book,
-                *, hold: bool, record: RecordTiming | None = None, pixels: PixelBudget | None = None,
-                seconds_per_pass: SecondsPerPass | None = None) -> Job:
+                *, hold: bool, admission: DetectionAdmission, record: RecordTiming | None = None,
+                pixels: PixelBudget | None = None, seconds_per_pass: SecondsPerPass | None = None) -> Job:
     """Validate and decode (in a request thread), admit (admission.py: Busy when the detection calls
     admitted, or the pixels in flight, are at their limits), then run on a detection thread; the job's task
     awaits it and records the outcome."""
@@ -221,12 +220,12 @@ async def start(settings: Settings, detector: LoadedDetector, method: str, reque
     passes = steps(method, params) * len(images)
 
     def release() -> None:
-        ADMITTED.release(detector.name, method, len(images), passes)
+        admission.release(detector.name, method, len(images), passes)
         if pixels is not None:
             pixels.release(held)
 
     try:
-        ADMITTED.admit(detector.name, method, len(images), passes, settings.max_queue,
+        admission.admit(detector.name, method, len(images), passes, settings.max_queue,
                        seconds_per_pass or (lambda _model, _method: None))
     except Busy:
         if pixels is not None:
