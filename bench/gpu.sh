@@ -12,6 +12,7 @@
 #   bash bench/gpu.sh fold       # BatchNorm folding: folded vs as built; IG/SmoothGrad vs Captum, fp32 and bf16
 #   bash bench/gpu.sh profile    # the warmed server at 16 clients under py-spy: on a CPU and holding the GIL
 #   bash bench/gpu.sh warm       # one short lease: padding and warm-up measured (first pass, service), D-RISE
+#   bash bench/gpu.sh verify     # the detector pass budget and the fold check on a GPU; the folded service
 #
 # On the lent GPU machine (Python 3.12 with torch, no registry), first install the wheels that
 # ../shared/gpu/fetch-wheels.sh put in .whl (it prints the line); the stages only need `python3`. Beyond its
@@ -95,6 +96,19 @@ case ${1:-limit} in
       --workers thread
     stage drise 190 $py bench/drise.py --device cuda --detectors planted,frcnn,mtcnn --chunks 64,1 --curve '' \
       --threads 4
+    ;;
+  verify)  # what the H200 run of 2026-12-04 left unverified on a GPU: the detector pass budget measured from
+    # memory, BatchNorm folding's check without TF32 (the log says "folded" or "serving the model unfolded"),
+    # and the GPU tests; then the warmed service once more, folded this time
+    stage tests_verify 200 $py -m pytest -q -m gpu tests/test_detection_budget.py tests/test_calibrate.py \
+      tests/test_precision.py tests/test_fold.py
+    stage fold_check 60 $py -c "import logging, torch; logging.basicConfig(level=logging.INFO)
+from pathlib import Path
+from service.zoo import ModelRegistry
+m = ModelRegistry.from_dir(Path('models'), torch.device('cuda'), only={'efficientnet_lite0'}).models['efficientnet_lite0']
+print('check: folded BatchNorms', m.folded_norms)"
+    stage service_folded 240 $py bench/service.py --device cuda --scale 10 --methods gradcam --clients 1,16 \
+      --workers thread
     ;;
   service2)  # the issue's service table with both workers, IG included
     stage service_both 400 $py bench/service.py --device cuda --ig-steps 50 --scale 10 --workers thread,process
