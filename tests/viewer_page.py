@@ -11,7 +11,7 @@ from PIL import Image
 from tests.conftest import ROOT
 
 ARTIFACTS = ROOT / "artifacts"
-DOCS = ROOT / "docs" / "viewer"  # the screenshots the README's Viewer section shows (committed)
+DOCS = ROOT / "docs" / "viewer"  # the screenshots docs/viewer.md shows (committed)
 TIMEOUT_MS = 120_000  # CPU inference on a shared machine
 STATUS = "document.querySelector('#server-status').textContent"
 SCREENSHOT_LIMIT = 400_000  # bytes: a committed screenshot stays small

@@ -204,7 +204,8 @@ def test_predict_fits_batches_to_the_services_answer_bound():
 
 
 def test_the_model_version_names_method_and_model(app):
-    """`saliency-<method>-<model>` (README): the model configured, else the service's default model."""
+    """`saliency-<method>-<model>` (docs/labeling-tools.md): the model configured, else the service's default
+    model."""
     setup = app.post("/setup", json={"project": "9.1", "schema": BOTH,
                                      "extra_params": {"method": "gradient", "model": "tiny_cnn"}})
     assert setup.json() == {"model_version": "saliency-gradient-tiny_cnn"}
