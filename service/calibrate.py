@@ -17,6 +17,7 @@ grown by a large pass and never returned, could leave the other lane's process n
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -40,20 +41,30 @@ def pass_batch_from_peaks(peaks: dict[int, int], free_bytes: int, fraction: floa
     return max(1, min(cap, fits))
 
 
-def measure_peaks(model: LoadedModel, sizes=PROBE_SIZES) -> dict[int, int]:
-    device = model.device
-    height, width = model.preprocess.size
+def peak_bytes(device: torch.device, run: Callable[[int], None], sizes=PROBE_SIZES) -> dict[int, int]:
+    """Peak device bytes of `run(b)` at each batch size b, above what was allocated before it (its inputs
+    included when it allocates them): CUDA only."""
     peaks = {}
     for b in sizes:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        x = torch.zeros(b, 3, height, width, device=device)
-        input_gradients(model.module, x, torch.zeros(b, dtype=torch.long, device=device))
+        run(b)
         torch.cuda.synchronize(device)
         peaks[b] = torch.cuda.max_memory_allocated(device) - base
-        del x
     return peaks
+
+
+def measure_peaks(model: LoadedModel, sizes=PROBE_SIZES) -> dict[int, int]:
+    """A classifier's forward+backward (the input gradient) at each size."""
+    device = model.device
+    height, width = model.preprocess.size
+
+    def run(b: int) -> None:
+        x = torch.zeros(b, 3, height, width, device=device)
+        input_gradients(model.module, x, torch.zeros(b, dtype=torch.long, device=device))
+
+    return peak_bytes(device, run, sizes)
 
 
 def largest_activation_bytes(model: LoadedModel) -> int:

@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from ..calibrate import PROBE_SIZES, lane_share, pass_batch_from_peaks
+from ..calibrate import PROBE_SIZES, lane_share, pass_batch_from_peaks, peak_bytes
 from ..settings import Settings
 from .base import LoadedDetector
 
@@ -33,19 +33,12 @@ def probe(batch: int, side: int, device: torch.device) -> torch.Tensor:
 
 def measure_detector_peaks(detector: LoadedDetector, sizes: tuple[int, ...] = PROBE_SIZES) -> dict[int, int]:
     """Peak device bytes of one forward at each batch size, the input included (CUDA only)."""
-    device = detector.device
-    peaks = {}
-    for b in sizes:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        x = probe(b, detector.max_side, device)
+
+    def run(b: int) -> None:
         with torch.no_grad():
-            detector.detect(x)
-        torch.cuda.synchronize(device)
-        peaks[b] = torch.cuda.max_memory_allocated(device) - base
-        del x
-    return peaks
+            detector.detect(probe(b, detector.max_side, detector.device))
+
+    return peak_bytes(detector.device, run, sizes)
 
 
 def detector_pass_batch(detector: LoadedDetector, settings: Settings) -> int:
