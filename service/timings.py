@@ -41,10 +41,15 @@ class RecentTimings:
         """The recent figure for one model and method; None before its first answer."""
         with self._lock:
             values = list(self._recent.get((model, method), ()))
-        return sum(s for _, s in values) / sum(p for p, _ in values) if values else None
+        return _per_pass(values) if values else None
 
     def rates(self) -> list[PassRate]:
         with self._lock:
             recent = {key: list(values) for key, values in self._recent.items()}
-        return [PassRate(model, method, sum(s for _, s in values) / sum(p for p, _ in values), len(values))
+        return [PassRate(model, method, _per_pass(values), len(values))
                 for (model, method), values in sorted(recent.items())]
+
+
+def _per_pass(values: list[tuple[int, float]]) -> float:
+    """Seconds per pass over recent (passes, seconds) records."""
+    return sum(s for _, s in values) / sum(p for p, _ in values)

@@ -32,7 +32,7 @@ class DetectionAdmission:
 
     def admit(self, model: str, method: str, images: int, passes: int, limit: int,
               seconds_per_pass: SecondsPerPass) -> None:
-        """Count the call in (`passes`: all of its images'), or raise QueueFull with the expected wait."""
+        """Count the call in (`passes`: all of its images'), or raise Busy with the expected wait."""
         with self._lock:
             if self.images and self.images + images > limit:
                 ahead = sum(p * (seconds_per_pass(*key) or UNMEASURED_SECONDS_PER_PASS)

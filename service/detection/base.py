@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -75,7 +74,3 @@ class LoadedDetector:
     @property
     def num_classes(self) -> int:
         return len(self.labels)
-
-    def facts(self) -> dict[str, Any]:
-        return {"task": "detection", "num_classes": self.num_classes, "default_layer": self.cam_layer,
-                "pass_batch": self.pass_batch}
