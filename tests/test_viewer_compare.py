@@ -273,6 +273,8 @@ def test_the_cost_shows_passes_and_time_from_the_servers_figures(browser, server
              {"model": "efficientnet_lite0", "method": "gradcam", "seconds_per_pass": 0.02, "images": 5}]
     context, page = open_viewer(browser, server[0], {"**/v1/timings": timings(rates)})
     try:
+        # the cost lines are drawn before GET /v1/timings answers, then again with its figures
+        page.wait_for_function("document.querySelector('#method-moreaugrad-cost').textContent.includes('about')")
         assert page.text_content("#method-moreaugrad-cost") == (
             "6,400 passes (200 iterations × 32 n_samples); about 5 min; runs as a job (progress, Cancel).")
         assert page.text_content("#method-gradcam-cost") == "1 pass; about under a second."
